@@ -1,0 +1,129 @@
+#include "hook.h"
+
+#include <algorithm>
+#include <cstring>
+#include <exception>
+
+namespace pysteer {
+
+Hook::Hook(const GgmlApi & api, int64_t n_embd) : api_(api), n_embd_(n_embd), scratch_(static_cast<size_t>(n_embd)) {}
+
+void Hook::set_watches(const std::vector<std::string> & names, const std::vector<std::vector<int64_t>> & slots,
+                       const std::string & marker) {
+    watches_.clear();
+    names_ = names;
+    names_.push_back(marker);
+    watches_.reserve(names_.size());
+    for (size_t i = 0; i + 1 < names_.size(); ++i) {
+        watches_[names_[i]].slot_offsets = slots[i];
+    }
+    watches_[names_.back()].marker = true;
+}
+
+void Hook::begin_decode(DecodePlan plan) {
+    plan_ = std::move(plan);
+    ubatch_ = -1;
+    u0_ = u1_ = o0_ = o1_ = c0_ = c1_ = 0;
+    error_.clear();
+}
+
+std::string Hook::end_decode() {
+    std::string err;
+    err.swap(error_);
+    plan_ = DecodePlan{};
+    return err;
+}
+
+void Hook::fail(std::string msg) {
+    if (error_.empty()) error_ = std::move(msg);
+}
+
+bool Hook::abort_callback(void * user_data) {
+    return !static_cast<Hook *>(user_data)->error_.empty();
+}
+
+bool Hook::eval_callback(ggml_tensor * t, bool ask, void * user_data) {
+    auto * self = static_cast<Hook *>(user_data);
+    if (!self->capturing()) return false;
+    auto it = self->watches_.find(std::string_view(t->name));
+    if (it == self->watches_.end()) return false;
+    // Unselected graph branches carry no COMPUTE flag; only F32 rows of width n_embd are activations.
+    if (!(t->flags & GGML_TENSOR_FLAG_COMPUTE) || t->type != GGML_TYPE_F32) return false;
+    if (ask) return true;
+    try {
+        return self->on_eval(t, it->second);
+    } catch (const std::exception & e) {
+        self->fail(std::string("pysteer hook: ") + e.what());
+    } catch (...) {
+        self->fail("pysteer hook: unknown C++ exception");
+    }
+    return true;  // returning false would not stop llama_decode (it only ends this split); abort_callback does
+}
+
+bool Hook::on_eval(ggml_tensor * t, const Watch & w) {
+    if (!error_.empty()) return true;
+    if (t->ne[0] != n_embd_ || t->ne[2] != 1 || t->ne[3] != 1 || t->nb[0] != sizeof(float)) {
+        fail(std::string("tensor ") + t->name + " is not a [n_embd, n_tokens] F32 activation");
+        return true;
+    }
+    if (w.marker) {
+        ++ubatch_;
+        u0_ = ubatch_ * plan_.n_ubatch;
+        u1_ = std::min(u0_ + plan_.n_ubatch, plan_.n_tokens);
+        if (t->ne[1] != u1_ - u0_) {
+            fail("ubatch " + std::to_string(ubatch_) + " has " + std::to_string(t->ne[1]) + " rows, expected " +
+                 std::to_string(u1_ - u0_) + " (is the KV cache unified and n_ubatch the context's?)");
+            return true;
+        }
+        const auto & o = plan_.outputs;
+        o0_ = std::lower_bound(o.begin(), o.end(), u0_) - o.begin();
+        o1_ = std::lower_bound(o.begin(), o.end(), u1_) - o.begin();
+        const auto & c = plan_.cap_tok;
+        c0_ = std::lower_bound(c.begin(), c.end(), u0_) - c.begin();
+        c1_ = std::lower_bound(c.begin(), c.end(), u1_) - c.begin();
+    }
+    if (!w.slot_offsets.empty()) capture(t, w);
+    return true;
+}
+
+void Hook::capture(ggml_tensor * t, const Watch & w) {
+    if (ubatch_ < 0) {
+        fail(std::string("tensor ") + t->name + " was evaluated before the embedding of its ubatch");
+        return;
+    }
+    // The last layer keeps only the output rows (llama.cpp prunes them with inp_out_ids before the residual add).
+    const bool full = t->ne[1] == u1_ - u0_;
+    if (!full && t->ne[1] != o1_ - o0_) {
+        fail(std::string("tensor ") + t->name + " has " + std::to_string(t->ne[1]) + " rows; expected " +
+             std::to_string(u1_ - u0_) + " tokens or " + std::to_string(o1_ - o0_) + " outputs");
+        return;
+    }
+    const bool host = api_.buffer_is_host(t->buffer);
+    const size_t row_bytes = sizeof(float) * static_cast<size_t>(n_embd_);
+    auto o_it = plan_.outputs.begin() + o0_;
+    for (int64_t c = c0_; c < c1_; ++c) {
+        const int64_t tok = plan_.cap_tok[c];
+        int64_t row = tok - u0_;
+        if (!full) {
+            o_it = std::lower_bound(o_it, plan_.outputs.begin() + o1_, tok);
+            if (o_it == plan_.outputs.begin() + o1_ || *o_it != tok) {
+                fail(std::string("captured token ") + std::to_string(tok) + " is not an output row of " + t->name);
+                return;
+            }
+            row = o_it - (plan_.outputs.begin() + o0_);
+        }
+        const size_t offs = static_cast<size_t>(row) * t->nb[1];
+        const float * src;
+        if (host) {
+            src = reinterpret_cast<const float *>(static_cast<const char *>(t->data) + offs);
+        } else {
+            api_.tensor_get(t, scratch_.data(), offs, row_bytes);
+            src = scratch_.data();
+        }
+        for (int64_t slot : w.slot_offsets) {
+            std::memcpy(plan_.out + plan_.cap_dst[c] + slot, src, row_bytes);
+        }
+    }
+}
+
+}  // namespace pysteer

@@ -1,0 +1,100 @@
+"""Capture: residual activations at the last k tokens of many prompts, several prompts per llama_decode."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from . import hookpoints
+
+
+class HookError(RuntimeError):
+    """An error recorded inside llama.cpp's eval callback, raised after the decode."""
+
+
+def _pack(lengths: Sequence[int], max_tokens: int, max_seqs: int) -> list[list[int]]:
+    """Greedy, in order: consecutive prompt indices per decode, within the token and sequence budgets."""
+    batches, cur, used = [], [], 0
+    for i, n in enumerate(lengths):
+        if cur and (used + n > max_tokens or len(cur) == max_seqs):
+            batches.append(cur)
+            cur, used = [], 0
+        cur.append(i)
+        used += n
+    if cur:
+        batches.append(cur)
+    return batches
+
+
+def capture(model, prompts, *, layers=None, points=("pre", "mid", "post"), positions: int = 1,
+            chat_template: bool | str = True, return_logits: bool = False, progress: bool = False):
+    """Activations ``[len(prompts), len(points), len(layers), positions, n_embd]`` (float32).
+
+    Position j of the result is token ``len - positions + j`` of its prompt (the last token is at
+    ``positions - 1``). With ``return_logits`` also returns the logits there, ``[len(prompts), positions,
+    n_vocab]``. ``layers=None`` means all layers. Prompts are strings or lists of chat messages.
+    """
+    if model._hook is None:
+        raise ValueError("this Model was created with hook=False and cannot capture")
+    if isinstance(prompts, (str, dict)):
+        raise ValueError("prompts must be a list of prompts; wrap a single prompt in a list")
+    prompts = list(prompts)
+    if not prompts:
+        raise ValueError("prompts is empty")
+    points = hookpoints.check_points(points)
+    layers = hookpoints.check_layers(layers, model.n_layers)
+    if not isinstance(positions, (int, np.integer)) or isinstance(positions, bool) or positions < 1:
+        raise ValueError(f"positions must be a positive int, not {positions!r}")
+    positions = int(positions)
+
+    tokens = [model.encode(p, chat_template=chat_template) for p in prompts]
+    for i, t in enumerate(tokens):
+        if len(t) < positions:
+            raise ValueError(f"prompt {i} has {len(t)} tokens, fewer than positions={positions}")
+        if len(t) > model.n_ctx:
+            raise ValueError(f"prompt {i} has {len(t)} tokens, longer than the context (n_ctx={model.n_ctx})")
+
+    N, P, L, K, E = len(prompts), len(points), len(layers), positions, model.n_embd
+    slots: dict[str, list[int]] = {}
+    for p, point in enumerate(points):
+        for l, layer in enumerate(layers):
+            slots.setdefault(hookpoints.tensor_name(model.arch, point, layer), []).append((p * L + l) * K * E)
+    # The last layer's mid/post keep only output rows, so the captured tokens must all be outputs there.
+    last = model.n_layers - 1
+    k_outputs = return_logits or (last in layers and any(p in ("mid", "post") for p in points))
+    n_out = K if k_outputs else 1
+
+    hook = model._hook
+    hook.set_watches(list(slots), list(slots.values()), hookpoints.embedding_name(model.arch))
+    out = np.full((N, P, L, K, E), np.nan, dtype=np.float32)
+    logits = np.empty((N, K, model.n_vocab), dtype=np.float32) if return_logits else None
+    sample = P * L * K * E
+    max_slot = max(max(v) for v in slots.values())
+
+    with tqdm(total=N, desc="capture", unit="prompt", disable=not progress) as bar:
+        for batch in _pack([len(t) for t in tokens], model.n_ctx, model.n_seq_max):
+            seqs = [tokens[i] for i in batch]
+            ends = np.cumsum([len(s) for s in seqs])
+            outputs = np.concatenate([np.arange(e - n_out, e) for e in ends]).astype(np.int64)
+            cap_tok = np.concatenate([np.arange(e - K, e) for e in ends]).astype(np.int64)
+            cap_dst = (np.repeat(np.asarray(batch, np.int64) * sample, K)
+                       + np.tile(np.arange(K, dtype=np.int64) * E, len(batch)))
+            hook.begin_decode(int(ends[-1]), model.n_ubatch, outputs, cap_tok, cap_dst, max_slot, out)
+            try:
+                model._decode(seqs, outputs)
+            except RuntimeError as e:
+                err = hook.end_decode()
+                raise (HookError(err) if err else e) from None
+            err = hook.end_decode()
+            if err:
+                raise HookError(err)
+            if return_logits:
+                for j, i in enumerate(batch):
+                    for k in range(K):
+                        logits[i, k] = model._logits_row(int(ends[j]) - K + k)
+            bar.update(len(batch))
+    if np.isnan(out).any():
+        raise HookError("some activations were not captured (a watched tensor never reached the hook)")
+    return (out, logits) if return_logits else out

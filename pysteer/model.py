@@ -1,0 +1,271 @@
+"""Loading a GGUF model into llama-cpp-python with pysteer's hook on its context."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import pathlib
+from typing import Sequence, Union
+
+import gguf
+import llama_cpp
+import numpy as np
+from llama_cpp._internals import LlamaModel
+from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+from . import _lib, hookpoints, models
+
+Message = dict
+Prompt = Union[str, Sequence[Message]]
+
+
+class ModelLoadError(ValueError):
+    """The file is not a GGUF model llama.cpp can load."""
+
+
+def _read_arch(path: pathlib.Path) -> str:
+    """general.architecture of a GGUF file, with clear errors for files that are not (whole) GGUF models."""
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != b"GGUF":
+        raise ModelLoadError(f"{path} is not a GGUF file (starts with {magic!r}, expected b'GGUF')")
+    try:
+        reader = gguf.GGUFReader(path, "r")
+        field = reader.get_field("general.architecture")
+        if field is None:
+            raise ModelLoadError(f"{path} has no general.architecture key")
+        arch = field.contents()
+        end = max((int(t.data_offset) + int(t.n_bytes) for t in reader.tensors), default=0)
+    except ModelLoadError:
+        raise
+    except Exception as e:  # gguf raises assorted errors (ValueError, IndexError, ...) on damaged files
+        raise ModelLoadError(f"{path} is not a readable GGUF file (truncated or corrupt?): {e}") from None
+    if end > path.stat().st_size:
+        raise ModelLoadError(f"{path} is truncated: tensor data ends at byte {end}, file has {path.stat().st_size}")
+    return arch
+
+
+def resolve_path(model: str | os.PathLike) -> pathlib.Path:
+    """A GGUF path, or a registry name (fetched if needed)."""
+    path = pathlib.Path(model).expanduser()
+    if path.is_file():
+        return path
+    if isinstance(model, str) and model in models.REGISTRY:
+        return models.fetch(model)
+    if path.exists():
+        raise ModelLoadError(f"{path} is not a file")
+    raise FileNotFoundError(
+        f"no model file {str(model)!r}, and it is not a registry name ({', '.join(models.REGISTRY)})"
+    )
+
+
+class Model:
+    """A GGUF model and one llama.cpp context whose eval callback is pysteer's hook.
+
+    Build it with :func:`pysteer.load`. The context uses a unified KV cache so that prompts decoded together
+    keep batch order in every ubatch (the hook maps rows to prompts from that order).
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        *,
+        n_ctx: int = 4096,
+        n_threads: int | None = None,
+        n_gpu_layers: int = 0,
+        n_ubatch: int = 512,
+        n_seq_max: int = 64,
+        flash_attn: bool = False,
+        hook: bool = True,
+        verbose: bool = False,
+        llama: "llama_cpp.Llama | None" = None,
+    ):
+        for name, value, lo in (("n_ctx", n_ctx, 1), ("n_ubatch", n_ubatch, 1), ("n_seq_max", n_seq_max, 1)):
+            if not isinstance(value, int) or value < lo:
+                raise ValueError(f"{name} must be a positive int, not {value!r}")
+        if n_seq_max > 256:
+            raise ValueError("n_seq_max must be at most 256 (llama.cpp's LLAMA_MAX_SEQ)")
+        self.path = pathlib.Path(path)
+        self.arch = _read_arch(self.path)
+        hookpoints.check_arch(self.arch)
+        _lib.set_verbose(verbose)
+        self._owns_model = llama is None
+        if llama is None:
+            mparams = llama_cpp.llama_model_default_params()
+            mparams.n_gpu_layers = n_gpu_layers
+            try:
+                self._model = LlamaModel(path_model=str(self.path), params=mparams, verbose=verbose)
+            except ValueError as e:
+                raise ModelLoadError(f"llama.cpp could not load {self.path}: {e}") from None
+        else:
+            self._model = llama._model
+        m = self._model.model
+        self.n_layers = int(llama_cpp.llama_model_n_layer(m))
+        self.n_embd = int(llama_cpp.llama_model_n_embd(m))
+        self.n_vocab = int(llama_cpp.llama_vocab_n_tokens(self._model.vocab))
+        self.n_ctx = n_ctx
+        self.n_ubatch = min(n_ubatch, n_ctx)
+        self.n_seq_max = n_seq_max
+        self.n_threads = n_threads or os.cpu_count() or 1
+        self.metadata = self._model.metadata()
+        self._formatter = None
+
+        self._hook = _lib.new_hook(self.n_embd) if hook else None
+        cparams = llama_cpp.llama_context_default_params()
+        cparams.n_ctx = n_ctx
+        cparams.n_batch = n_ctx  # one llama_decode may span several ubatches
+        cparams.n_ubatch = self.n_ubatch
+        cparams.n_seq_max = n_seq_max
+        cparams.n_threads = cparams.n_threads_batch = self.n_threads
+        cparams.kv_unified = True
+        # Off by default, as in llama_cpp.Llama: llama.cpp's CPU flash-attention kernel makes a prompt's
+        # activations depend on what else is in the batch (~1e-3 on a tiny F32 model); without it they do not.
+        cparams.flash_attn_type = (llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn
+                                   else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED)
+        cparams.no_perf = True
+        if self._hook is not None:
+            # Addresses of C functions: these CFUNCTYPE objects own no thunk; kept for clarity of lifetime.
+            self._cb = llama_cpp.ggml_backend_sched_eval_callback(self._hook.callback_address)
+            self._abort = llama_cpp.ggml_abort_callback(self._hook.abort_address)
+            cparams.cb_eval, cparams.cb_eval_user_data = self._cb, self._hook.user_data
+            cparams.abort_callback, cparams.abort_callback_data = self._abort, self._hook.user_data
+        self._ctx = llama_cpp.llama_init_from_model(m, cparams)
+        if not self._ctx:
+            self.close()
+            raise RuntimeError(f"llama.cpp could not create a context (n_ctx={n_ctx}); try a smaller n_ctx")
+        self._batch = llama_cpp.llama_batch_init(n_ctx, 0, 1)
+
+    # -- lifetime ---------------------------------------------------------------------------------------------
+    def close(self) -> None:
+        """Free the context, then the model (if this object loaded it)."""
+        if getattr(self, "_batch", None) is not None:
+            llama_cpp.llama_batch_free(self._batch)
+            self._batch = None
+        if getattr(self, "_ctx", None):
+            llama_cpp.llama_free(self._ctx)
+        self._ctx = None
+        if getattr(self, "_owns_model", False) and getattr(self, "_model", None) is not None:
+            self._model.close()
+        self._model = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    def __repr__(self):
+        return f"<pysteer.Model {self.path.name} arch={self.arch} layers={self.n_layers} n_embd={self.n_embd}>"
+
+    # -- text -------------------------------------------------------------------------------------------------
+    def tokenize(self, text: str, *, add_special: bool = True, parse_special: bool = False) -> list[int]:
+        return self._model.tokenize(text.encode("utf-8"), add_special, parse_special)
+
+    def detokenize(self, tokens: Sequence[int]) -> str:
+        return self._model.detokenize(list(tokens)).decode("utf-8", errors="replace")
+
+    @property
+    def chat_template(self) -> str | None:
+        return self.metadata.get("tokenizer.chat_template")
+
+    def apply_chat_template(self, prompt: Prompt, *, template: str | None = None) -> str:
+        """The prompt rendered with the GGUF's chat template, ending with the assistant's turn opening."""
+        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+        if template is None:
+            if self._formatter is None:
+                if not self.chat_template:
+                    raise ValueError(f"{self.path.name} has no chat template; pass chat_template=False")
+                self._formatter = self._make_formatter(self.chat_template)
+            formatter = self._formatter
+        else:
+            formatter = self._make_formatter(template)
+        return formatter(messages=messages).prompt
+
+    def _make_formatter(self, template: str) -> Jinja2ChatFormatter:
+        vocab = self._model.vocab
+
+        def text(tok: int) -> str:
+            return llama_cpp.llama_vocab_get_text(vocab, tok).decode("utf-8", "replace") if tok >= 0 else ""
+
+        return Jinja2ChatFormatter(template, eos_token=text(llama_cpp.llama_vocab_eos(vocab)),
+                                   bos_token=text(llama_cpp.llama_vocab_bos(vocab)))
+
+    def encode(self, prompt: Prompt, *, chat_template: bool | str = True) -> list[int]:
+        """Tokens for one prompt: templated (special tokens parsed, BOS from the template) or raw text."""
+        if chat_template is False:
+            if not isinstance(prompt, str):
+                raise ValueError("chat messages need chat_template=True")
+            return self.tokenize(prompt, add_special=True, parse_special=False)
+        template = chat_template if isinstance(chat_template, str) else None
+        return self.tokenize(self.apply_chat_template(prompt, template=template), add_special=False,
+                             parse_special=True)
+
+    # -- decoding ---------------------------------------------------------------------------------------------
+    def _decode(self, seqs: Sequence[Sequence[int]], outputs: np.ndarray) -> None:
+        """Decode token lists as separate sequences from an empty cache; ``outputs`` flags batch rows."""
+        n = sum(len(s) for s in seqs)
+        b = self._batch
+        b.n_tokens = n
+        tok = np.ctypeslib.as_array(b.token, shape=(n,))
+        pos = np.ctypeslib.as_array(b.pos, shape=(n,))
+        nsid = np.ctypeslib.as_array(b.n_seq_id, shape=(n,))
+        logits = np.ctypeslib.as_array(ctypes.cast(b.logits, ctypes.POINTER(ctypes.c_int8)), shape=(n,))
+        tok[:] = np.concatenate([np.asarray(s, dtype=np.int32) for s in seqs])
+        pos[:] = np.concatenate([np.arange(len(s), dtype=np.int32) for s in seqs])
+        nsid[:] = 1
+        logits[:] = 0
+        logits[outputs] = 1
+        i = 0
+        for k, s in enumerate(seqs):
+            for _ in range(len(s)):
+                b.seq_id[i][0] = k
+                i += 1
+        llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(self._ctx), True)
+        rc = llama_cpp.llama_decode(self._ctx, b)
+        if rc != 0:
+            raise RuntimeError(f"llama_decode failed with code {rc}")
+
+    def _logits_row(self, i: int) -> np.ndarray:
+        ptr = llama_cpp.llama_get_logits_ith(self._ctx, i)
+        if not ptr:
+            raise RuntimeError(f"no logits for batch row {i}")
+        return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy()
+
+    def capture(self, prompts, layers=None, points=("pre", "mid", "post"), positions: int = 1,
+                chat_template: bool | str = True, *, return_logits: bool = False, progress: bool = False):
+        """Residual activations ``[len(prompts), len(points), len(layers), positions, n_embd]`` (float32)
+        at the last ``positions`` tokens of each prompt; see :func:`pysteer.capture.capture`."""
+        from .capture import capture
+
+        return capture(self, prompts, layers=layers, points=points, positions=positions,
+                       chat_template=chat_template, return_logits=return_logits, progress=progress)
+
+    def logits(self, prompt: Prompt, chat_template: bool | str = True) -> np.ndarray:
+        """Next-token logits after ``prompt`` (float32 ``[n_vocab]``)."""
+        tokens = self.encode(prompt, chat_template=chat_template)
+        if not tokens:
+            raise ValueError("prompt is empty after tokenization")
+        if len(tokens) > self.n_ctx:
+            raise ValueError(f"prompt has {len(tokens)} tokens, longer than the context (n_ctx={self.n_ctx})")
+        self._decode([tokens], np.array([len(tokens) - 1]))
+        return self._logits_row(len(tokens) - 1)
+
+
+def load(model, n_ctx: int = 4096, n_threads: int | None = None, n_gpu_layers: int = 0, **kwargs) -> Model:
+    """A :class:`Model` from a GGUF path, a registry name (see ``pysteer models list``) or a ``llama_cpp.Llama``.
+
+    With a ``Llama``, its loaded weights are shared and pysteer adds a context of its own (llama.cpp takes the
+    eval callback only when a context is created).
+    """
+    if isinstance(model, llama_cpp.Llama):
+        return Model(model.model_path, n_ctx=n_ctx, n_threads=n_threads, n_gpu_layers=n_gpu_layers,
+                     llama=model, **kwargs)
+    if not isinstance(model, (str, os.PathLike)):
+        raise TypeError(f"model must be a path, a registry name or a llama_cpp.Llama, not {type(model).__name__}")
+    return Model(resolve_path(model), n_ctx=n_ctx, n_threads=n_threads, n_gpu_layers=n_gpu_layers, **kwargs)
