@@ -28,6 +28,72 @@ def _pack(lengths: Sequence[int], max_tokens: int, max_seqs: int) -> list[list[i
     return batches
 
 
+def encode_prompts(model, prompts, *, chat_template: bool | str, positions: int) -> list[list[int]]:
+    """Token lists for a list of prompts, each long enough for ``positions`` and short enough for n_ctx."""
+    if isinstance(prompts, (str, dict)):
+        raise ValueError("prompts must be a list of prompts; wrap a single prompt in a list")
+    prompts = list(prompts)
+    if not prompts:
+        raise ValueError("prompts is empty")
+    if not isinstance(positions, (int, np.integer)) or isinstance(positions, bool) or positions < 1:
+        raise ValueError(f"positions must be a positive int, not {positions!r}")
+    tokens = [model.encode(p, chat_template=chat_template) for p in prompts]
+    for i, t in enumerate(tokens):
+        if len(t) < positions:
+            raise ValueError(f"prompt {i} has {len(t)} tokens, fewer than positions={positions}")
+        if len(t) > model.n_ctx:
+            raise ValueError(f"prompt {i} has {len(t)} tokens, longer than the context (n_ctx={model.n_ctx})")
+    return tokens
+
+
+def run(model, tokens: list[list[int]], *, positions: int, n_out: int, logits: np.ndarray | None = None,
+        capture_out: np.ndarray | None = None, max_slot: int = 0, progress: bool = False) -> None:
+    """Decode all token lists, packed into as few llama_decode calls as the context allows.
+
+    The last ``n_out`` tokens of each prompt are outputs; ``logits[i]`` receives the last ``positions`` rows
+    of prompt i. With ``capture_out`` (watches already set on the hook) the hook fills
+    ``capture_out[i, ..., j, :]`` for the last ``positions`` tokens.
+    """
+    hook = model._hook
+    K, E = positions, model.n_embd
+    sample = capture_out[0].size if capture_out is not None else 0
+    with tqdm(total=len(tokens), desc="capture" if capture_out is not None else "decode", unit="prompt",
+              disable=not progress) as bar:
+        for batch in _pack([len(t) for t in tokens], model.n_ctx, model.n_seq_max):
+            seqs = [tokens[i] for i in batch]
+            ends = np.cumsum([len(s) for s in seqs])
+            outputs = np.concatenate([np.arange(e - n_out, e) for e in ends]).astype(np.int64)
+            if capture_out is not None:
+                cap_tok = np.concatenate([np.arange(e - K, e) for e in ends]).astype(np.int64)
+                cap_dst = (np.repeat(np.asarray(batch, np.int64) * sample, K)
+                           + np.tile(np.arange(K, dtype=np.int64) * E, len(batch)))
+                hook.begin_decode(int(ends[-1]), model.n_ubatch, outputs, cap_tok, cap_dst, max_slot, capture_out)
+                try:
+                    model._decode(seqs, outputs)
+                except RuntimeError as e:
+                    err = hook.end_decode()
+                    raise (HookError(err) if err else e) from None
+                err = hook.end_decode()
+                if err:
+                    raise HookError(err)
+            else:
+                model._decode(seqs, outputs)
+            if logits is not None:
+                for j, i in enumerate(batch):
+                    for k in range(K):
+                        logits[i, k] = model._logits_row(int(ends[j]) - K + k)
+            bar.update(len(batch))
+
+
+def logits(model, prompts, *, positions: int = 1, chat_template: bool | str = True,
+           progress: bool = False) -> np.ndarray:
+    """Logits at the last ``positions`` tokens of each prompt, ``[len(prompts), positions, n_vocab]``."""
+    tokens = encode_prompts(model, prompts, chat_template=chat_template, positions=positions)
+    out = np.empty((len(tokens), positions, model.n_vocab), dtype=np.float32)
+    run(model, tokens, positions=positions, n_out=positions, logits=out, progress=progress)
+    return out
+
+
 def capture(model, prompts, *, layers=None, points=("pre", "mid", "post"), positions: int = 1,
             chat_template: bool | str = True, return_logits: bool = False, progress: bool = False):
     """Activations ``[len(prompts), len(points), len(layers), positions, n_embd]`` (float32).
@@ -38,25 +104,11 @@ def capture(model, prompts, *, layers=None, points=("pre", "mid", "post"), posit
     """
     if model._hook is None:
         raise ValueError("this Model was created with hook=False and cannot capture")
-    if isinstance(prompts, (str, dict)):
-        raise ValueError("prompts must be a list of prompts; wrap a single prompt in a list")
-    prompts = list(prompts)
-    if not prompts:
-        raise ValueError("prompts is empty")
     points = hookpoints.check_points(points)
     layers = hookpoints.check_layers(layers, model.n_layers)
-    if not isinstance(positions, (int, np.integer)) or isinstance(positions, bool) or positions < 1:
-        raise ValueError(f"positions must be a positive int, not {positions!r}")
-    positions = int(positions)
+    tokens = encode_prompts(model, prompts, chat_template=chat_template, positions=positions)
 
-    tokens = [model.encode(p, chat_template=chat_template) for p in prompts]
-    for i, t in enumerate(tokens):
-        if len(t) < positions:
-            raise ValueError(f"prompt {i} has {len(t)} tokens, fewer than positions={positions}")
-        if len(t) > model.n_ctx:
-            raise ValueError(f"prompt {i} has {len(t)} tokens, longer than the context (n_ctx={model.n_ctx})")
-
-    N, P, L, K, E = len(prompts), len(points), len(layers), positions, model.n_embd
+    N, P, L, K, E = len(tokens), len(points), len(layers), positions, model.n_embd
     slots: dict[str, list[int]] = {}
     for p, point in enumerate(points):
         for l, layer in enumerate(layers):
@@ -64,37 +116,12 @@ def capture(model, prompts, *, layers=None, points=("pre", "mid", "post"), posit
     # The last layer's mid/post keep only output rows, so the captured tokens must all be outputs there.
     last = model.n_layers - 1
     k_outputs = return_logits or (last in layers and any(p in ("mid", "post") for p in points))
-    n_out = K if k_outputs else 1
 
-    hook = model._hook
-    hook.set_watches(list(slots), list(slots.values()), hookpoints.embedding_name(model.arch))
+    model._hook.set_watches(list(slots), list(slots.values()), hookpoints.embedding_name(model.arch))
     out = np.full((N, P, L, K, E), np.nan, dtype=np.float32)
-    logits = np.empty((N, K, model.n_vocab), dtype=np.float32) if return_logits else None
-    sample = P * L * K * E
-    max_slot = max(max(v) for v in slots.values())
-
-    with tqdm(total=N, desc="capture", unit="prompt", disable=not progress) as bar:
-        for batch in _pack([len(t) for t in tokens], model.n_ctx, model.n_seq_max):
-            seqs = [tokens[i] for i in batch]
-            ends = np.cumsum([len(s) for s in seqs])
-            outputs = np.concatenate([np.arange(e - n_out, e) for e in ends]).astype(np.int64)
-            cap_tok = np.concatenate([np.arange(e - K, e) for e in ends]).astype(np.int64)
-            cap_dst = (np.repeat(np.asarray(batch, np.int64) * sample, K)
-                       + np.tile(np.arange(K, dtype=np.int64) * E, len(batch)))
-            hook.begin_decode(int(ends[-1]), model.n_ubatch, outputs, cap_tok, cap_dst, max_slot, out)
-            try:
-                model._decode(seqs, outputs)
-            except RuntimeError as e:
-                err = hook.end_decode()
-                raise (HookError(err) if err else e) from None
-            err = hook.end_decode()
-            if err:
-                raise HookError(err)
-            if return_logits:
-                for j, i in enumerate(batch):
-                    for k in range(K):
-                        logits[i, k] = model._logits_row(int(ends[j]) - K + k)
-            bar.update(len(batch))
+    logits_out = np.empty((N, K, model.n_vocab), dtype=np.float32) if return_logits else None
+    run(model, tokens, positions=K, n_out=K if k_outputs else 1, logits=logits_out, capture_out=out,
+        max_slot=max(max(v) for v in slots.values()), progress=progress)
     if np.isnan(out).any():
         raise HookError("some activations were not captured (a watched tensor never reached the hook)")
-    return (out, logits) if return_logits else out
+    return (out, logits_out) if return_logits else out

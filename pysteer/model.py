@@ -246,6 +246,14 @@ class Model:
         return capture(self, prompts, layers=layers, points=points, positions=positions,
                        chat_template=chat_template, return_logits=return_logits, progress=progress)
 
+    def logits_batch(self, prompts, positions: int = 1, chat_template: bool | str = True, *,
+                     progress: bool = False) -> np.ndarray:
+        """Logits at the last ``positions`` tokens of many prompts, ``[len(prompts), positions, n_vocab]``,
+        decoded together as :meth:`capture` decodes them."""
+        from .capture import logits
+
+        return logits(self, prompts, positions=positions, chat_template=chat_template, progress=progress)
+
     def logits(self, prompt: Prompt, chat_template: bool | str = True) -> np.ndarray:
         """Next-token logits after ``prompt`` (float32 ``[n_vocab]``)."""
         tokens = self.encode(prompt, chat_template=chat_template)

@@ -1,0 +1,161 @@
+"""Capture is exact and changes nothing: checked against llama.cpp's own logits and a numpy forward pass."""
+
+import numpy as np
+import pytest
+
+import pysteer
+from conftest import PROMPTS
+from reference import Weights, forward, logits_from_last_post
+
+
+def _all_logits(m, prompts):
+    return np.stack([m.logits(p) for p in prompts])
+
+
+def test_capture_changes_no_logit(tiny_path):
+    """Logits while capturing every layer and point == logits of a context with no callback at all,
+    for the same batches (one prompt per decode, and all prompts in one decode)."""
+    with pysteer.load(tiny_path, n_ctx=512, hook=False) as plain:
+        want_alone = _all_logits(plain, PROMPTS)
+        want_batch = plain.logits_batch(PROMPTS, positions=2)
+    with pysteer.load(tiny_path, n_ctx=512) as m:
+        acts, got = m.capture(PROMPTS, points=pysteer.POINTS, positions=2, return_logits=True)
+        assert np.array_equal(got, want_batch)
+        for i, p in enumerate(PROMPTS):
+            _, alone = m.capture([p], points=pysteer.POINTS, return_logits=True)
+            assert np.array_equal(alone[0, -1], want_alone[i])
+        assert np.array_equal(_all_logits(m, PROMPTS), want_alone)  # hook installed, nothing watched
+    assert np.isfinite(acts).all()
+
+
+@pytest.mark.real
+def test_capture_changes_no_logit_real(smollm2_path):
+    prompts = ["Write a haiku about rain.", "What is 2 + 2?", "Name three rivers in Europe."]
+    with pysteer.load(smollm2_path, n_ctx=1024, hook=False) as plain:
+        want = plain.logits_batch(prompts, positions=3)
+    with pysteer.load(smollm2_path, n_ctx=1024) as m:
+        _, got = m.capture(prompts, return_logits=True, positions=3)
+    assert np.array_equal(got, want)
+
+
+def test_post_of_last_layer_reproduces_logits(tiny_path):
+    """Final RMSNorm and output matrix applied in numpy to captured `post` give llama.cpp's logits."""
+    w = Weights(tiny_path)
+    with pysteer.load(tiny_path, n_ctx=512) as m:
+        acts, logits = m.capture(PROMPTS, layers=[m.n_layers - 1], points=["post"], positions=3,
+                                 return_logits=True)
+    ref = logits_from_last_post(w, acts[:, 0, 0])  # [N, positions, n_vocab]
+    np.testing.assert_allclose(logits, ref, rtol=0, atol=1e-6 * np.abs(ref).max())  # seen: 1.2e-7
+
+
+@pytest.mark.real
+def test_post_of_last_layer_reproduces_logits_real(smollm2_path):
+    """SmolLM2's head is the tied Q8_0 embedding; the reference reproduces llama.cpp's Q8_0 rounding of the
+    activation (seen: max |Δ| 1.2e-5 at a logit scale of 34)."""
+    w = Weights(smollm2_path)
+    with pysteer.load(smollm2_path, n_ctx=1024) as m:
+        acts, logits = m.capture(["Write a haiku about rain.", "What is 2 + 2?"], layers=[m.n_layers - 1],
+                                 points=["post"], positions=2, return_logits=True)
+    ref = logits_from_last_post(w, acts[:, 0, 0])
+    np.testing.assert_allclose(logits, ref, rtol=0, atol=1e-5 * np.abs(ref).max())
+    assert (logits.argmax(-1) == ref.argmax(-1)).all()
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_every_point_matches_numpy_forward(tiny_dir, arch):
+    """pre/mid/post of every layer at every position equal a float64 numpy forward pass of the GGUF
+    (seen: within 8.3e-5 of the activation scale)."""
+    path = tiny_dir / f"tiny-{arch}.gguf"
+    w = Weights(path)
+    with pysteer.load(path, n_ctx=512) as m:
+        for prompt in PROMPTS:
+            tokens = m.encode(prompt)
+            acts = m.capture([prompt], positions=len(tokens))[0]  # [P, L, T, E]
+            ref = forward(w, tokens)
+            for p, point in enumerate(pysteer.POINTS):
+                np.testing.assert_allclose(acts[p], ref[point], rtol=0, atol=2e-4 * np.abs(ref[point]).max(),
+                                           err_msg=f"{arch} {point}")
+
+
+def test_pre_is_previous_post(tiny_path):
+    with pysteer.load(tiny_path, n_ctx=512) as m:
+        acts = m.capture(PROMPTS, positions=3)
+    assert np.array_equal(acts[:, 0, 1:], acts[:, 2, :-1])
+    assert not np.array_equal(acts[:, 0], acts[:, 1])  # mid differs from pre: attention did something
+
+
+def test_pre_of_layer_0_is_the_embedding(tiny_path):
+    w = Weights(tiny_path)
+    with pysteer.load(tiny_path, n_ctx=512) as m:
+        tokens = m.encode(PROMPTS[1])
+        acts = m.capture([PROMPTS[1]], layers=[0], points=["pre"], positions=len(tokens))[0, 0, 0]
+    emb = w["token_embd.weight"][tokens]
+    if w.arch == "gemma3":
+        emb = emb * np.sqrt(w.meta("embedding_length"))
+    np.testing.assert_allclose(acts, emb, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("n_ubatch", [512, 16, 7])
+def test_batch_invariance(tiny_path, n_ubatch):
+    """All prompts in one decode (spanning several ubatches when n_ubatch is small) == one at a time.
+
+    Not bit for bit: with llama.cpp's default F16 KV cache, a prompt's last token moves by up to ~2.5e-5 of
+    the activation scale depending on the batch around it (seen on qwen2; with an F32 cache ~2e-7), so the
+    bound is 1e-4 of the scale. A row mapped to the wrong prompt or position would be off by O(1).
+    """
+    with pysteer.load(tiny_path, n_ctx=512, n_ubatch=n_ubatch) as m:
+        together, lt = m.capture(PROMPTS, positions=3, return_logits=True)
+        alone = [m.capture([p], positions=3, return_logits=True) for p in PROMPTS]
+    scale = np.abs(together).max()
+    for i, (a, la) in enumerate(alone):
+        np.testing.assert_allclose(a[0], together[i], rtol=0, atol=1e-4 * scale, err_msg=f"prompt {i}")
+        np.testing.assert_allclose(la[0], lt[i], rtol=0, atol=1e-4 * np.abs(lt).max())
+    with pysteer.load(tiny_path, n_ctx=512, n_ubatch=512) as ref:
+        np.testing.assert_allclose(ref.capture(PROMPTS, positions=3), together, rtol=0, atol=1e-4 * scale)
+
+
+def test_many_prompts_split_over_decodes(tiny_dir):
+    """More prompts than n_seq_max and than fit in n_ctx: packed into several decodes, order kept."""
+    prompts = [f"the {w} and {i}" for i, w in enumerate(["a", "how", "to", "you", "make"] * 6)]
+    path = tiny_dir / "tiny-qwen2.gguf"
+    with pysteer.load(path, n_ctx=96, n_seq_max=4, n_ubatch=32) as m:
+        small = m.capture(prompts, layers=[0, 3], points=["mid", "post"], positions=2)
+    with pysteer.load(path, n_ctx=2048, n_seq_max=64) as m:
+        big = m.capture(prompts, layers=[0, 3], points=["mid", "post"], positions=2)
+    assert small.shape == (30, 2, 2, 2, 64)
+    np.testing.assert_allclose(small, big, rtol=0, atol=1e-4 * np.abs(big).max())
+
+
+def test_layer_and_point_selection(tiny_path):
+    with pysteer.load(tiny_path, n_ctx=512) as m:
+        full = m.capture(PROMPTS, positions=2)
+        part = m.capture(PROMPTS, layers=[3, 1], points=("post", "pre"), positions=2)
+    assert part.shape == (len(PROMPTS), 2, 2, 2, 64)
+    assert np.array_equal(part[:, 0, 0], full[:, 2, 3])
+    assert np.array_equal(part[:, 1, 1], full[:, 0, 1])
+
+
+def test_chat_template_and_raw_text(tiny_path):
+    with pysteer.load(tiny_path, n_ctx=512) as m:
+        text = m.apply_chat_template("hi there")
+        assert text == "<|im_start|>user\nhi there<|im_end|>\n<|im_start|>assistant\n"
+        assert m.encode("hi there")[:2] == [3, m.tokenize("user", add_special=False)[0]]
+        raw = m.encode("hi there", chat_template=False)
+        assert raw[0] == 1 and 3 not in raw  # BOS, no control tokens
+        a = m.capture(["hi there"], chat_template=False)
+        b = m.capture(["hi there"])
+    assert not np.array_equal(a, b)
+
+
+def test_load_from_llama_instance(tiny_dir):
+    import llama_cpp
+
+    path = tiny_dir / "tiny-llama.gguf"
+    llm = llama_cpp.Llama(str(path), n_ctx=256, verbose=False)
+    with pysteer.load(llm, n_ctx=512) as m:
+        a = m.capture(PROMPTS, positions=2)
+    with pysteer.load(path, n_ctx=512) as m:
+        b = m.capture(PROMPTS, positions=2)
+    assert np.array_equal(a, b)
+    assert llm.tokenize(b"hello") == llm.tokenize(b"hello")  # the Llama still works after pysteer closed
+    llm.close()
