@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import gguf
 import numpy as np
 
-ARCHS = ("llama", "qwen2", "gemma3")
+ARCHS = ("llama", "qwen2", "qwen3", "gemma3")
 CHATML = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
@@ -31,7 +31,7 @@ class TinySpec:
     n_head_kv: int = 2
     n_ff: int = 128
     n_ctx: int = 2048
-    tied: bool | None = None  # None: tied for llama and gemma3 (like SmolLM2 / gemma), separate for qwen2
+    tied: bool | None = None  # None: tied for llama and gemma3 (like SmolLM2 / gemma), separate otherwise
     seed: int = 0
 
 
@@ -74,9 +74,10 @@ def _tensors(spec: TinySpec, n_vocab: int, tied: bool) -> dict[str, np.ndarray]:
             t[p + "attn_k.bias"] = (0.1 * rng.standard_normal(Hkv * hd)).astype(np.float32)
             t[p + "attn_v.bias"] = (0.1 * rng.standard_normal(Hkv * hd)).astype(np.float32)
         t[p + "attn_output.weight"] = mat(E, H * hd)
-        if spec.arch == "gemma3":
+        if spec.arch in ("qwen3", "gemma3"):
             t[p + "attn_q_norm.weight"] = norm(hd)
             t[p + "attn_k_norm.weight"] = norm(hd)
+        if spec.arch == "gemma3":
             t[p + "post_attention_norm.weight"] = norm(E)
             t[p + "post_ffw_norm.weight"] = norm(E)
         t[p + "ffn_norm.weight"] = norm(E)
@@ -96,7 +97,7 @@ def write(path: str | os.PathLike, spec: TinySpec = TinySpec()) -> pathlib.Path:
     if spec.n_embd % spec.n_head or spec.n_head % spec.n_head_kv:
         raise ValueError("n_embd must divide by n_head and n_head by n_head_kv")
     path = pathlib.Path(path)
-    tied = spec.tied if spec.tied is not None else spec.arch != "qwen2"
+    tied = spec.tied if spec.tied is not None else spec.arch in ("llama", "gemma3")
     tokens, scores, types = _vocab()
     arch = spec.arch
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
@@ -112,7 +113,7 @@ def write(path: str | os.PathLike, spec: TinySpec = TinySpec()) -> pathlib.Path:
         w.add_head_count_kv(spec.n_head_kv)
         w.add_layer_norm_rms_eps(1e-6)
         w.add_rope_freq_base(10000.0)
-        if arch == "gemma3":
+        if arch in ("qwen3", "gemma3"):
             w.add_key_length(spec.n_embd // spec.n_head)
             w.add_value_length(spec.n_embd // spec.n_head)
         w.add_file_type(gguf.LlamaFileType.ALL_F32)

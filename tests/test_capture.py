@@ -159,3 +159,20 @@ def test_load_from_llama_instance(tiny_dir):
     assert np.array_equal(a, b)
     assert llm.tokenize(b"hello") == llm.tokenize(b"hello")  # the Llama still works after pysteer closed
     llm.close()
+
+
+@pytest.mark.real
+@pytest.mark.parametrize("name, template", [("smollm2-135m-instruct", True), ("gemma-3-270m", False)])
+def test_real_model_layout(name, template):
+    """On real quantized files (llama with tied head; gemma3 with sandwich norms, inp_scaled / sa_out):
+    capturing changes no logit, and pre of layer i is post of layer i-1."""
+    path = pysteer.models.fetch(name, progress=False)
+    prompts = ["The capital of France is", "def fibonacci(n):"]
+    with pysteer.load(path, n_ctx=512, hook=False) as plain:
+        want = plain.logits_batch(prompts, positions=2, chat_template=template)
+    with pysteer.load(path, n_ctx=512) as m:
+        acts, got = m.capture(prompts, positions=2, chat_template=template, return_logits=True)
+        assert acts.shape == (2, 3, m.n_layers, 2, m.n_embd)
+    assert np.array_equal(got, want)
+    assert np.array_equal(acts[:, 0, 1:], acts[:, 2, :-1])
+    assert np.isfinite(acts).all()

@@ -1,0 +1,170 @@
+"""Bad input gives a clear Python exception and leaves the interpreter (and the model) usable."""
+
+import gguf
+import numpy as np
+import pytest
+
+import pysteer
+from pysteer import tiny
+
+
+@pytest.fixture(scope="module")
+def model(tiny_dir):
+    with pysteer.load(tiny_dir / "tiny-llama.gguf", n_ctx=256) as m:
+        yield m
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not a registry name"):
+        pysteer.load(tmp_path / "nope.gguf")
+
+
+def test_directory(tmp_path):
+    with pytest.raises(pysteer.ModelLoadError, match="not a file"):
+        pysteer.load(tmp_path)
+
+
+def test_not_gguf(tmp_path):
+    p = tmp_path / "model.gguf"
+    p.write_bytes(b"PK\x03\x04 this is a zip, not a model" * 10)
+    with pytest.raises(pysteer.ModelLoadError, match="not a GGUF file"):
+        pysteer.load(p)
+
+
+def test_empty_file(tmp_path):
+    p = tmp_path / "empty.gguf"
+    p.write_bytes(b"")
+    with pytest.raises(pysteer.ModelLoadError, match="not a GGUF file"):
+        pysteer.load(p)
+
+
+@pytest.mark.parametrize("keep", [0.5, 0.99, 0.001])
+def test_truncated_gguf(tiny_dir, tmp_path, keep):
+    data = (tiny_dir / "tiny-llama.gguf").read_bytes()
+    p = tmp_path / "cut.gguf"
+    p.write_bytes(data[: max(8, int(len(data) * keep))])
+    with pytest.raises(pysteer.ModelLoadError, match="truncated|not a readable GGUF"):
+        pysteer.load(p)
+
+
+def test_unsupported_architecture(tmp_path):
+    p = tmp_path / "mamba.gguf"
+    w = gguf.GGUFWriter(p, "mamba")
+    w.add_block_count(1)
+    w.add_tensor("token_embd.weight", np.zeros((4, 8), np.float32))
+    w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
+    with pytest.raises(pysteer.UnsupportedArchitectureError, match="'mamba'.*supported: gemma3, llama, qwen2, qwen3"):
+        pysteer.load(p)
+
+
+def test_gguf_llama_cpp_rejects(tiny_dir, tmp_path):
+    """A well-formed GGUF that misses a required tensor: llama.cpp's own load error becomes ModelLoadError."""
+    src = gguf.GGUFReader(tiny_dir / "tiny-llama.gguf")
+    p = tmp_path / "missing.gguf"
+    w = gguf.GGUFWriter(p, "llama")
+    for f in src.fields.values():
+        if f.name.startswith("GGUF.") or f.name == "general.architecture":
+            continue
+        sub = f.types[-1] if f.types[0] == gguf.GGUFValueType.ARRAY else None
+        w.add_key_value(f.name, f.contents(), f.types[0], sub_type=sub)
+    for t in src.tensors:
+        if t.name != "blk.1.ffn_down.weight":
+            w.add_tensor(t.name, np.asarray(t.data))
+    w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
+    with pytest.raises(pysteer.ModelLoadError, match="llama.cpp could not load"):
+        pysteer.load(p)
+
+
+def test_unknown_registry_name():
+    with pytest.raises(FileNotFoundError, match="qwen2.5-coder-1.5b-instruct"):
+        pysteer.load("no-such-model")
+    with pytest.raises(ValueError, match="unknown model"):
+        pysteer.models.fetch("no-such-model")
+
+
+def test_bad_model_argument():
+    with pytest.raises(TypeError, match="path, a registry name or a llama_cpp.Llama"):
+        pysteer.load(42)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"layers": [4]}, r"layer\(s\) \[4\] out of range: the model has layers 0..3"),
+        ({"layers": [-1]}, "out of range"),
+        ({"layers": []}, "layers is empty"),
+        ({"layers": [1, 1]}, "repeat"),
+        ({"points": ["pre", "resid"]}, "unknown point"),
+        ({"points": []}, "points is empty"),
+        ({"positions": 0}, "positions must be a positive int"),
+        ({"positions": 500}, "fewer than positions=500"),
+    ],
+)
+def test_bad_capture_arguments(model, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        model.capture(["hello"], **kwargs)
+
+
+def test_empty_prompt_list(model):
+    with pytest.raises(ValueError, match="prompts is empty"):
+        model.capture([])
+
+
+def test_single_string_instead_of_list(model):
+    with pytest.raises(ValueError, match="wrap a single prompt in a list"):
+        model.capture("hello")
+
+
+def test_prompt_longer_than_context(model):
+    with pytest.raises(ValueError, match=r"prompt 1 has \d+ tokens, longer than the context \(n_ctx=256\)"):
+        model.capture(["short", "the " * 300])
+    with pytest.raises(ValueError, match="longer than the context"):
+        model.logits("the " * 300)
+
+
+def test_no_chat_template(tmp_path):
+    p = tiny.write(tmp_path / "t.gguf", tiny.TinySpec())
+    with pysteer.load(p, n_ctx=128) as m:
+        m.metadata.pop("tokenizer.chat_template")
+        with pytest.raises(ValueError, match="no chat template; pass chat_template=False"):
+            m.capture(["hi"])
+        assert m.capture(["hi"], chat_template=False).shape == (1, 3, 4, 1, 64)
+
+
+def test_hook_error_is_raised_after_decode(model):
+    """An error inside the callback (here: a plan that disagrees with the context's ubatch size) is recorded
+    in C++, aborts the decode, and is raised in Python; the next capture works."""
+    good = model.capture(["hello world"], positions=2)
+    n_ubatch = model.n_ubatch
+    model.n_ubatch = 3
+    try:
+        with pytest.raises(pysteer.HookError, match="ubatch 0 has .* rows, expected 3"):
+            model.capture(["hello world"], positions=2)
+    finally:
+        model.n_ubatch = n_ubatch
+    assert np.array_equal(model.capture(["hello world"], positions=2), good)
+
+
+def test_capture_needs_hook(tiny_dir):
+    with pysteer.load(tiny_dir / "tiny-llama.gguf", n_ctx=128, hook=False) as m:
+        with pytest.raises(ValueError, match="hook=False"):
+            m.capture(["hi"])
+
+
+def test_bad_context_sizes(tiny_dir):
+    with pytest.raises(ValueError, match="n_ctx must be a positive int"):
+        pysteer.load(tiny_dir / "tiny-llama.gguf", n_ctx=0)
+    with pytest.raises(ValueError, match="n_seq_max must be at most 256"):
+        pysteer.load(tiny_dir / "tiny-llama.gguf", n_seq_max=1000)
+
+
+def test_core_rejects_bad_plans(model):
+    hook = model._hook
+    out = np.zeros(10, np.float32)
+    i64 = lambda *v: np.array(v, np.int64)  # noqa: E731
+    with pytest.raises(ValueError, match="increasing and inside the batch"):
+        hook.begin_decode(4, 512, i64(3, 1), i64(), i64(), 0, out)
+    with pytest.raises(ValueError, match="outside the buffer"):
+        hook.begin_decode(4, 512, i64(3), i64(3), i64(5), 0, out)
+    with pytest.raises(ValueError, match="missing ggml function"):
+        pysteer._lib._core.Hook({}, 8)
