@@ -1,0 +1,25 @@
+# Set-up and checks for a fresh machine; see README.md.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+MODEL ?= qwen2.5-coder-1.5b-instruct
+PYTEST_ARGS ?=
+
+.PHONY: install demo test bench clean
+
+$(VENV)/.installed: pyproject.toml CMakeLists.txt $(wildcard csrc/*.cpp csrc/*.h) scripts/install.sh
+	PYSTEER_VENV=$(VENV) scripts/install.sh
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(VENV)/bin/pysteer summary $(MODEL)
+
+test: install
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+bench: install
+	$(PY) benchmarks/bench_capture.py
+
+clean:
+	rm -rf build $(VENV)
