@@ -107,7 +107,8 @@ PYBIND11_MODULE(_core, m) {
              },
              py::arg("names"), py::arg("slots"), py::arg("marker"))
         .def("begin_decode", &PyHook::begin_decode, py::arg("n_tokens"), py::arg("n_ubatch"), py::arg("outputs"),
-             py::arg("cap_tok"), py::arg("cap_dst"), py::arg("max_slot_offset"), py::arg("out"))
+             py::arg("cap_tok"), py::arg("cap_dst"), py::arg("max_slot_offset"),
+             py::arg("out").noconvert())  // a converted copy would receive the rows instead of the caller's array
         .def("end_decode", &PyHook::end_decode)
         .def_property_readonly("callback_address",
                                [](PyHook &) { return reinterpret_cast<std::uintptr_t>(&Hook::eval_callback); })

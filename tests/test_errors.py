@@ -168,3 +168,23 @@ def test_core_rejects_bad_plans(model):
         hook.begin_decode(4, 512, i64(3), i64(3), i64(5), 0, out)
     with pytest.raises(ValueError, match="missing ggml function"):
         pysteer._lib._core.Hook({}, 8)
+
+
+def test_core_writes_only_into_the_callers_array(model):
+    """A capture buffer that is not C-contiguous float32 is refused, not silently copied."""
+    i64 = lambda *v: np.array(v, np.int64)  # noqa: E731
+    with pytest.raises(TypeError):
+        model._hook.begin_decode(4, 512, i64(3), i64(3), i64(0), 0, np.zeros(128, np.float64))
+    with pytest.raises(TypeError):
+        model._hook.begin_decode(4, 512, i64(3), i64(3), i64(0), 0, np.zeros((128, 2), np.float32)[:, 0])
+
+
+def test_build_mismatch_is_detected(monkeypatch):
+    from pysteer import _lib
+
+    _lib.check_build()  # the real build passes
+    monkeypatch.setattr(_lib, "LLAMA_CPP_COMMIT", "deadbee")
+    with pytest.raises(pysteer.BuildMismatchError, match="libggml reports commit '0c1e570.*expected deadbee"):
+        _lib.check_build()
+    monkeypatch.setenv("PYSTEER_ALLOW_MISMATCH", "1")
+    _lib.check_build()
