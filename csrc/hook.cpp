@@ -6,18 +6,40 @@
 
 namespace pysteer {
 
-Hook::Hook(const GgmlApi & api, int64_t n_embd) : api_(api), n_embd_(n_embd), scratch_(static_cast<size_t>(n_embd)) {}
+Hook::Hook(const GgmlApi & api, int64_t n_embd) : api_(api), n_embd_(n_embd), cuda_(cuda::create_state()) {}
 
-void Hook::set_watches(const std::vector<std::string> & names, const std::vector<std::vector<int64_t>> & slots,
+void Hook::clear_ops() {
+    cuda::clear_directions(cuda_.get());
+    ops_.clear();
+    rebuild();
+}
+
+void Hook::add_op(const std::string & name, Op op) {
+    cuda::clear_directions(cuda_.get());  // ops_ may reallocate: device copies are keyed by host address
+    ops_.emplace_back(name, std::move(op));
+    rebuild();
+}
+
+void Hook::set_capture(const std::vector<std::string> & names, const std::vector<std::vector<int64_t>> & slots,
                        const std::string & marker) {
+    cap_names_ = names;
+    cap_slots_ = slots;
+    marker_ = marker;
+    rebuild();
+}
+
+void Hook::clear_capture() {
+    cap_names_.clear();
+    cap_slots_.clear();
+    marker_.clear();
+    rebuild();
+}
+
+void Hook::rebuild() {
     watches_.clear();
-    names_ = names;
-    names_.push_back(marker);
-    watches_.reserve(names_.size());
-    for (size_t i = 0; i + 1 < names_.size(); ++i) {
-        watches_[names_[i]].slot_offsets = slots[i];
-    }
-    watches_[names_.back()].marker = true;
+    for (size_t i = 0; i < ops_.size(); ++i) watches_[ops_[i].first].ops.push_back(i);
+    for (size_t i = 0; i < cap_names_.size(); ++i) watches_[cap_names_[i]].slot_offsets = cap_slots_[i];
+    if (!marker_.empty()) watches_[marker_].marker = true;
 }
 
 void Hook::begin_decode(DecodePlan plan) {
@@ -44,14 +66,17 @@ bool Hook::abort_callback(void * user_data) {
 
 bool Hook::eval_callback(ggml_tensor * t, bool ask, void * user_data) {
     auto * self = static_cast<Hook *>(user_data);
-    if (!self->capturing()) return false;
-    auto it = self->watches_.find(std::string_view(t->name));
+    if (self->watches_.empty()) return false;
+    auto it = self->watches_.find(std::string(t->name));
     if (it == self->watches_.end()) return false;
     // Unselected graph branches carry no COMPUTE flag; only F32 rows of width n_embd are activations.
     if (!(t->flags & GGML_TENSOR_FLAG_COMPUTE) || t->type != GGML_TYPE_F32) return false;
+    const Watch & w = it->second;
+    // Capture-only names matter only while capturing: generation watches just the edited tensors.
+    if (w.ops.empty() && !self->capturing()) return false;
     if (ask) return true;
     try {
-        return self->on_eval(t, it->second);
+        self->on_eval(t, w);
     } catch (const std::exception & e) {
         self->fail(std::string("pysteer hook: ") + e.what());
     } catch (...) {
@@ -60,12 +85,15 @@ bool Hook::eval_callback(ggml_tensor * t, bool ask, void * user_data) {
     return true;  // returning false would not stop llama_decode (it only ends this split); abort_callback does
 }
 
-bool Hook::on_eval(ggml_tensor * t, const Watch & w) {
-    if (!error_.empty()) return true;
-    if (t->ne[0] != n_embd_ || t->ne[2] != 1 || t->ne[3] != 1 || t->nb[0] != sizeof(float)) {
+void Hook::on_eval(ggml_tensor * t, const Watch & w) {
+    if (!error_.empty()) return;
+    if (t->ne[0] != n_embd_ || t->ne[2] != 1 || t->ne[3] != 1 || t->nb[0] != sizeof(float) ||
+        t->nb[1] % sizeof(float) != 0) {
         fail(std::string("tensor ") + t->name + " is not a [n_embd, n_tokens] F32 activation");
-        return true;
+        return;
     }
+    if (!w.ops.empty()) apply_ops(t, w);
+    if (!capturing()) return;
     if (w.marker) {
         ++ubatch_;
         u0_ = ubatch_ * plan_.n_ubatch;
@@ -73,7 +101,7 @@ bool Hook::on_eval(ggml_tensor * t, const Watch & w) {
         if (t->ne[1] != u1_ - u0_) {
             fail("ubatch " + std::to_string(ubatch_) + " has " + std::to_string(t->ne[1]) + " rows, expected " +
                  std::to_string(u1_ - u0_) + " (is the KV cache unified and n_ubatch the context's?)");
-            return true;
+            return;
         }
         const auto & o = plan_.outputs;
         o0_ = std::lower_bound(o.begin(), o.end(), u0_) - o.begin();
@@ -83,7 +111,32 @@ bool Hook::on_eval(ggml_tensor * t, const Watch & w) {
         c1_ = std::lower_bound(c.begin(), c.end(), u1_) - c.begin();
     }
     if (!w.slot_offsets.empty()) capture(t, w);
-    return true;
+}
+
+void Hook::apply_ops(ggml_tensor * t, const Watch & w) {
+    const int64_t n_rows = t->ne[1];
+    const int64_t stride = static_cast<int64_t>(t->nb[1] / sizeof(float));
+    n_edited_rows_ += n_rows;
+    if (api_.buffer_is_host(t->buffer)) {
+        for (size_t i : w.ops) cpu::apply(ops_[i].second.view(), static_cast<float *>(t->data), n_rows, stride, n_embd_);
+        return;
+    }
+    if (device_path_ == DevicePath::Cuda && cuda::built()) {
+        for (size_t i : w.ops) {
+            std::string err =
+                cuda::apply(cuda_.get(), ops_[i].second.view(), static_cast<float *>(t->data), n_rows, stride, n_embd_);
+            if (!err.empty()) {
+                fail(std::string("CUDA kernel on ") + t->name + ": " + err);
+                return;
+            }
+        }
+        return;
+    }
+    const size_t bytes = static_cast<size_t>(n_rows) * t->nb[1];
+    scratch_.resize(bytes / sizeof(float));
+    api_.tensor_get(t, scratch_.data(), 0, bytes);
+    for (size_t i : w.ops) cpu::apply(ops_[i].second.view(), scratch_.data(), n_rows, stride, n_embd_);
+    api_.tensor_set(t, scratch_.data(), 0, bytes);
 }
 
 void Hook::capture(ggml_tensor * t, const Watch & w) {
@@ -101,12 +154,13 @@ void Hook::capture(ggml_tensor * t, const Watch & w) {
     const bool host = api_.buffer_is_host(t->buffer);
     const size_t row_bytes = sizeof(float) * static_cast<size_t>(n_embd_);
     auto o_it = plan_.outputs.begin() + o0_;
+    const auto o_end = plan_.outputs.begin() + o1_;
     for (int64_t c = c0_; c < c1_; ++c) {
         const int64_t tok = plan_.cap_tok[c];
         int64_t row = tok - u0_;
         if (!full) {
-            o_it = std::lower_bound(o_it, plan_.outputs.begin() + o1_, tok);
-            if (o_it == plan_.outputs.begin() + o1_ || *o_it != tok) {
+            o_it = std::lower_bound(o_it, o_end, tok);
+            if (o_it == o_end || *o_it != tok) {
                 fail(std::string("captured token ") + std::to_string(tok) + " is not an output row of " + t->name);
                 return;
             }
@@ -117,12 +171,11 @@ void Hook::capture(ggml_tensor * t, const Watch & w) {
         if (host) {
             src = reinterpret_cast<const float *>(static_cast<const char *>(t->data) + offs);
         } else {
+            scratch_.resize(static_cast<size_t>(n_embd_));
             api_.tensor_get(t, scratch_.data(), offs, row_bytes);
             src = scratch_.data();
         }
-        for (int64_t slot : w.slot_offsets) {
-            std::memcpy(plan_.out + plan_.cap_dst[c] + slot, src, row_bytes);
-        }
+        for (int64_t slot : w.slot_offsets) std::memcpy(plan_.out + plan_.cap_dst[c] + slot, src, row_bytes);
     }
 }
 

@@ -1,20 +1,33 @@
-// One Hook per llama_context: the state behind cb_eval. Python fills a plan between decodes; during a
-// decode the callback reads the plan and writes captured rows, touching no Python object and never throwing.
+// One Hook per llama_context: the state behind cb_eval. Python sets interventions and capture plans between
+// decodes; during a decode the callback reads them, edits rows in place and copies captured rows out,
+// touching no Python object and never throwing.
 #pragma once
 #include <cstdint>
+#include <memory>
 #include <string>
-#include <string_view>
 #include <unordered_map>
 #include <vector>
 
 #include "ggml_api.h"
+#include "kernels.h"
 
 namespace pysteer {
 
-// One watched tensor name (e.g. "l_out-3"); a name can fill several capture slots ("pre" of 4 is "post" of 3).
+struct Op {
+    OpKind kind;
+    int64_t k;
+    std::vector<float> dirs;  // k * n_embd
+    float cos_t = 1.0f, sin_t = 0.0f;
+    bool adaptive = false;
+
+    OpView view() const { return {kind, k, dirs.data(), cos_t, sin_t, adaptive}; }
+};
+
+// What happens at one tensor name (e.g. "l_out-3"): interventions in order, then the capture copies.
 struct Watch {
-    std::vector<int64_t> slot_offsets;  // element offset of each (point, layer) block inside one sample
-    bool marker = false;                // the embedding output: first watched node of every ubatch
+    std::vector<size_t> ops;             // indices into Hook::ops_
+    std::vector<int64_t> slot_offsets;   // capture: element offset of each (point, layer) block in one sample
+    bool marker = false;                 // capture: the embedding output, first watched node of every ubatch
 };
 
 // Where the rows of one decode go. Token indices are positions in the llama_batch; with a unified KV cache
@@ -28,34 +41,60 @@ struct DecodePlan {
     float * out = nullptr;
 };
 
+// How edits reach device memory: CUDA kernels in place, or tensor_get -> CPU kernel -> tensor_set.
+enum class DevicePath : int { Copy = 0, Cuda = 1 };
+
+struct CudaStateDeleter {
+    void operator()(cuda::DeviceState * s) const { cuda::destroy_state(s); }
+};
+
 class Hook {
   public:
     Hook(const GgmlApi & api, int64_t n_embd);
 
-    void set_watches(const std::vector<std::string> & names, const std::vector<std::vector<int64_t>> & slots,
+    // Interventions (between decodes only).
+    void clear_ops();
+    void add_op(const std::string & name, Op op);
+    size_t n_ops() const { return ops_.size(); }
+    void set_device_path(DevicePath p) { device_path_ = p; }
+
+    // Capture (between decodes only).
+    void set_capture(const std::vector<std::string> & names, const std::vector<std::vector<int64_t>> & slots,
                      const std::string & marker);
+    void clear_capture();
     void begin_decode(DecodePlan plan);
-    // Ends the decode; returns the first error recorded in the callback ("" if none) and clears it.
-    std::string end_decode();
     bool capturing() const { return plan_.out != nullptr; }
+
+    // Ends a decode; returns the first error recorded in the callback ("" if none) and clears it.
+    std::string end_decode();
+    int64_t n_edited_rows() const { return n_edited_rows_; }
 
     static bool eval_callback(ggml_tensor * t, bool ask, void * user_data);
     static bool abort_callback(void * user_data);
 
   private:
-    bool on_eval(ggml_tensor * t, const Watch & w);
-    void fail(std::string msg);
+    void rebuild();
+    void on_eval(ggml_tensor * t, const Watch & w);
+    void apply_ops(ggml_tensor * t, const Watch & w);
     void capture(ggml_tensor * t, const Watch & w);
+    void fail(std::string msg);
 
     GgmlApi api_;
     int64_t n_embd_;
-    std::vector<std::string> names_;                       // owns the keys of watches_
-    std::unordered_map<std::string_view, Watch> watches_;
+    std::vector<std::pair<std::string, Op>> ops_;
+    std::vector<std::string> cap_names_;
+    std::vector<std::vector<int64_t>> cap_slots_;
+    std::string marker_;
+    std::unordered_map<std::string, Watch> watches_;  // names fit std::string's small buffer: no allocation
+    DevicePath device_path_ = DevicePath::Copy;
+    std::unique_ptr<cuda::DeviceState, CudaStateDeleter> cuda_;
+
     DecodePlan plan_;
     int64_t ubatch_ = -1;       // index of the ubatch being computed
     int64_t u0_ = 0, u1_ = 0;   // its batch-token range
     int64_t o0_ = 0, o1_ = 0;   // its range in plan_.outputs
     int64_t c0_ = 0, c1_ = 0;   // its range in plan_.cap_tok
+    int64_t n_edited_rows_ = 0;
     std::vector<float> scratch_;
     std::string error_;
 };

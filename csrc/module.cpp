@@ -10,8 +10,11 @@
 
 namespace py = pybind11;
 using pysteer::DecodePlan;
+using pysteer::DevicePath;
 using pysteer::GgmlApi;
 using pysteer::Hook;
+using pysteer::Op;
+using pysteer::OpKind;
 
 namespace {
 
@@ -84,6 +87,24 @@ struct PyHook {
         out_ref = py::none();
         return err;
     }
+
+    void add_op(const std::string & name, int kind, py::array_t<float, py::array::c_style | py::array::forcecast> dirs,
+                double cos_t, double sin_t, bool adaptive) {
+        check_name(name);
+        if (kind < 0 || kind > 2) throw std::invalid_argument("unknown op kind");
+        if (dirs.ndim() != 2 || dirs.shape(1) != n_embd || dirs.shape(0) < 1)
+            throw std::invalid_argument("op directions must have shape [k, n_embd]");
+        const auto op_kind = static_cast<OpKind>(kind);
+        if ((op_kind == OpKind::Add && dirs.shape(0) != 1) || (op_kind == OpKind::Rotate && dirs.shape(0) != 2))
+            throw std::invalid_argument("add takes 1 vector, rotate 2");
+        Op op{op_kind, dirs.shape(0), std::vector<float>(dirs.data(), dirs.data() + dirs.size()),
+              static_cast<float>(cos_t), static_cast<float>(sin_t), adaptive};
+        hook.add_op(name, std::move(op));
+    }
+
+    static void check_name(const std::string & n) {
+        if (n.empty() || n.size() >= GGML_MAX_NAME) throw std::invalid_argument("bad tensor name: " + n);
+    }
 };
 
 }  // namespace
@@ -93,19 +114,32 @@ PYBIND11_MODULE(_core, m) {
     m.attr("LLAMA_CPP_PYTHON_VERSION") = PYSTEER_LLAMA_CPP_PYTHON_VERSION;
     m.attr("SIZEOF_GGML_TENSOR") = sizeof(ggml_tensor);
     m.attr("GGML_MAX_NAME") = GGML_MAX_NAME;
+    m.attr("CUDA_BUILT") = pysteer::cuda::built();
 
     py::class_<PyHook>(m, "Hook")
         .def(py::init<const py::dict &, int64_t>(), py::arg("ggml_functions"), py::arg("n_embd"))
-        .def("set_watches",
+        .def("set_capture",
              [](PyHook & h, const std::vector<std::string> & names, const std::vector<std::vector<int64_t>> & slots,
                 const std::string & marker) {
                  if (names.size() != slots.size()) throw std::invalid_argument("names and slots differ in length");
-                 for (const auto & n : names) {
-                     if (n.empty() || n.size() >= GGML_MAX_NAME) throw std::invalid_argument("bad tensor name: " + n);
-                 }
-                 h.hook.set_watches(names, slots, marker);
+                 for (const auto & n : names) PyHook::check_name(n);
+                 PyHook::check_name(marker);
+                 h.hook.set_capture(names, slots, marker);
              },
              py::arg("names"), py::arg("slots"), py::arg("marker"))
+        .def("clear_capture", [](PyHook & h) { h.hook.clear_capture(); })
+        .def("add_op", &PyHook::add_op, py::arg("name"), py::arg("kind"), py::arg("dirs"), py::arg("cos") = 1.0,
+             py::arg("sin") = 0.0, py::arg("adaptive") = false)
+        .def("clear_ops", [](PyHook & h) { h.hook.clear_ops(); })
+        .def_property_readonly("n_ops", [](PyHook & h) { return h.hook.n_ops(); })
+        .def_property_readonly("n_edited_rows", [](PyHook & h) { return h.hook.n_edited_rows(); },
+                               "rows edited by interventions during the last decode")
+        .def("use_cuda_kernels",
+             [](PyHook & h, bool on) {
+                 if (on && !pysteer::cuda::built()) throw std::invalid_argument("pysteer was built without CUDA");
+                 h.hook.set_device_path(on ? DevicePath::Cuda : DevicePath::Copy);
+             },
+             py::arg("on"))
         .def("begin_decode", &PyHook::begin_decode, py::arg("n_tokens"), py::arg("n_ubatch"), py::arg("outputs"),
              py::arg("cap_tok"), py::arg("cap_dst"), py::arg("max_slot_offset"),
              py::arg("out").noconvert())  // a converted copy would receive the rows instead of the caller's array

@@ -8,10 +8,11 @@ from . import models
 from ._lib import BuildMismatchError, build_info
 from .capture import HookError
 from .hookpoints import POINTS, SUPPORTED_ARCHS, UnsupportedArchitectureError
+from .interventions import Ablate, Add, Rotate
 from .model import Model, ModelLoadError, load
 
 __version__ = "0.1.0"
 __all__ = [
-    "load", "Model", "models", "POINTS", "SUPPORTED_ARCHS", "build_info",
+    "load", "Model", "models", "Ablate", "Add", "Rotate", "POINTS", "SUPPORTED_ARCHS", "build_info",
     "BuildMismatchError", "HookError", "ModelLoadError", "UnsupportedArchitectureError",
 ]

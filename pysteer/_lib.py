@@ -76,6 +76,15 @@ def new_hook(n_embd: int) -> "_core.Hook":
     return _core.Hook(table, n_embd)
 
 
+def cuda_kernels_usable() -> bool:
+    """pysteer has CUDA kernels and the loaded llama.cpp has a CUDA backend (else device tensors are edited
+    through ggml_backend_tensor_get/set)."""
+    if not _core.CUDA_BUILT:
+        return False
+    reg = _c_function("ggml_backend_reg_by_name", ctypes.c_void_p, [ctypes.c_char_p])
+    return bool(reg(b"CUDA"))
+
+
 def set_verbose(verbose: bool) -> None:
     llama_cpp._logger.set_verbose(verbose)
 

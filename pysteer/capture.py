@@ -117,11 +117,14 @@ def capture(model, prompts, *, layers=None, points=("pre", "mid", "post"), posit
     last = model.n_layers - 1
     k_outputs = return_logits or (last in layers and any(p in ("mid", "post") for p in points))
 
-    model._hook.set_watches(list(slots), list(slots.values()), hookpoints.embedding_name(model.arch))
     out = np.full((N, P, L, K, E), np.nan, dtype=np.float32)
     logits_out = np.empty((N, K, model.n_vocab), dtype=np.float32) if return_logits else None
-    run(model, tokens, positions=K, n_out=K if k_outputs else 1, logits=logits_out, capture_out=out,
-        max_slot=max(max(v) for v in slots.values()), progress=progress)
+    model._hook.set_capture(list(slots), list(slots.values()), hookpoints.embedding_name(model.arch))
+    try:
+        run(model, tokens, positions=K, n_out=K if k_outputs else 1, logits=logits_out, capture_out=out,
+            max_slot=max(max(v) for v in slots.values()), progress=progress)
+    finally:
+        model._hook.clear_capture()
     if np.isnan(out).any():
         raise HookError("some activations were not captured (a watched tensor never reached the hook)")
     return (out, logits_out) if return_logits else out

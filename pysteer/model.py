@@ -5,7 +5,8 @@ from __future__ import annotations
 import ctypes
 import os
 import pathlib
-from typing import Sequence, Union
+from contextlib import contextmanager
+from typing import Iterator, Sequence, Union
 
 import gguf
 import llama_cpp
@@ -13,7 +14,7 @@ import numpy as np
 from llama_cpp._internals import LlamaModel
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
-from . import _lib, hookpoints, models
+from . import _lib, generation, hookpoints, models, steering
 
 Message = dict
 Prompt = Union[str, Sequence[Message]]
@@ -109,6 +110,8 @@ class Model:
         self.n_threads = n_threads or os.cpu_count() or 1
         self.metadata = self._model.metadata()
         self._formatter = None
+        self._steering = steering.Steering()
+        self._cvec_active = False
 
         self._hook = _lib.new_hook(self.n_embd) if hook else None
         cparams = llama_cpp.llama_context_default_params()
@@ -134,6 +137,8 @@ class Model:
             self.close()
             raise RuntimeError(f"llama.cpp could not create a context (n_ctx={n_ctx}); try a smaller n_ctx")
         self._batch = llama_cpp.llama_batch_init(n_ctx, 0, 1)
+        if self._hook is not None and n_gpu_layers != 0 and _lib.cuda_kernels_usable():
+            self._hook.use_cuda_kernels(True)
 
     # -- lifetime ---------------------------------------------------------------------------------------------
     def close(self) -> None:
@@ -166,6 +171,15 @@ class Model:
     # -- text -------------------------------------------------------------------------------------------------
     def tokenize(self, text: str, *, add_special: bool = True, parse_special: bool = False) -> list[int]:
         return self._model.tokenize(text.encode("utf-8"), add_special, parse_special)
+
+    def token_bytes(self, token: int, *, special: bool = False) -> bytes:
+        """The bytes of one token (llama-cpp-python's LlamaModel.token_to_piece returns a padded buffer)."""
+        buf = ctypes.create_string_buffer(64)
+        n = llama_cpp.llama_token_to_piece(self._model.vocab, token, buf, len(buf), 0, special)
+        if n < 0:
+            buf = ctypes.create_string_buffer(-n)
+            n = llama_cpp.llama_token_to_piece(self._model.vocab, token, buf, len(buf), 0, special)
+        return buf.raw[:n]
 
     def detokenize(self, tokens: Sequence[int]) -> str:
         return self._model.detokenize(list(tokens)).decode("utf-8", errors="replace")
@@ -231,6 +245,18 @@ class Model:
         if rc != 0:
             raise RuntimeError(f"llama_decode failed with code {rc}")
 
+    def _decode_step(self, tokens: Sequence[int], positions: Sequence[int], seq_ids: Sequence[int]) -> None:
+        """Decode one new token per sequence on top of the cache; every row is an output."""
+        n = len(tokens)
+        b = self._batch
+        b.n_tokens = n
+        for i in range(n):
+            b.token[i], b.pos[i], b.n_seq_id[i], b.logits[i] = tokens[i], positions[i], 1, True
+            b.seq_id[i][0] = seq_ids[i]
+        rc = llama_cpp.llama_decode(self._ctx, b)
+        if rc != 0:
+            raise RuntimeError(f"llama_decode failed with code {rc}")
+
     def _logits_row(self, i: int) -> np.ndarray:
         ptr = llama_cpp.llama_get_logits_ith(self._ctx, i)
         if not ptr:
@@ -263,6 +289,46 @@ class Model:
             raise ValueError(f"prompt has {len(tokens)} tokens, longer than the context (n_ctx={self.n_ctx})")
         self._decode([tokens], np.array([len(tokens) - 1]))
         return self._logits_row(len(tokens) - 1)
+
+
+    # -- steering and generation -----------------------------------------------------------------------------
+    @contextmanager
+    def steer(self, *interventions, path: steering.Path = "auto") -> Iterator[steering.Steering]:
+        """Within the block, capture / generate / logits run with ``interventions`` (and nothing else).
+
+        ``path``: "auto" runs each intervention natively where that is exact (see pysteer.steering),
+        "hook" forces the eval callback, "native" raises where no native path exists. The yielded
+        :class:`~pysteer.steering.Steering` says which path each intervention took. On exit the previous
+        steering is restored.
+        """
+        new = steering.plan(self, interventions, path)  # validates everything before changing anything
+        previous = self._steering
+        steering.install(self, new)
+        try:
+            yield new
+        finally:
+            steering.install(self, previous)
+
+    @property
+    def steering(self) -> steering.Steering:
+        """The interventions now installed and their paths."""
+        return self._steering
+
+    def generate(self, prompt: Prompt, max_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0,
+                 seed: int = 0, stop: Sequence[str] = (), chat_template: bool | str = True,
+                 stream: bool = False):
+        """Continue ``prompt`` (text or chat messages); with ``stream=True`` an iterator of text pieces."""
+        kw = dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed, stop=stop,
+                  chat_template=chat_template)
+        return generation.stream(self, prompt, **kw) if stream else generation.generate(self, prompt, **kw)
+
+    def generate_batch(self, prompts, max_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0,
+                       seed: int = 0, stop: Sequence[str] = (), chat_template: bool | str = True,
+                       progress: bool = False) -> list[str]:
+        """Continue many prompts side by side; each prompt's sampling uses its own generator seeded ``seed``."""
+        return generation.generate_batch(self, prompts, max_tokens=max_tokens, temperature=temperature,
+                                         top_p=top_p, seed=seed, stop=stop, chat_template=chat_template,
+                                         progress=progress)
 
 
 def load(model, n_ctx: int = 4096, n_threads: int | None = None, n_gpu_layers: int = 0, **kwargs) -> Model:

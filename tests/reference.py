@@ -61,9 +61,10 @@ def _rope(x, pos, base, neox):
     return out
 
 
-def forward(w: Weights, tokens) -> dict:
+def forward(w: Weights, tokens, edit=None) -> dict:
     """pre/mid/post of every layer for one prompt ([n_layers, T, n_embd] each), for llama and qwen2.
 
+    ``edit(point, layer, x)`` may replace the residual at each point (an intervention).
     K and V pass through float16 as in llama.cpp's default KV cache, and so do the operands it converts to
     match them (Q, and the attention probabilities).
     """
@@ -77,9 +78,13 @@ def forward(w: Weights, tokens) -> dict:
     hd = E // H
     pos = np.arange(T, dtype=np.float64)
     mask = np.triu(np.full((T, T), -np.inf), 1)
+    edit = edit or (lambda point, layer, v: v)
     pre, mid, post = [], [], []
     for i in range(L):
         p = f"blk.{i}."
+        x = edit("pre", i, x)
+        if i > 0:
+            post[i - 1] = x  # one tensor in llama.cpp: l_out-(i-1)
         pre.append(x)
         h = rms_norm(x, w[p + "attn_norm.weight"], eps)
 
@@ -99,10 +104,10 @@ def forward(w: Weights, tokens) -> dict:
         s /= s.sum(-1, keepdims=True)
         s = s.astype(np.float16).astype(np.float64)  # llama.cpp multiplies F16 V by F16 probabilities
         a = np.einsum("hts,shd->thd", s, v).reshape(T, E)
-        x = x + a @ w[p + "attn_output.weight"].T
+        x = edit("mid", i, x + a @ w[p + "attn_output.weight"].T)
         mid.append(x)
         h = rms_norm(x, w[p + "ffn_norm.weight"], eps)
         g, u = h @ w[p + "ffn_gate.weight"].T, h @ w[p + "ffn_up.weight"].T
-        x = x + (g / (1 + np.exp(-g)) * u) @ w[p + "ffn_down.weight"].T
+        x = edit("post", i, x + (g / (1 + np.exp(-g)) * u) @ w[p + "ffn_down.weight"].T)
         post.append(x)
     return {"pre": np.stack(pre), "mid": np.stack(mid), "post": np.stack(post)}

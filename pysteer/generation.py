@@ -1,0 +1,128 @@
+"""Text generation with the model's current steering: one prompt (optionally streamed) or many in parallel."""
+
+from __future__ import annotations
+
+import codecs
+from typing import Iterator, Sequence
+
+import llama_cpp
+import numpy as np
+
+
+def sample(logits: np.ndarray, temperature: float, top_p: float, rng: np.random.Generator) -> int:
+    """Greedy at temperature 0; otherwise softmax(logits / T) restricted to the top-p nucleus."""
+    if temperature <= 0:
+        return int(np.argmax(logits))
+    z = logits.astype(np.float64) / temperature
+    p = np.exp(z - z.max())
+    p /= p.sum()
+    if top_p < 1.0:
+        order = np.argsort(-p, kind="stable")
+        keep = order[: int(np.searchsorted(np.cumsum(p[order]), top_p)) + 1]
+        return int(rng.choice(keep, p=p[keep] / p[keep].sum()))
+    return int(rng.choice(p.size, p=p))
+
+
+class _Sequence:
+    """One prompt being continued: its tokens, text so far, and stop state."""
+
+    def __init__(self, model, tokens: list[int], seed: int, stop: Sequence[str]):
+        self.model, self.pos = model, len(tokens)
+        self.rng = np.random.default_rng(seed)
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.stop = list(stop)
+        self.text, self.tokens, self.done = "", [], False
+        self.finish_reason = None
+
+    def push(self, tok: int, max_tokens: int) -> str:
+        """Accept a sampled token; returns the new text (possibly empty)."""
+        vocab = self.model._model.vocab
+        if llama_cpp.llama_vocab_is_eog(vocab, tok):
+            self.done, self.finish_reason = True, "stop"
+            return ""
+        self.tokens.append(tok)
+        piece = self.decoder.decode(self.model.token_bytes(tok))
+        new = piece
+        self.text += piece
+        for s in self.stop:
+            i = self.text.find(s)
+            if i >= 0:
+                cut = len(self.text) - i
+                new = new[: max(0, len(new) - cut)]
+                self.text = self.text[:i]
+                self.done, self.finish_reason = True, "stop"
+                return new
+        if len(self.tokens) >= max_tokens:
+            self.done, self.finish_reason = True, "length"
+        return new
+
+
+def _check(model, max_tokens, temperature, top_p):
+    if not isinstance(max_tokens, int) or max_tokens < 1:
+        raise ValueError(f"max_tokens must be a positive int, not {max_tokens!r}")
+    if not temperature >= 0:
+        raise ValueError(f"temperature must be >= 0, not {temperature!r}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], not {top_p!r}")
+
+
+def stream(model, prompt, *, max_tokens=128, temperature=0.0, top_p=1.0, seed=0, stop=(),
+           chat_template=True) -> Iterator[str]:
+    """Yield the continuation of one prompt piece by piece."""
+    _check(model, max_tokens, temperature, top_p)
+    tokens = model.encode(prompt, chat_template=chat_template)
+    if not tokens:
+        raise ValueError("prompt is empty after tokenization")
+    if len(tokens) + max_tokens > model.n_ctx:
+        raise ValueError(f"prompt ({len(tokens)} tokens) + max_tokens ({max_tokens}) exceed n_ctx={model.n_ctx}")
+    seq = _Sequence(model, tokens, seed, stop)
+    model._decode([tokens], np.array([len(tokens) - 1]))
+    logits = model._logits_row(len(tokens) - 1)
+    while True:
+        new = seq.push(sample(logits, temperature, top_p, seq.rng), max_tokens)
+        if new:
+            yield new
+        if seq.done:
+            return
+        model._decode_step([seq.tokens[-1]], [seq.pos], [0])
+        seq.pos += 1
+        logits = model._logits_row(0)
+
+
+def generate(model, prompt, **kw) -> str:
+    return "".join(stream(model, prompt, **kw))
+
+
+def generate_batch(model, prompts, *, max_tokens=128, temperature=0.0, top_p=1.0, seed=0, stop=(),
+                   chat_template=True, progress=False) -> list[str]:
+    """Continue many prompts, decoding them side by side (one token of each per llama_decode)."""
+    from tqdm.auto import tqdm
+
+    from .capture import _pack, encode_prompts
+
+    _check(model, max_tokens, temperature, top_p)
+    tokens = encode_prompts(model, prompts, chat_template=chat_template, positions=1)
+    for i, t in enumerate(tokens):
+        if len(t) + max_tokens > model.n_ctx:
+            raise ValueError(f"prompt {i} ({len(t)} tokens) + max_tokens ({max_tokens}) exceed n_ctx={model.n_ctx}")
+    out: list[str] = [""] * len(tokens)
+    with tqdm(total=len(tokens), desc="generate", unit="prompt", disable=not progress) as bar:
+        for batch in _pack([len(t) + max_tokens for t in tokens], model.n_ctx, model.n_seq_max):
+            seqs = [_Sequence(model, tokens[i], seed, stop) for i in batch]
+            ends = np.cumsum([len(tokens[i]) for i in batch])
+            model._decode([tokens[i] for i in batch], ends - 1)
+            rows = {j: int(ends[j]) - 1 for j in range(len(batch))}
+            while True:
+                for j, row in rows.items():
+                    seqs[j].push(sample(model._logits_row(row), temperature, top_p, seqs[j].rng), max_tokens)
+                active = [j for j in rows if not seqs[j].done]
+                if not active:
+                    break
+                model._decode_step([seqs[j].tokens[-1] for j in active], [seqs[j].pos for j in active], active)
+                for j in active:
+                    seqs[j].pos += 1
+                rows = {j: r for r, j in enumerate(active)}
+            for j, i in enumerate(batch):
+                out[i] = seqs[j].text
+            bar.update(len(batch))
+    return out

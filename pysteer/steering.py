@@ -1,0 +1,102 @@
+"""Installing interventions on a model's context.
+
+Each intervention runs on the fastest path that is exact:
+- ``cvec``: llama.cpp's control vector (an in-graph add at ``l_out`` of layers >= 1, no callback) for an
+  ``Add`` that touches only ``post`` outputs (or ``pre`` inputs) of layers >= 1, when no earlier intervention
+  edits the same tensors in the hook (the control vector is added before the hook sees the tensor);
+- ``hook``: pysteer's eval callback, for everything else.
+``path="hook"`` forces the callback; ``path="native"`` raises where no native path is exact.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Sequence
+
+import ctypes
+
+import llama_cpp
+import numpy as np
+
+from .interventions import ADD, Add, Intervention, TensorOp
+
+Path = Literal["auto", "hook", "native"]
+PATHS = ("auto", "hook", "native")
+
+
+@dataclass
+class Steering:
+    """What is installed: each intervention with the path it runs on ("hook" or "cvec")."""
+    interventions: tuple[Intervention, ...] = ()
+    path: str = "auto"
+    paths: list[str] = field(default_factory=list)
+    hook_ops: list[TensorOp] = field(default_factory=list)
+    cvec: np.ndarray | None = None  # [n_layers, n_embd]; row 0 unused
+
+    def __repr__(self):
+        items = ", ".join(f"{iv!r} -> {p}" for iv, p in zip(self.interventions, self.paths))
+        return f"Steering([{items}])"
+
+
+def _cvec_reason(iv: Intervention, ops: list[TensorOp], hooked: set[str]) -> str | None:
+    """None when ``iv`` can run as a llama.cpp control vector exactly; otherwise why not."""
+    if not isinstance(iv, Add):
+        return "only Add has a control-vector path"
+    for op in ops:
+        if not op.name.startswith("l_out-"):
+            return f"{op.name} is not a layer output (control vectors add at l_out of layers 1..n-1)"
+        if int(op.name[len("l_out-"):]) < 1:
+            return "llama.cpp has no control vector for layer 0's output"
+        if op.name in hooked:
+            return f"an earlier intervention edits {op.name} in the hook, and the control vector would come first"
+    return None
+
+
+def plan(model, interventions: Sequence[Intervention], path: str) -> Steering:
+    """Validate and bind every intervention and choose its path; changes nothing on the model."""
+    if path not in PATHS:
+        raise ValueError(f"path must be one of {PATHS}, not {path!r}")
+    for iv in interventions:
+        if not isinstance(iv, Intervention):
+            raise TypeError(f"expected pysteer.Ablate, Add or Rotate, got {type(iv).__name__}")
+    s = Steering(tuple(interventions), path)
+    hooked: set[str] = set()
+    for iv in interventions:
+        ops = iv.bind(model)
+        why = _cvec_reason(iv, ops, hooked) if path != "hook" else "path='hook'"
+        if why is None:
+            if s.cvec is None:
+                s.cvec = np.zeros((model.n_layers, model.n_embd), np.float32)
+            for op in ops:
+                assert op.kind == ADD
+                s.cvec[int(op.name[len("l_out-"):])] += op.dirs[0]
+            s.paths.append("cvec")
+            continue
+        if path == "native":
+            raise ValueError(f"{iv!r} has no exact native path: {why}")
+        s.hook_ops += ops
+        hooked.update(op.name for op in ops)
+        s.paths.append("hook")
+    if s.hook_ops and model._hook is None:
+        raise ValueError("these interventions need pysteer's hook, but the model was loaded with hook=False")
+    return s
+
+
+def install(model, s: Steering) -> None:
+    """Make ``s`` the model's steering: hook ops and control vector replaced as a whole."""
+    if model._hook is not None:
+        model._hook.clear_ops()
+        for op in s.hook_ops:
+            model._hook.add_op(op.name, op.kind, op.dirs, op.cos, op.sin, op.adaptive)
+    if s.cvec is not None:
+        used = np.nonzero(np.abs(s.cvec).sum(1))[0]
+        lo, hi = (int(used.min()), int(used.max())) if used.size else (1, 1)
+        data = np.ascontiguousarray(s.cvec[1:].ravel())
+        ptr = data.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+        rc = llama_cpp.llama_set_adapter_cvec(model._ctx, ptr, data.size, model.n_embd, max(lo, 1), max(hi, 1))
+        if rc != 0:
+            raise RuntimeError(f"llama_set_adapter_cvec failed ({rc})")
+    elif model._cvec_active:
+        llama_cpp.llama_set_adapter_cvec(model._ctx, None, 0, model.n_embd, 0, 0)
+    model._cvec_active = s.cvec is not None
+    model._steering = s
