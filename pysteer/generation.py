@@ -30,30 +30,26 @@ class _Sequence:
         self.model, self.pos = model, len(tokens)
         self.rng = np.random.default_rng(seed)
         self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        self.stop = list(stop)
-        self.text, self.tokens, self.done = "", [], False
-        self.finish_reason = None
+        self.stop = [s for s in stop if s]
+        self.hold = max((len(s) for s in self.stop), default=1) - 1  # text that may still become a stop
+        self.text, self.tokens, self.emitted = "", [], 0
+        self.done, self.finish_reason = False, None
 
     def push(self, tok: int, max_tokens: int) -> str:
-        """Accept a sampled token; returns the new text (possibly empty)."""
-        vocab = self.model._model.vocab
-        if llama_cpp.llama_vocab_is_eog(vocab, tok):
-            self.done, self.finish_reason = True, "stop"
-            return ""
-        self.tokens.append(tok)
-        piece = self.decoder.decode(self.model.token_bytes(tok))
-        new = piece
-        self.text += piece
+        """Accept a sampled token; returns the text that is now final (possibly empty)."""
+        eog = bool(llama_cpp.llama_vocab_is_eog(self.model._model.vocab, tok))
+        if not eog:
+            self.tokens.append(tok)
+        self.done = eog or len(self.tokens) >= max_tokens
+        self.finish_reason = "stop" if eog else ("length" if self.done else None)
+        # final=True flushes a trailing partial UTF-8 sequence as U+FFFD
+        self.text += self.decoder.decode(b"" if eog else self.model.token_bytes(tok), final=self.done)
         for s in self.stop:
-            i = self.text.find(s)
+            i = self.text.find(s, max(0, self.emitted - len(s) + 1))
             if i >= 0:
-                cut = len(self.text) - i
-                new = new[: max(0, len(new) - cut)]
-                self.text = self.text[:i]
-                self.done, self.finish_reason = True, "stop"
-                return new
-        if len(self.tokens) >= max_tokens:
-            self.done, self.finish_reason = True, "length"
+                self.text, self.done, self.finish_reason = self.text[:i], True, "stop"
+        safe = len(self.text) if self.done else max(self.emitted, len(self.text) - self.hold)
+        new, self.emitted = self.text[self.emitted:safe], safe
         return new
 
 

@@ -1,0 +1,95 @@
+"""Generation: greedy decoding follows llama.cpp's logits, batching and streaming agree with single runs,
+stop strings and sampling seeds behave, bad arguments are refused."""
+
+import numpy as np
+import pytest
+
+import pysteer
+from conftest import PROMPTS
+
+
+@pytest.fixture(scope="module")
+def model(tiny_dir):
+    with pysteer.load(tiny_dir / "tiny-qwen2.gguf", n_ctx=1024) as m:
+        yield m
+
+
+def _greedy_tokens(m, prompt, n):
+    """Reference: argmax of llama.cpp's next-token logits, re-decoding the growing prompt each step."""
+    tokens = m.encode(prompt)
+    out = []
+    for _ in range(n):
+        m._decode([tokens], np.array([len(tokens) - 1]))
+        tok = int(np.argmax(m._logits_row(len(tokens) - 1)))
+        out.append(tok)
+        tokens = tokens + [tok]
+    return out
+
+
+def test_greedy_follows_llama_cpp_logits(model):
+    ref = _greedy_tokens(model, "hello world", 8)
+    text = model.generate("hello world", max_tokens=8)
+    assert text == b"".join(model.token_bytes(t) for t in ref).decode("utf-8", "replace")
+
+
+def test_batch_and_stream_agree_with_single(model):
+    prompts = [p for p in PROMPTS if isinstance(p, str)]
+    single = [model.generate(p, max_tokens=16) for p in prompts]
+    assert model.generate_batch(prompts, max_tokens=16) == single
+    assert "".join(model.generate(prompts[1], max_tokens=16, stream=True)) == single[1]
+
+
+def test_batch_generation_over_several_decodes(tiny_dir):
+    prompts = [f"the {w} {i}" for i, w in enumerate(["a", "how", "to", "you"] * 3)]
+    with pysteer.load(tiny_dir / "tiny-llama.gguf", n_ctx=128, n_seq_max=3) as m:
+        got = m.generate_batch(prompts, max_tokens=10)
+        assert got == [m.generate(p, max_tokens=10) for p in prompts]
+
+
+def test_stop_strings(model):
+    full = model.generate("hello world", max_tokens=24)
+    i = next(i for i in range(3, len(full) - 2) if full[i:i + 2].isascii() and full[i:i + 2].isprintable())
+    stop = full[i:i + 2]
+    cut = model.generate("hello world", max_tokens=24, stop=[stop])
+    assert cut == full[: full.index(stop)]
+    assert "".join(model.generate("hello world", max_tokens=24, stop=[stop], stream=True)) == cut
+
+
+def test_sampling_is_seeded(model):
+    a = model.generate("hello", max_tokens=16, temperature=1.0, top_p=0.9, seed=7)
+    b = model.generate("hello", max_tokens=16, temperature=1.0, top_p=0.9, seed=7)
+    c = model.generate("hello", max_tokens=16, temperature=1.0, top_p=0.9, seed=8)
+    assert a == b and a != c
+    assert model.generate_batch(["hello"], max_tokens=16, temperature=1.0, top_p=0.9, seed=7) == [a]
+
+
+def test_top_p_keeps_the_nucleus():
+    from pysteer.generation import sample
+
+    logits = np.log(np.array([0.5, 0.3, 0.15, 0.05]))
+    rng = np.random.default_rng(0)
+    draws = {sample(logits, 1.0, 0.7, rng) for _ in range(300)}
+    assert draws == {0, 1}
+    assert sample(logits, 0.0, 0.1, rng) == 0
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"max_tokens": 0}, "max_tokens must be a positive int"),
+    ({"temperature": -1.0}, "temperature must be >= 0"),
+    ({"top_p": 0.0}, r"top_p must be in \(0, 1\]"),
+    ({"max_tokens": 5000}, "exceed n_ctx=1024"),
+])
+def test_bad_generation_arguments(model, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        model.generate("hello", **kwargs)
+    with pytest.raises(ValueError, match=match):
+        model.generate_batch(["hello"], **kwargs)
+
+
+@pytest.mark.real
+def test_real_model_answers(smollm2_path):
+    with pysteer.load(smollm2_path, n_ctx=1024) as m:
+        text = m.generate("What is 2 + 2? Answer with a number.", max_tokens=24)
+        assert "4" in text
+        msgs = [{"role": "user", "content": "What is 2 + 2? Answer with a number."}]
+        assert m.generate(msgs, max_tokens=24) == text
