@@ -111,7 +111,8 @@ class Model:
         self.metadata = self._model.metadata()
         self._formatter = None
         self._steering = steering.Steering()
-        self._cvec_active = False
+        self._cvec_active = self._lora_active = False
+        self._lora_adapters: dict[bytes, int] = {}  # directions -> llama_adapter_lora pointer
 
         self._hook = _lib.new_hook(self.n_embd) if hook else None
         cparams = llama_cpp.llama_context_default_params()
@@ -142,13 +143,16 @@ class Model:
 
     # -- lifetime ---------------------------------------------------------------------------------------------
     def close(self) -> None:
-        """Free the context, then the model (if this object loaded it)."""
+        """Free the context, then adapters, then the model (if this object loaded it)."""
         if getattr(self, "_batch", None) is not None:
             llama_cpp.llama_batch_free(self._batch)
             self._batch = None
         if getattr(self, "_ctx", None):
             llama_cpp.llama_free(self._ctx)
         self._ctx = None
+        for adapter in getattr(self, "_lora_adapters", {}).values():
+            llama_cpp.llama_adapter_lora_free(adapter)
+        self._lora_adapters = {}
         if getattr(self, "_owns_model", False) and getattr(self, "_model", None) is not None:
             self._model.close()
         self._model = None
@@ -308,6 +312,18 @@ class Model:
             yield new
         finally:
             steering.install(self, previous)
+
+    def _lora_adapter(self, directions: np.ndarray):
+        from . import lora
+
+        key = np.ascontiguousarray(directions, dtype=np.float32).tobytes()
+        if key not in self._lora_adapters:
+            path = lora.adapter_path(self, directions)
+            adapter = llama_cpp.llama_adapter_lora_init(self._model.model, str(path).encode())
+            if not adapter:
+                raise RuntimeError(f"llama.cpp could not load the ablation adapter {path}")
+            self._lora_adapters[key] = adapter
+        return self._lora_adapters[key]
 
     @property
     def steering(self) -> steering.Steering:

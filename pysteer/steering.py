@@ -4,6 +4,9 @@ Each intervention runs on the fastest path that is exact:
 - ``cvec``: llama.cpp's control vector (an in-graph add at ``l_out`` of layers >= 1, no callback) for an
   ``Add`` that touches only ``post`` outputs (or ``pre`` inputs) of layers >= 1, when no earlier intervention
   edits the same tensors in the hook (the control vector is added before the hook sees the tensor);
+- ``lora``: a generated rank-k LoRA on every attention-output and FFN-down matrix (see pysteer.lora) for an
+  ``Ablate`` of every pre/mid/post of every layer that is the only intervention, on architectures whose
+  residual is a plain sum (not gemma3); the embedding tensor alone is still ablated in the hook;
 - ``hook``: pysteer's eval callback, for everything else.
 ``path="hook"`` forces the callback; ``path="native"`` raises where no native path is exact.
 """
@@ -18,7 +21,8 @@ import ctypes
 import llama_cpp
 import numpy as np
 
-from .interventions import ADD, Add, Intervention, TensorOp
+from . import hookpoints, lora
+from .interventions import ADD, Ablate, Add, Intervention, TensorOp
 
 Path = Literal["auto", "hook", "native"]
 PATHS = ("auto", "hook", "native")
@@ -32,6 +36,7 @@ class Steering:
     paths: list[str] = field(default_factory=list)
     hook_ops: list[TensorOp] = field(default_factory=list)
     cvec: np.ndarray | None = None  # [n_layers, n_embd]; row 0 unused
+    lora: np.ndarray | None = None  # [k, n_embd] orthonormal directions ablated by a LoRA adapter
 
     def __repr__(self):
         items = ", ".join(f"{iv!r} -> {p}" for iv, p in zip(self.interventions, self.paths))
@@ -52,6 +57,18 @@ def _cvec_reason(iv: Intervention, ops: list[TensorOp], hooked: set[str]) -> str
     return None
 
 
+def _lora_reason(iv: Intervention, ops: list[TensorOp], model, n_interventions: int) -> str | None:
+    """None when ``iv`` can run as a LoRA ablation exactly; otherwise why not."""
+    if not isinstance(iv, Ablate):
+        return "only Ablate has a LoRA path"
+    if n_interventions != 1:
+        return "a LoRA ablation is exact only as the sole intervention (others would reintroduce the direction)"
+    every = {hookpoints.tensor_name(model.arch, p, i) for i in range(model.n_layers) for p in hookpoints.POINTS}
+    if {op.name for op in ops} != every:
+        return "a LoRA ablates every residual point; this Ablate covers only some layers or points"
+    return lora.unsupported_reason(model)
+
+
 def plan(model, interventions: Sequence[Intervention], path: str) -> Steering:
     """Validate and bind every intervention and choose its path; changes nothing on the model."""
     if path not in PATHS:
@@ -63,7 +80,17 @@ def plan(model, interventions: Sequence[Intervention], path: str) -> Steering:
     hooked: set[str] = set()
     for iv in interventions:
         ops = iv.bind(model)
-        why = _cvec_reason(iv, ops, hooked) if path != "hook" else "path='hook'"
+        if path != "hook" and isinstance(iv, Ablate):
+            why = _lora_reason(iv, ops, model, len(interventions))
+            if why is None:
+                s.lora = iv.directions
+                embd = [op for op in ops if op.name == hookpoints.embedding_name(model.arch)]
+                s.hook_ops += embd
+                hooked.update(op.name for op in embd)
+                s.paths.append("lora")
+                continue
+        else:
+            why = _cvec_reason(iv, ops, hooked) if path != "hook" else "path='hook'"
         if why is None:
             if s.cvec is None:
                 s.cvec = np.zeros((model.n_layers, model.n_embd), np.float32)
@@ -99,4 +126,12 @@ def install(model, s: Steering) -> None:
     elif model._cvec_active:
         llama_cpp.llama_set_adapter_cvec(model._ctx, None, 0, model.n_embd, 0, 0)
     model._cvec_active = s.cvec is not None
+    if s.lora is not None:
+        adapters = (llama_cpp.llama_adapter_lora_p_ctypes * 1)(model._lora_adapter(s.lora))
+        scales = (ctypes.c_float * 1)(1.0)
+        if llama_cpp.llama_set_adapters_lora(model._ctx, adapters, 1, scales) != 0:
+            raise RuntimeError("llama_set_adapters_lora failed")
+    elif model._lora_active:
+        llama_cpp.llama_set_adapters_lora(model._ctx, None, 0, None)
+    model._lora_active = s.lora is not None
     model._steering = s

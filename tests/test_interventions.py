@@ -28,7 +28,7 @@ def test_ablation_removes_directions_everywhere(tiny_path, rng):
     with pysteer.load(tiny_path, n_ctx=512) as m:
         for k in (1, 3):
             R = rng.standard_normal((k, E))
-            with m.steer(pysteer.Ablate(R)) as s:
+            with m.steer(pysteer.Ablate(R), path="hook") as s:
                 assert s.paths == ["hook"]
                 acts = m.capture(PROMPTS, positions=4)  # every layer and point, after the intervention
             q = np.linalg.qr(R.T)[0].T
@@ -40,7 +40,7 @@ def test_ablation_removes_directions_everywhere(tiny_path, rng):
 def test_ablation_removes_direction_real(smollm2_path, rng):
     with pysteer.load(smollm2_path, n_ctx=1024) as m:
         r = unit(rng.standard_normal(m.n_embd))
-        with m.steer(pysteer.Ablate(r)):
+        with m.steer(pysteer.Ablate(r), path="hook"):
             acts = m.capture(["Write a haiku about rain.", "What is 2 + 2?"], positions=3)
     rel = np.abs(acts.astype(np.float64) @ r) / np.linalg.norm(acts, axis=-1)
     assert rel.max() < 1e-5, rel.max()
@@ -232,7 +232,7 @@ def test_bad_steering_requests(tiny_dir, rng):
                 with m.steer(pysteer.Ablate(np.ones(E), layers=[1, 9])):
                     pass
             with pytest.raises(ValueError, match="no exact native path"):
-                with m.steer(pysteer.Ablate(np.ones(E)), path="native"):
+                with m.steer(pysteer.Ablate(np.ones(E), layers=[1, 2]), path="native"):
                     pass
             with pytest.raises(ValueError, match="no control vector for layer 0"):
                 with m.steer(pysteer.Add(np.ones(E), layers=[0]), path="native"):
@@ -253,3 +253,59 @@ def test_bad_steering_requests(tiny_dir, rng):
                 pass
         with plain.steer(pysteer.Add(np.ones(E), layers=[2])) as s:  # native only: fine without a hook
             assert s.paths == ["cvec"]
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
+def test_lora_ablation_matches_hook(tiny_dir, arch, rng, tmp_path, monkeypatch):
+    """The LoRA path (weights in the matmuls, embedding in the hook) against the hook on every point.
+    F32 weights: the two agree to float rounding (seen: 4.7e-5 of the logit scale on llama)."""
+    monkeypatch.setenv("PYSTEER_CACHE", str(tmp_path))
+    R = rng.standard_normal((2, E))
+    with pysteer.load(tiny_dir / f"tiny-{arch}.gguf", n_ctx=512) as m:
+        with m.steer(pysteer.Ablate(R), path="hook"):
+            want = m.logits_batch(PROMPTS)
+        with m.steer(pysteer.Ablate(R)) as s:
+            assert s.paths == ["lora"]
+            got = m.logits_batch(PROMPTS)
+            acts = m.capture(PROMPTS, positions=3)
+        with m.steer(pysteer.Ablate(R), path="native") as s:
+            assert s.paths == ["lora"]
+    np.testing.assert_allclose(got, want, rtol=0, atol=2e-4 * np.abs(want).max())
+    q = np.linalg.qr(R.T)[0].T
+    assert (np.abs(acts.astype(np.float64) @ q.T) / np.linalg.norm(acts, axis=-1, keepdims=True)).max() < 1e-5
+    assert len(list((tmp_path / "lora").glob("*.gguf"))) == 1  # generated once, cached
+
+
+@pytest.mark.real
+def test_lora_ablation_matches_hook_real(smollm2_path, rng):
+    """On Q4_1/Q8_0 weights llama.cpp quantizes activations before each matmul, the LoRA's rank-1 correction
+    does not: seen max |Δlogit| 0.66 at a logit scale of 31 (2.2%), residual |h·r|/|h| ≈ 1e-3."""
+    r = unit(rng.standard_normal(576))
+    prompts = ["Write a haiku about rain.", "What is 2 + 2?", "Name a river."]
+    with pysteer.load(smollm2_path, n_ctx=512) as m:
+        with m.steer(pysteer.Ablate(r), path="hook"):
+            want = m.logits_batch(prompts)
+        with m.steer(pysteer.Ablate(r)) as s:
+            assert s.paths == ["lora"]
+            got = m.logits_batch(prompts)
+            acts = m.capture(prompts, positions=2)
+    assert np.abs(got - want).max() < 0.05 * np.abs(want).max()
+    assert (got.argmax(-1) == want.argmax(-1)).all()
+    assert (np.abs(acts.astype(np.float64) @ r) / np.linalg.norm(acts, axis=-1)).max() < 5e-3
+
+
+def test_lora_is_chosen_only_where_exact(tiny_dir, rng):
+    r = rng.standard_normal(E)
+    with pysteer.load(tiny_dir / "tiny-gemma3.gguf", n_ctx=256) as m:
+        with m.steer(pysteer.Ablate(r)) as s:
+            assert s.paths == ["hook"]
+        with pytest.raises(ValueError, match="gemma3 adds normalized block outputs"):
+            with m.steer(pysteer.Ablate(r), path="native"):
+                pass
+    with pysteer.load(tiny_dir / "tiny-llama.gguf", n_ctx=256) as m:
+        with m.steer(pysteer.Ablate(r, layers=range(1, 4))) as s:
+            assert s.paths == ["hook"]
+        with m.steer(pysteer.Ablate(r, points=["post"])) as s:
+            assert s.paths == ["hook"]
+        with m.steer(pysteer.Ablate(r), pysteer.Add(r, layers=[2])) as s:
+            assert s.paths == ["hook", "hook"]

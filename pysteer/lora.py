@@ -1,0 +1,83 @@
+"""Static directional ablation as a rank-k LoRA adapter: llama.cpp applies it inside the matmuls, no callback.
+
+For orthonormal directions R (k x n_embd) and each matrix W writing into the residual stream (attention
+output, FFN down), ``(I - R^T R) W x = W x + B (A x)`` with ``B = -R^T`` and ``A = R W``. With every such
+matrix covered and the embedding ablated (pysteer's hook does that one tensor: a token_embd LoRA aborts
+llama.cpp on models with a tied output), no residual point ever has a component along R: the same result
+as the hook ablating every pre/mid/post, up to llama.cpp quantizing activations before quantized matmuls.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pathlib
+import tempfile
+
+import gguf
+import numpy as np
+
+from . import models
+
+#: Architectures whose residual stream is the plain sum of embedding, wo and ffn_down outputs.
+#: (gemma3 normalizes those outputs before adding them: orthogonalizing the weights does not ablate.)
+ARCHS = ("llama", "qwen2", "qwen3")
+_WRITERS = ("attn_output", "ffn_down")
+
+
+def unsupported_reason(model) -> str | None:
+    """None when a LoRA ablation is exact for this model; otherwise why not."""
+    if model.arch not in ARCHS:
+        return f"{model.arch} adds normalized block outputs to the residual (only {', '.join(ARCHS)} qualify)"
+    names = {t.name for t in _reader(model).tensors}
+    for i in range(model.n_layers):
+        for w in _WRITERS:
+            if f"blk.{i}.{w}.weight" not in names:
+                return f"blk.{i}.{w}.weight is missing"
+            if f"blk.{i}.{w}.bias" in names:
+                return f"blk.{i}.{w} has a bias, which a LoRA does not ablate"
+    return None
+
+
+def _reader(model) -> gguf.GGUFReader:
+    if getattr(model, "_gguf_reader", None) is None:
+        model._gguf_reader = gguf.GGUFReader(model.path)
+    return model._gguf_reader
+
+
+def adapter_path(model, directions: np.ndarray) -> pathlib.Path:
+    """A cached GGUF LoRA that ablates ``directions`` (orthonormal rows) from every residual write."""
+    st = model.path.stat()
+    key = hashlib.sha256()
+    key.update(f"v1|{model.path.resolve()}|{st.st_size}|{st.st_mtime_ns}|".encode())
+    key.update(np.ascontiguousarray(directions, dtype=np.float32).tobytes())
+    out = models.cache_dir().parent / "lora" / f"ablate-{key.hexdigest()[:24]}.gguf"
+    if out.is_file():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    R = np.asarray(directions, dtype=np.float64)
+    tensors = {t.name: t for t in _reader(model).tensors}
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=out.name, suffix=".tmp")
+    os.close(fd)
+    try:
+        w = gguf.GGUFWriter(tmp, model.arch)
+        w.add_string("general.type", "adapter")
+        w.add_string("adapter.type", "lora")
+        w.add_float32("adapter.lora.alpha", 0.0)  # alpha 0: scale = the adapter scale given at run time
+        w.add_string("pysteer.kind", "directional-ablation")
+        for i in range(model.n_layers):
+            for name in _WRITERS:
+                t = tensors[f"blk.{i}.{name}.weight"]
+                W = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float64)  # (n_embd, n_in)
+                W = W.reshape([int(n) for n in reversed(t.shape)])
+                w.add_tensor(f"blk.{i}.{name}.weight.lora_a", (R @ W).astype(np.float32))  # (k, n_in)
+                w.add_tensor(f"blk.{i}.{name}.weight.lora_b", (-R.T).astype(np.float32))  # (n_embd, k)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+        os.replace(tmp, out)
+    except BaseException:
+        pathlib.Path(tmp).unlink(missing_ok=True)
+        raise
+    return out
