@@ -20,6 +20,7 @@ test: install
 
 bench: install
 	$(PY) benchmarks/bench_capture.py
+	$(PY) benchmarks/bench_steer.py
 
 clean:
 	rm -rf build $(VENV)

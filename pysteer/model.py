@@ -12,6 +12,7 @@ import gguf
 import llama_cpp
 import numpy as np
 from llama_cpp._internals import LlamaModel
+from llama_cpp._utils import suppress_stdout_stderr
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
 from . import _lib, generation, hookpoints, models, steering
@@ -90,6 +91,7 @@ class Model:
         self.arch = _read_arch(self.path)
         hookpoints.check_arch(self.arch)
         _lib.set_verbose(verbose)
+        self.verbose = verbose
         self._owns_model = llama is None
         if llama is None:
             mparams = llama_cpp.llama_model_default_params()
@@ -319,7 +321,8 @@ class Model:
         key = np.ascontiguousarray(directions, dtype=np.float32).tobytes()
         if key not in self._lora_adapters:
             path = lora.adapter_path(self, directions)
-            adapter = llama_cpp.llama_adapter_lora_init(self._model.model, str(path).encode())
+            with suppress_stdout_stderr(disable=self.verbose):  # per-tensor buffer-type notes on stderr
+                adapter = llama_cpp.llama_adapter_lora_init(self._model.model, str(path).encode())
             if not adapter:
                 raise RuntimeError(f"llama.cpp could not load the ablation adapter {path}")
             self._lora_adapters[key] = adapter
