@@ -45,11 +45,12 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--n-ctx", type=int, default=4096)
     ap.add_argument("--n-ubatch", type=int, default=512)
+    ap.add_argument("--n-batch", type=int, default=512, help="token budget per llama_decode (both sides)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
 
     prompts = make_prompts(args.prompts)
-    kw = dict(n_ctx=args.n_ctx, n_threads=args.threads, n_ubatch=args.n_ubatch)
+    kw = dict(n_ctx=args.n_ctx, n_threads=args.threads, n_ubatch=args.n_ubatch, n_batch=args.n_batch)
     plain = pysteer.load(args.model, hook=False, **kw)
     hooked = pysteer.load(args.model, **kw)
     n_tokens = sum(len(plain.encode(p)) for p in prompts)
@@ -70,7 +71,7 @@ def main() -> None:
     acts_mb = args.prompts * 3 * hooked.n_layers * args.positions * hooked.n_embd * 4 / 1e6
     res = {
         "model": args.model, "prompts": args.prompts, "tokens": n_tokens, "threads": args.threads,
-        "n_ubatch": args.n_ubatch, "positions": args.positions, "layers": hooked.n_layers,
+        "n_ubatch": args.n_ubatch, "n_batch": args.n_batch, "positions": args.positions, "layers": hooked.n_layers,
         "plain_tok_s": plain_tps, "capture_tok_s": cap_tps, "ratio": cap_tps / plain_tps,
         "plain_s": t_plain, "capture_s": t_cap, "activations_mb": acts_mb,
         "build": pysteer.build_info()["ggml_commit"],
@@ -79,7 +80,7 @@ def main() -> None:
         print(json.dumps(res))
         return
     print(f"{args.model}: {args.prompts} prompts, {n_tokens} tokens, {args.threads} threads, "
-          f"n_ubatch {args.n_ubatch}, llama.cpp {res['build']}")
+          f"n_ubatch {args.n_ubatch}, n_batch {args.n_batch}, llama.cpp {res['build']}")
     print()
     print("| run | median s | tokens/s | ratio |")
     print("|---|---|---|---|")

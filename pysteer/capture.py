@@ -59,7 +59,7 @@ def run(model, tokens: list[list[int]], *, positions: int, n_out: int, logits: n
     sample = capture_out[0].size if capture_out is not None else 0
     with tqdm(total=len(tokens), desc="capture" if capture_out is not None else "decode", unit="prompt",
               disable=not progress) as bar:
-        for batch in _pack([len(t) for t in tokens], model.n_ctx, model.n_seq_max):
+        for batch in _pack([len(t) for t in tokens], model.n_batch, model.n_seq_max):
             seqs = [tokens[i] for i in batch]
             ends = np.cumsum([len(s) for s in seqs])
             outputs = np.concatenate([np.arange(e - n_out, e) for e in ends]).astype(np.int64)

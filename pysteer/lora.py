@@ -17,7 +17,7 @@ import tempfile
 import gguf
 import numpy as np
 
-from . import models
+from ._pypi import cache_root
 
 #: Architectures whose residual stream is the plain sum of embedding, wo and ffn_down outputs.
 #: (gemma3 normalizes those outputs before adding them: orthogonalizing the weights does not ablate.)
@@ -51,7 +51,7 @@ def adapter_path(model, directions: np.ndarray) -> pathlib.Path:
     key = hashlib.sha256()
     key.update(f"v1|{model.path.resolve()}|{st.st_size}|{st.st_mtime_ns}|".encode())
     key.update(np.ascontiguousarray(directions, dtype=np.float32).tobytes())
-    out = models.cache_dir().parent / "lora" / f"ablate-{key.hexdigest()[:24]}.gguf"
+    out = cache_root() / "lora" / f"ablate-{key.hexdigest()[:24]}.gguf"
     if out.is_file():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -65,7 +65,9 @@ class Model:
     """A GGUF model and one llama.cpp context whose eval callback is pysteer's hook.
 
     Build it with :func:`pysteer.load`. The context uses a unified KV cache so that prompts decoded together
-    keep batch order in every ubatch (the hook maps rows to prompts from that order).
+    keep batch order in every ubatch (the hook maps rows to prompts from that order). ``n_ctx`` bounds one
+    prompt (plus generated tokens); ``n_batch`` is the token budget for packing several prompts into one
+    decode (a longer prompt is decoded alone); ``n_seq_max`` bounds prompts per decode.
     """
 
     def __init__(
@@ -76,13 +78,15 @@ class Model:
         n_threads: int | None = None,
         n_gpu_layers: int = 0,
         n_ubatch: int = 512,
+        n_batch: int = 512,
         n_seq_max: int = 64,
         flash_attn: bool = False,
         hook: bool = True,
         verbose: bool = False,
         llama: "llama_cpp.Llama | None" = None,
     ):
-        for name, value, lo in (("n_ctx", n_ctx, 1), ("n_ubatch", n_ubatch, 1), ("n_seq_max", n_seq_max, 1)):
+        for name, value, lo in (("n_ctx", n_ctx, 1), ("n_ubatch", n_ubatch, 1), ("n_batch", n_batch, 1),
+                                ("n_seq_max", n_seq_max, 1)):
             if not isinstance(value, int) or value < lo:
                 raise ValueError(f"{name} must be a positive int, not {value!r}")
         if n_seq_max > 256:
@@ -108,6 +112,9 @@ class Model:
         self.n_vocab = int(llama_cpp.llama_vocab_n_tokens(self._model.vocab))
         self.n_ctx = n_ctx
         self.n_ubatch = min(n_ubatch, n_ctx)
+        # Token budget when packing prompts into one llama_decode: every prompt attends over the whole unified
+        # cache (masked), so small packs waste less (0.5B capture: 139 tok/s at 4096, 207 at 512).
+        self.n_batch = min(n_batch, n_ctx)
         self.n_seq_max = n_seq_max
         self.n_threads = n_threads or os.cpu_count() or 1
         self.metadata = self._model.metadata()

