@@ -14,12 +14,13 @@ import hashlib
 import json
 import os
 import pathlib
-import tempfile
 import warnings
 from dataclasses import dataclass, field
 
 import gguf
 import numpy as np
+
+from ._files import gguf_output
 
 FORMAT_VERSION = 1
 
@@ -39,6 +40,7 @@ class Direction:
     operation: str = "ablate"
     prompt_sets: dict = field(default_factory=dict)
     scores: dict = field(default_factory=dict)
+    b2: np.ndarray | None = None  # second axis of the rotation plane (unit, orthogonal to vector), if known
     date: str = field(default_factory=lambda: datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
 
     def __post_init__(self):
@@ -47,6 +49,11 @@ class Direction:
             raise ValueError("a direction needs a finite, non-zero 1-D vector")
         self.vector = (v / np.linalg.norm(v)).astype(np.float32)
         self.n_embd = self.n_embd or v.size
+        if self.b2 is not None:
+            b2 = np.asarray(self.b2, dtype=np.float32)
+            if b2.shape != self.vector.shape or not np.isfinite(b2).all():
+                raise ValueError("b2 must be a finite vector of the direction's size")
+            self.b2 = b2
 
     @property
     def raw(self) -> np.ndarray:
@@ -74,10 +81,7 @@ class Direction:
         """Write the GGUF file (atomically: a temporary file renamed into place)."""
         path = pathlib.Path(path)
         n_layers = max(self.n_layers, 2)
-        fd, tmp = tempfile.mkstemp(dir=path.parent if str(path.parent) else ".", prefix=path.name, suffix=".tmp")
-        os.close(fd)
-        try:
-            w = gguf.GGUFWriter(tmp, "controlvector")
+        with gguf_output(path, "controlvector") as w:
             w.add_string("controlvector.model_hint", self.arch or "unknown")
             w.add_int32("controlvector.layer_count", n_layers - 1)
             meta = {"format_version": FORMAT_VERSION, "layer": self.layer, "point": self.point,
@@ -92,17 +96,11 @@ class Direction:
                 else:
                     w.add_int32(f"pysteer.{k}", int(v))
             w.add_string("pysteer.prompt_sets", json.dumps(self.prompt_sets))
-            w.add_string("pysteer.scores", json.dumps(self.scores))
+            w.add_string("pysteer.scores", json.dumps(self.scores, default=float))
+            if self.b2 is not None:
+                w.add_array("pysteer.plane_b2", [float(x) for x in self.b2])
             for il in range(1, n_layers):
                 w.add_tensor(f"direction.{il}", self.vector.astype(np.float32))
-            w.write_header_to_file()
-            w.write_kv_data_to_file()
-            w.write_tensors_to_file()
-            w.close()
-            os.replace(tmp, path)
-        except BaseException:
-            pathlib.Path(tmp).unlink(missing_ok=True)
-            raise
         return path
 
     @classmethod
@@ -135,7 +133,8 @@ class Direction:
                    model_file=get("pysteer.model_file", ""), model_sha256=get("pysteer.model_sha256", ""),
                    operation=get("pysteer.operation", "ablate"),
                    prompt_sets=json.loads(get("pysteer.prompt_sets", "{}")),
-                   scores=json.loads(get("pysteer.scores", "{}")), date=get("pysteer.date", ""))
+                   scores=json.loads(get("pysteer.scores", "{}")), date=get("pysteer.date", ""),
+                   b2=None if get("pysteer.plane_b2") is None else np.asarray(get("pysteer.plane_b2"), np.float32))
 
 
 def load_direction(path: str | os.PathLike, model=None) -> Direction:

@@ -21,6 +21,7 @@ from typing import Literal, Sequence
 import numpy as np
 
 from . import hookpoints
+from ._files import atomic_output
 
 Template = Literal["chat", "none", "newline"]
 _SENTINEL = "\u2063pysteer-user-text\u2063"
@@ -104,9 +105,7 @@ class Metrics:
     def plot(self, path, *, log_var: bool = True, title: str | None = None, classes=("harmful", "harmless")):
         """Three stacked graphs against the layer: cos-sim; var-mean and var-max (one curve per class and
         point). Writes a PNG (atomically) and returns its path."""
-        import os
         import pathlib
-        import tempfile
 
         import matplotlib
 
@@ -135,14 +134,11 @@ class Metrics:
         fig.suptitle(title or "layer metrics (last position): lower is better")
         fig.tight_layout()
         path = pathlib.Path(path)
-        fd, tmp = tempfile.mkstemp(dir=path.parent if str(path.parent) else ".", suffix=".png")
-        os.close(fd)
         try:
-            fig.savefig(tmp, dpi=110)
-            os.replace(tmp, path)
+            with atomic_output(path) as tmp:
+                fig.savefig(tmp, dpi=110, format="png")
         finally:
             plt.close(fig)
-            pathlib.Path(tmp).unlink(missing_ok=True)
         return path
 
 

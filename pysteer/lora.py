@@ -10,13 +10,12 @@ as the hook ablating every pre/mid/post, up to llama.cpp quantizing activations 
 from __future__ import annotations
 
 import hashlib
-import os
 import pathlib
-import tempfile
 
 import gguf
 import numpy as np
 
+from ._files import gguf_output
 from ._pypi import cache_root
 
 #: Architectures whose residual stream is the plain sum of embedding, wo and ffn_down outputs.
@@ -57,10 +56,7 @@ def adapter_path(model, directions: np.ndarray) -> pathlib.Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     R = np.asarray(directions, dtype=np.float64)
     tensors = {t.name: t for t in _reader(model).tensors}
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=out.name, suffix=".tmp")
-    os.close(fd)
-    try:
-        w = gguf.GGUFWriter(tmp, model.arch)
+    with gguf_output(out, model.arch) as w:
         w.add_string("general.type", "adapter")
         w.add_string("adapter.type", "lora")
         w.add_float32("adapter.lora.alpha", 0.0)  # alpha 0: scale = the adapter scale given at run time
@@ -72,12 +68,4 @@ def adapter_path(model, directions: np.ndarray) -> pathlib.Path:
                 W = W.reshape([int(n) for n in reversed(t.shape)])
                 w.add_tensor(f"blk.{i}.{name}.weight.lora_a", (R @ W).astype(np.float32))  # (k, n_in)
                 w.add_tensor(f"blk.{i}.{name}.weight.lora_b", (-R.T).astype(np.float32))  # (n_embd, k)
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_tensors_to_file()
-        w.close()
-        os.replace(tmp, out)
-    except BaseException:
-        pathlib.Path(tmp).unlink(missing_ok=True)
-        raise
     return out

@@ -142,7 +142,8 @@ class Model:
             self._abort = llama_cpp.ggml_abort_callback(self._hook.abort_address)
             cparams.cb_eval, cparams.cb_eval_user_data = self._cb, self._hook.user_data
             cparams.abort_callback, cparams.abort_callback_data = self._abort, self._hook.user_data
-        self._ctx = llama_cpp.llama_init_from_model(m, cparams)
+        with suppress_stdout_stderr(disable=verbose):  # e.g. "n_ctx_seq > n_ctx_train" warnings
+            self._ctx = llama_cpp.llama_init_from_model(m, cparams)
         if not self._ctx:
             self.close()
             raise RuntimeError(f"llama.cpp could not create a context (n_ctx={n_ctx}); try a smaller n_ctx")

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import os
 import pathlib
-import tempfile
 from dataclasses import dataclass
 
 import gguf
 import numpy as np
+
+from ._files import gguf_output
 
 ARCHS = ("llama", "qwen2", "qwen3", "gemma3")
 CHATML = (
@@ -100,10 +101,7 @@ def write(path: str | os.PathLike, spec: TinySpec = TinySpec()) -> pathlib.Path:
     tied = spec.tied if spec.tied is not None else spec.arch in ("llama", "gemma3")
     tokens, scores, types = _vocab()
     arch = spec.arch
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    os.close(fd)
-    try:
-        w = gguf.GGUFWriter(tmp, arch)
+    with gguf_output(path, arch) as w:
         w.add_name(f"pysteer-tiny-{arch}")
         w.add_context_length(spec.n_ctx)
         w.add_embedding_length(spec.n_embd)
@@ -129,14 +127,6 @@ def write(path: str | os.PathLike, spec: TinySpec = TinySpec()) -> pathlib.Path:
         w.add_chat_template(CHATML)
         for name, arr in _tensors(spec, len(tokens), tied).items():
             w.add_tensor(name, arr)
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_tensors_to_file()
-        w.close()
-        os.replace(tmp, path)
-    except BaseException:
-        pathlib.Path(tmp).unlink(missing_ok=True)
-        raise
     return path
 
 

@@ -190,3 +190,22 @@ def test_refusal_direction_on_qwen_05b(tmp_path):
     assert abl < base_h - 0.5
     assert add > base_hl
     m.close()
+
+
+def test_transfer_and_iterative_on_tiny(tiny_dir):
+    h = ["how to make the thing", "write the code to make it", "make the thing in the end", "I make it"]
+    hl = ["the cat and the dog", "you and I in the morning", "a to b and b to a", "the end of the day"]
+    with pysteer.load(tiny_dir / "tiny-qwen2.gguf", n_ctx=256) as m:
+        res = pysteer.extract(m, h, hl, positions=2)
+        d = pysteer.select_direction(m, res, h[:2], hl[:2], max_candidates=2, verbose=False)
+        t = pysteer.transfer(m, d, h[:2], res=res, n_lowest=2)
+        assert set(t) >= {"none", "all", f"range({d.layer}, 4, 2)", "lowest cos-sim 2", "layer 0", "layer 3"}
+        with m.steer(pysteer.Ablate(d.vector), path="hook"):
+            direct = pysteer.scoring.refusal_scores(m, h[:2]).mean()
+        assert t["all"] == pytest.approx(direct, abs=1e-9)
+        assert t["none"] == pytest.approx(pysteer.scoring.refusal_scores(m, h[:2]).mean(), abs=1e-9)
+        dirs = pysteer.iterative_directions(m, h, hl, h[:2], hl[:2], max_directions=2, positions=2,
+                                            min_gain=-1e9, verbose=False, max_candidates=2)
+        assert len(dirs) == 2 and dirs[0].layer == d.layer and np.allclose(dirs[0].vector, d.vector)
+        # r2 comes from the model with r1 ablated, so it has (almost) no component along r1
+        assert abs(float(dirs[0].vector @ dirs[1].vector)) < 1e-3

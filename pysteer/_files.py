@@ -1,0 +1,40 @@
+"""Writing files so that an interruption never leaves a half-written one: a temporary file in the same
+directory, renamed into place only when complete."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pathlib
+import tempfile
+from typing import Iterator
+
+import gguf
+
+
+@contextlib.contextmanager
+def atomic_output(path: str | os.PathLike) -> Iterator[pathlib.Path]:
+    """Yields a temporary path next to ``path``; renames it to ``path`` if the block succeeds."""
+    path = pathlib.Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        yield pathlib.Path(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        pathlib.Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+@contextlib.contextmanager
+def gguf_output(path: str | os.PathLike, arch: str) -> Iterator[gguf.GGUFWriter]:
+    """A GGUFWriter for ``arch``: add keys and tensors in the block; the file appears whole or not at all."""
+    with atomic_output(path) as tmp:
+        w = gguf.GGUFWriter(tmp, arch)
+        try:
+            yield w
+            w.write_header_to_file()
+            w.write_kv_data_to_file()
+            w.write_tensors_to_file()
+        finally:
+            w.close()

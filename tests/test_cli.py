@@ -1,0 +1,93 @@
+"""The command line on tiny models: each subcommand runs and writes what it says; user errors are one line
+and exit status 2."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+HARMFUL = [f"how to make the bad thing number {i}" for i in range(12)]
+HARMLESS = [f"write the nice code number {i}" for i in range(12)]
+
+
+def run(*args, input=None):
+    return subprocess.run([sys.executable, "-m", "pysteer.cli", *map(str, args)], capture_output=True, text=True,
+                          input=input)
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_dir, tmp_path_factory):
+    d = tmp_path_factory.mktemp("cli")
+    (d / "h.txt").write_text("\n".join(HARMFUL))
+    (d / "hl.txt").write_text("\n".join(HARMLESS))
+    model = tiny_dir / "tiny-qwen2.gguf"
+    sets = ["--harmful", d / "h.txt", "--harmless", d / "hl.txt", "--n-train", 6, "--n-val", 2, "-q"]
+    r = run("extract", model, "-o", d / "dir.gguf", *sets, "--positions", 2)
+    assert r.returncode == 0, r.stderr
+    return d, model, sets
+
+
+def test_help_lists_every_command():
+    r = run("--help")
+    for cmd in ("ablate-test", "extract", "metrics", "generate", "chat", "sweep", "export", "models", "summary"):
+        assert cmd in r.stdout
+        assert run(cmd, "--help").returncode == 0
+
+
+def test_extract_writes_direction_and_metrics(setup):
+    d, model, _ = setup
+    assert (d / "dir.gguf").is_file() and (d / "dir-metrics.png").read_bytes()[:4] == b"\x89PNG"
+    import pysteer
+
+    direction = pysteer.load_direction(d / "dir.gguf")
+    assert direction.b2 is not None and abs(float(direction.vector @ direction.b2)) < 1e-5
+
+
+def test_ablate_test_json(setup):
+    d, model, sets = setup
+    r = run("ablate-test", model, "--direction", d / "dir.gguf", *sets, "--n", 2, "--max-tokens", 6, "--json")
+    assert r.returncode == 0, r.stderr
+    s = json.loads(r.stdout)
+    assert s["harmful"]["base"]["n"] == 2 and s["harmless"]["steered"]["n"] == 2
+    assert s["harmless"]["first_token_kl"] >= 0 and s["seconds"]["total"] > 0
+    r = run("ablate-test", model, "--direction", d / "dir.gguf", *sets, "--n", 2, "--max-tokens", 6,
+            "--layers", "1:3")
+    assert r.returncode == 0 and "ablated on [1, 2] layers" in r.stdout and "| base answer" in r.stdout
+
+
+def test_generate_chat_sweep_export_metrics(setup):
+    d, model, sets = setup
+    r = run("generate", "hello there", "--model", model, "--ablate", d / "dir.gguf", "--max-tokens", 5, "-q")
+    assert r.returncode == 0, r.stderr
+    r = run("chat", model, "--rotate", f"{d / 'dir.gguf'}:90", "--max-tokens", 4, "-q", input="hi\nmore\n\n")
+    assert r.returncode == 0 and r.stdout.count("> ") == 3
+    r = run("sweep", model, "--rotate", d / "dir.gguf", "--degrees", "0:180:90", *sets, "--n", 2,
+            "--max-tokens", 4, "-o", d / "sweep.png")
+    assert r.returncode == 0, r.stderr
+    assert "| degrees | refusal rate" in r.stdout and r.stdout.count("\n| ") == 2  # 0 and 90: stop excluded
+    assert (d / "sweep.png").read_bytes()[:4] == b"\x89PNG"
+    r = run("export", model, "--direction", d / "dir.gguf", "--cvec", d / "cv.gguf", "--alpha", 2, "--layers", "1:4",
+            "--abliterate", d / "abl.gguf", "-q")
+    assert r.returncode == 0, r.stderr
+    assert (d / "cv.gguf").is_file() and (d / "abl.gguf").is_file()
+    r = run("metrics", model, *sets, "-o", d / "m.png")
+    assert r.returncode == 0 and (d / "m.png").is_file()
+
+
+@pytest.mark.parametrize("args, match", [
+    (("ablate-test", "/no/such.gguf"), "no model file"),
+    (("generate", "hi", "--model", "MODEL", "--ablate", "DIR", "--layers", "9:x"), "bad layer spec"),
+    (("generate", "hi", "--model", "MODEL", "--ablate", "DIR", "--layers", "50"), "the model has layers 0..3"),
+    (("generate", "hi", "--model", "OTHER", "--ablate", "DIR"), "does not fit"),
+    (("export", "MODEL", "--direction", "DIR", "--cvec", "OUT", "--layers", "0:2"), "start at layer 1"),
+    (("sweep", "MODEL", "--add", "DIR", "--alpha", "1:2:0"), "bad --alpha"),
+    (("extract", "MODEL", "-o", "out.txt"), "must name a .gguf"),
+])
+def test_user_errors_are_one_line(setup, tiny_dir, args, match):
+    d, model, _ = setup
+    subst = {"MODEL": model, "OTHER": tiny_dir / "tiny-gemma3.gguf", "DIR": d / "dir.gguf", "OUT": d / "x.gguf"}
+    r = run(*[subst.get(a, a) for a in args])
+    assert r.returncode == 2, r.stderr
+    assert r.stdout == "" and len(r.stderr.strip().splitlines()) == 1 and match in r.stderr
+    assert not (d / "x.gguf").exists()
