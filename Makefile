@@ -13,7 +13,7 @@ $(VENV)/.installed: pyproject.toml CMakeLists.txt $(wildcard csrc/*.cpp csrc/*.h
 install: $(VENV)/.installed
 
 demo: install
-	$(VENV)/bin/pysteer summary $(MODEL)
+	$(VENV)/bin/pysteer ablate-test $(MODEL)
 
 test: install
 	$(PY) -m pytest $(PYTEST_ARGS)

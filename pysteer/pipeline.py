@@ -32,16 +32,17 @@ class PromptSplits:
 
 
 def find_direction(model, splits: PromptSplits, *, positions: int | str = 5, points=("pre", "mid", "post"),
-                   max_candidates: int = 6, metrics_png=None, verbose: bool = True, progress: bool = False,
-                   prompt_sets: dict | None = None) -> tuple[Direction, object]:
-    """Extract on the train split, choose on the validation split; returns (direction, ExtractResult)."""
+                   max_candidates: int = 4, layer_step: int = 2, metrics_png=None, verbose: bool = True,
+                   progress: bool = False, prompt_sets: dict | None = None) -> tuple[Direction, object]:
+    """Extract on the train split, choose on the validation split (every ``layer_step``-th layer, to keep a
+    CPU run in minutes); returns (direction, ExtractResult)."""
     t0 = time.perf_counter()
     res = extract(model, *splits.train, positions=positions, points=points, progress=progress)
     t1 = time.perf_counter()
     if metrics_png is not None:
         res.metrics.plot(metrics_png, title=f"{model.path.name}: layer metrics")
-    d = select_direction(model, res, *splits.val, max_candidates=max_candidates, verbose=verbose,
-                         progress=progress, prompt_sets=prompt_sets)
+    d = select_direction(model, res, *splits.val, max_candidates=max_candidates, layer_step=layer_step,
+                         verbose=verbose, progress=progress, prompt_sets=prompt_sets)
     d.scores["seconds"] = {"extract": round(t1 - t0, 1), "select": round(time.perf_counter() - t1, 1)}
     return d, res
 

@@ -6,9 +6,10 @@ Selection (Arditi et al.'s criteria, scored from next-token logits so no generat
   (b) refusal score on validation harmless prompts with the raw candidate added at its own layer: must rise;
   (c) first-token KL on harmless prompts under the ablation: at most ``kl_max``.
 The grid is points x positions x layers (the last ``skip_last`` of layers left out). On a CPU every full
-score is a forward pass over the validation prompts, so the grid is narrowed first: per layer, the (point,
-position) whose direction best separates the validation classes (effect size of the projections, one
-capture); those per-layer candidates are scored by (a), and the best ``max_candidates`` also by (b), (c).
+score is a forward pass over the validation prompts, so the grid is narrowed first: per layer (every
+``layer_step``-th), the (point, position) whose direction best separates the validation classes (effect size
+of the projections, one capture); those per-layer candidates are scored by (a) on the first ``n_quick``
+validation prompts, and the best ``max_candidates`` by (a), (b), (c) on all of them.
 """
 
 from __future__ import annotations
@@ -63,7 +64,8 @@ def _mean_score(model, prompts, tokens, chat) -> tuple[float, np.ndarray]:
 
 def select_direction(model, res: ExtractResult, val_harmful: Sequence[str], val_harmless: Sequence[str], *,
                      points: Sequence[str] | None = None, skip_last: float = 0.2, kl_max: float = 0.1,
-                     max_candidates: int = 8, with_interventions: Sequence = (), prompt_sets: dict | None = None,
+                     max_candidates: int = 4, layer_step: int = 1, n_quick: int = 8,
+                     with_interventions: Sequence = (), prompt_sets: dict | None = None,
                      verbose: bool = True, progress: bool = False) -> Direction:
     """The candidate whose ablation lowers the validation refusal score most, among those whose addition
     raises refusal on harmless prompts and whose ablation keeps harmless KL <= kl_max. ``with_interventions``
@@ -72,7 +74,7 @@ def select_direction(model, res: ExtractResult, val_harmful: Sequence[str], val_
         raise ValueError("need at least 2 validation prompts per class")
     points = tuple(res.points) if points is None else hookpoints.check_points(points)
     n_keep = max(1, int(math.ceil(model.n_layers * (1 - skip_last))))
-    layers = tuple(layer for layer in res.layers if layer < n_keep)
+    layers = tuple(layer for layer in res.layers if layer < n_keep)[::max(1, layer_step)]
     if not layers:
         raise ValueError(f"no extracted layer lies in the first {1 - skip_last:.0%} of the model")
     vh, chat = format_prompts(model, val_harmful, res.template)
@@ -98,11 +100,15 @@ def select_direction(model, res: ExtractResult, val_harmful: Sequence[str], val_
 
     from tqdm.auto import tqdm
 
+    quick = vh[: max(2, n_quick)]
     for c in tqdm(cands, desc="score (a)", disable=not progress):
         with model.steer(*base, Ablate(unit(c)), path="hook"):
-            c.ablate_score, _ = _mean_score(model, vh, tokens, chat)
+            c.ablate_score, _ = _mean_score(model, quick, tokens, chat)
     top = sorted(cands, key=lambda c: c.ablate_score)[:max_candidates]
-    for c in tqdm(top, desc="score (b, c)", disable=not progress):
+    for c in tqdm(top, desc="score (a, b, c)", disable=not progress):
+        if len(quick) < len(vh):
+            with model.steer(*base, Ablate(unit(c)), path="hook"):
+                c.ablate_score, _ = _mean_score(model, vh, tokens, chat)
         with model.steer(*base, Add(raw(c), layers=[c.layer], points=[c.point]), path="hook"):
             c.add_score, _ = _mean_score(model, vhl, tokens, chat)
         with model.steer(*base, Ablate(unit(c)), path="hook"):
@@ -114,9 +120,11 @@ def select_direction(model, res: ExtractResult, val_harmful: Sequence[str], val_
     if not passed and verbose:
         print(f"pysteer: no candidate passed (KL <= {kl_max} and addition raising refusal); taking the lowest "
               "ablation score", file=sys.stderr)
-    table = [c.__dict__ for c in sorted(cands, key=lambda c: c.ablate_score)]
+    table = [dict(c.__dict__, full=c in top) for c in sorted(cands, key=lambda c: (c not in top, c.ablate_score))]
     if verbose:
         print(format_table(table, base_h, base_hl, kl_max))
+        if len(quick) < len(vh):
+            print(f"(rows without add/KL: ablate(h) on the first {len(quick)} validation prompts only)")
     return Direction(
         vector=unit(best), layer=best.layer, point=best.point, position=best.position,
         norm=float(np.linalg.norm(raw(best))), arch=model.arch, n_embd=model.n_embd, n_layers=model.n_layers,
