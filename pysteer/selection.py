@@ -86,10 +86,13 @@ def select_direction(model, res: ExtractResult, val_harmful: Sequence[str], val_
         sep = _separation(model, res, val_harmful, val_harmless, points, layers)  # [P, L, K]
         base_h, _ = _mean_score(model, vh, tokens, chat)
         base_hl, base_logits = _mean_score(model, vhl, tokens, chat)
-    cands = []
+    cands, seen = [], set()
     for j, layer in enumerate(layers):
         p, k = np.unravel_index(np.argmax(sep[:, j]), sep[:, j].shape)
-        if np.isfinite(sep[p, j, k]):
+        # pre of layer i+1 is post of layer i: one tensor, one candidate
+        key = (hookpoints.tensor_name(model.arch, points[p], layer), int(k))
+        if np.isfinite(sep[p, j, k]) and key not in seen:
+            seen.add(key)
             cands.append(Candidate(points[p], layer, int(k) - res.positions, float(sep[p, j, k])))
 
     def unit(c):
