@@ -133,7 +133,7 @@ PYBIND11_MODULE(_core, m) {
         .def("clear_ops", [](PyHook & h) { h.hook.clear_ops(); })
         .def_property_readonly("n_ops", [](PyHook & h) { return h.hook.n_ops(); })
         .def_property_readonly("n_edited_rows", [](PyHook & h) { return h.hook.n_edited_rows(); },
-                               "rows edited by interventions during the last decode")
+                               "rows edited by interventions since the hook was made (a running count)")
         .def("use_cuda_kernels",
              [](PyHook & h, bool on) {
                  if (on && !pysteer::cuda::built()) throw std::invalid_argument("pysteer was built without CUDA");

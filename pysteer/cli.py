@@ -146,7 +146,8 @@ def _ablate_test(args) -> None:
         if args.direction:
             d = _direction(args, m, args.direction)
         else:
-            d, _ = find_direction(m, sp, positions=args.positions, verbose=not args.json, progress=not args.quiet)
+            d, _ = find_direction(m, sp, positions=args.positions, kl_max=args.kl_max, verbose=not args.json,
+                                  progress=not args.quiet)
         layers = parse_layers(args.layers, m.n_layers)
         report = ablation_test(m, d, *sp.test, layers=layers, max_tokens=args.max_tokens, progress=not args.quiet)
     report.seconds["direction"] = d.scores.get("seconds", {})
@@ -298,7 +299,7 @@ def _prompt_args(p) -> None:
     p.add_argument("--harmful", default="harmful", help="harmful prompt set: a name or a file (default harmful)")
     p.add_argument("--harmless", default="harmless", help="harmless prompt set (default harmless)")
     p.add_argument("--n-train", type=int, default=64, help="train prompts per class (default 64)")
-    p.add_argument("--n-val", type=int, default=12, help="validation prompts per class (default 12)")
+    p.add_argument("--n-val", type=int, default=16, help="validation prompts per class (default 16)")
     p.add_argument("--positions", type=int, default=5, help="last tokens to read (default 5)")
     p.add_argument("--seed", type=int, default=0, help="split seed (default 0)")
 
@@ -336,7 +337,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--direction", help="use this direction file instead of extracting one")
     p.add_argument("--n", type=int, default=32, help="held-out prompts per class (default 32)")
     p.add_argument("--layers", default=None, help="layers to ablate: all, A:B[:STEP] or i,j,k (default all)")
-    p.add_argument("--max-tokens", type=int, default=64, help="tokens per answer (default 64)")
+    p.add_argument("--max-tokens", type=int, default=48, help="tokens per answer (default 48)")
+    p.add_argument("--kl-max", type=float, default=0.05,
+                   help="largest validation KL a chosen direction may have (default 0.05: a 12-16 prompt estimate, "
+                   "kept under the 0.1 the held-out prompts should meet)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.set_defaults(func=_ablate_test)
 

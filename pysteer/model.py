@@ -106,6 +106,7 @@ class Model:
                 raise ModelLoadError(f"llama.cpp could not load {self.path}: {e}") from None
         else:
             self._model = llama._model
+            self._llama = llama  # keep the Llama (and so its weights) alive as long as this context
         m = self._model.model
         self.n_layers = int(llama_cpp.llama_model_n_layer(m))
         self.n_embd = int(llama_cpp.llama_model_n_embd(m))

@@ -24,7 +24,7 @@ class PromptSplits:
     test: tuple[list[str], list[str]]
 
     @classmethod
-    def load(cls, harmful: str = "harmful", harmless: str = "harmless", *, n_train: int = 64, n_val: int = 12,
+    def load(cls, harmful: str = "harmful", harmless: str = "harmless", *, n_train: int = 64, n_val: int = 16,
              n_test: int = 32, seed: int = 0) -> "PromptSplits":
         def part(split, n):
             return (datasets.load(harmful, split, seed=seed)[:n], datasets.load(harmless, split, seed=seed)[:n])
@@ -32,7 +32,8 @@ class PromptSplits:
 
 
 def find_direction(model, splits: PromptSplits, *, positions: int | str = 5, points=("pre", "mid", "post"),
-                   max_candidates: int = 4, layer_step: int = 2, metrics_png=None, verbose: bool = True,
+                   max_candidates: int = 5, layer_step: int = 2, kl_max: float = 0.1, metrics_png=None,
+                   verbose: bool = True,
                    progress: bool = False, prompt_sets: dict | None = None) -> tuple[Direction, object]:
     """Extract on the train split, choose on the validation split (every ``layer_step``-th layer, to keep a
     CPU run in minutes); returns (direction, ExtractResult)."""
@@ -41,14 +42,14 @@ def find_direction(model, splits: PromptSplits, *, positions: int | str = 5, poi
     t1 = time.perf_counter()
     if metrics_png is not None:
         res.metrics.plot(metrics_png, title=f"{model.path.name}: layer metrics")
-    d = select_direction(model, res, *splits.val, max_candidates=max_candidates, layer_step=layer_step,
+    d = select_direction(model, res, *splits.val, max_candidates=max_candidates, layer_step=layer_step, kl_max=kl_max,
                          verbose=verbose, progress=progress, prompt_sets=prompt_sets)
     d.scores["seconds"] = {"extract": round(t1 - t0, 1), "select": round(time.perf_counter() - t1, 1)}
     return d, res
 
 
 def ablation_test(model, direction: Direction, harmful: Sequence[str], harmless: Sequence[str], *,
-                  layers=None, max_tokens: int = 64, progress: bool = False) -> AblationReport:
+                  layers=None, max_tokens: int = 48, progress: bool = False) -> AblationReport:
     """Generate base and ablated answers for held-out prompts; judge them (perplexity under the unsteered
     model); first-token KL on the harmless ones."""
     direction.check(model)
@@ -66,8 +67,9 @@ def ablation_test(model, direction: Direction, harmful: Sequence[str], harmless:
         path = s.paths[0]
     t["generate_ablated"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    judged = [judge(model, harmful, base_h), judge(model, harmful, ab_h), judge(model, harmless, base_hl),
-              judge(model, harmless, ab_hl)]
+    # The unsteered model's own greedy answers need no perplexity check; the ablated ones are scored by it.
+    judged = [judge(model, harmful, base_h, perplexity=False), judge(model, harmful, ab_h),
+              judge(model, harmless, base_hl, perplexity=False), judge(model, harmless, ab_hl)]
     t["judge"] = time.perf_counter() - t0
     kl = float(np.mean(kl_divergence(base_logits, ab_logits)))
     info = {"point": direction.point, "layer": direction.layer, "position": direction.position,

@@ -22,6 +22,7 @@ from typing import Sequence
 import numpy as np
 
 from . import hookpoints
+from ._files import atomic_output
 from .direction import Direction, model_sha256
 from .directions import ExtractResult, extract, format_prompts
 from .interventions import Ablate, Add
@@ -119,10 +120,12 @@ def select_direction(model, res: ExtractResult, val_harmful: Sequence[str], val_
         c.kl = float(kl_divergence(base_logits, logits).mean())
         c.passed = c.kl <= kl_max and c.add_score > base_hl
     passed = [c for c in top if c.passed]
-    best = min(passed or top, key=lambda c: c.ablate_score)
+    # Without a passing candidate, the least disruptive one: a direction that breaks harmless prompts is worse
+    # than one that removes fewer refusals.
+    best = min(passed, key=lambda c: c.ablate_score) if passed else min(top, key=lambda c: c.kl)
     if not passed and verbose:
-        print(f"pysteer: no candidate passed (KL <= {kl_max} and addition raising refusal); taking the lowest "
-              "ablation score", file=sys.stderr)
+        print(f"pysteer: no candidate passed (KL <= {kl_max} and addition raising refusal); taking the one "
+              "with the lowest KL", file=sys.stderr)
     table = [dict(c.__dict__, full=c in top) for c in sorted(cands, key=lambda c: (c not in top, c.ablate_score))]
     if verbose:
         print(format_table(table, base_h, base_hl, kl_max))
@@ -246,5 +249,6 @@ def plot_transfer(scores_by_source: dict[int, dict[str, float]], n_layers: int, 
     ax.set_xlabel("ablated layer (single)")
     fig.colorbar(im, ax=ax, label="refusal score on val harmful")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    with atomic_output(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)

@@ -192,7 +192,7 @@ def test_refusal_direction_on_qwen_05b(tmp_path):
     m.close()
 
 
-def test_transfer_and_iterative_on_tiny(tiny_dir):
+def test_transfer_and_iterative_on_tiny(tiny_dir, tmp_path):
     h = ["how to make the thing", "write the code to make it", "make the thing in the end", "I make it"]
     hl = ["the cat and the dog", "you and I in the morning", "a to b and b to a", "the end of the day"]
     with pysteer.load(tiny_dir / "tiny-qwen2.gguf", n_ctx=256) as m:
@@ -204,6 +204,8 @@ def test_transfer_and_iterative_on_tiny(tiny_dir):
             direct = pysteer.scoring.refusal_scores(m, h[:2]).mean()
         assert t["all"] == pytest.approx(direct, abs=1e-9)
         assert t["none"] == pytest.approx(pysteer.scoring.refusal_scores(m, h[:2]).mean(), abs=1e-9)
+        pysteer.selection.plot_transfer({d.layer: t}, m.n_layers, tmp_path / "transfer.png")
+        assert (tmp_path / "transfer.png").read_bytes()[:4] == b"\x89PNG"
         dirs = pysteer.iterative_directions(m, h, hl, h[:2], hl[:2], max_directions=2, positions=2,
                                             min_gain=-1e9, verbose=False, max_candidates=2)
         assert len(dirs) == 2 and dirs[0].layer == d.layer and np.allclose(dirs[0].vector, d.vector)

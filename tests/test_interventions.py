@@ -255,24 +255,30 @@ def test_bad_steering_requests(tiny_dir, rng):
             assert s.paths == ["cvec"]
 
 
+def _hook_and_lora(path, R, prompts):
+    """Logits with R ablated through the hook and through the LoRA path, and activations under the LoRA."""
+    with pysteer.load(path, n_ctx=512) as m:
+        with m.steer(pysteer.Ablate(R), path="hook"):
+            want = m.logits_batch(prompts)
+        with m.steer(pysteer.Ablate(R)) as s:
+            assert s.paths == ["lora"]
+            got = m.logits_batch(prompts)
+            acts = m.capture(prompts, positions=2)
+        with m.steer(pysteer.Ablate(R), path="native") as s:
+            assert s.paths == ["lora"]
+    return want, got, acts.astype(np.float64)
+
+
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
 def test_lora_ablation_matches_hook(tiny_dir, arch, rng, tmp_path, monkeypatch):
     """The LoRA path (weights in the matmuls, embedding in the hook) against the hook on every point.
     F32 weights: the two agree to float rounding (seen: 4.7e-5 of the logit scale on llama)."""
     monkeypatch.setenv("PYSTEER_CACHE", str(tmp_path))
     R = rng.standard_normal((2, E))
-    with pysteer.load(tiny_dir / f"tiny-{arch}.gguf", n_ctx=512) as m:
-        with m.steer(pysteer.Ablate(R), path="hook"):
-            want = m.logits_batch(PROMPTS)
-        with m.steer(pysteer.Ablate(R)) as s:
-            assert s.paths == ["lora"]
-            got = m.logits_batch(PROMPTS)
-            acts = m.capture(PROMPTS, positions=3)
-        with m.steer(pysteer.Ablate(R), path="native") as s:
-            assert s.paths == ["lora"]
+    want, got, acts = _hook_and_lora(tiny_dir / f"tiny-{arch}.gguf", R, PROMPTS)
     np.testing.assert_allclose(got, want, rtol=0, atol=2e-4 * np.abs(want).max())
     q = np.linalg.qr(R.T)[0].T
-    assert (np.abs(acts.astype(np.float64) @ q.T) / np.linalg.norm(acts, axis=-1, keepdims=True)).max() < 1e-5
+    assert (np.abs(acts @ q.T) / np.linalg.norm(acts, axis=-1, keepdims=True)).max() < 1e-5
     assert len(list((tmp_path / "lora").glob("*.gguf"))) == 1  # generated once, cached
 
 
@@ -282,18 +288,11 @@ def test_lora_ablation_matches_hook_real(smollm2_path):
     does not: over 6 random directions, max |Δlogit| was 2.4-3.6% of the logit scale and the residual
     |h·r|/|h| 0.8-1.1e-3; where the top two logits are close the greedy token can differ."""
     r = unit(np.random.default_rng(0).standard_normal(576))
-    prompts = ["Write a haiku about rain.", "What is 2 + 2?", "Name a river."]
-    with pysteer.load(smollm2_path, n_ctx=512) as m:
-        with m.steer(pysteer.Ablate(r), path="hook"):
-            want = m.logits_batch(prompts)
-        with m.steer(pysteer.Ablate(r)) as s:
-            assert s.paths == ["lora"]
-            got = m.logits_batch(prompts)
-            acts = m.capture(prompts, positions=2)
+    want, got, acts = _hook_and_lora(smollm2_path, r, ["Write a haiku about rain.", "What is 2 + 2?", "Name a river."])
     assert np.abs(got - want).max() < 0.05 * np.abs(want).max()
     top3 = np.argsort(-got, axis=-1)[..., :3]
     assert (top3 == want.argmax(-1)[..., None]).any(-1).all()
-    assert (np.abs(acts.astype(np.float64) @ r) / np.linalg.norm(acts, axis=-1)).max() < 5e-3
+    assert (np.abs(acts @ r) / np.linalg.norm(acts, axis=-1)).max() < 5e-3
 
 
 def test_lora_is_chosen_only_where_exact(tiny_dir, rng):
