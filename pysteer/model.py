@@ -297,13 +297,7 @@ class Model:
 
     def logits(self, prompt: Prompt, chat_template: bool | str = True) -> np.ndarray:
         """Next-token logits after ``prompt`` (float32 ``[n_vocab]``)."""
-        tokens = self.encode(prompt, chat_template=chat_template)
-        if not tokens:
-            raise ValueError("prompt is empty after tokenization")
-        if len(tokens) > self.n_ctx:
-            raise ValueError(f"prompt has {len(tokens)} tokens, longer than the context (n_ctx={self.n_ctx})")
-        self._decode([tokens], np.array([len(tokens) - 1]))
-        return self._logits_row(len(tokens) - 1)
+        return self.logits_batch([prompt], chat_template=chat_template)[0, -1]
 
 
     # -- steering and generation -----------------------------------------------------------------------------
