@@ -12,7 +12,6 @@ import hashlib
 import json
 import os
 import pathlib
-import shutil
 import tempfile
 import zipfile
 from dataclasses import dataclass
@@ -121,6 +120,11 @@ def _stamp_of(path: pathlib.Path) -> dict:
     return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
+def _stamp(path: pathlib.Path, sha256: str) -> dict:
+    """What the .verified file next to a model records: size, mtime and the hash it was checked against."""
+    return {**_stamp_of(path), "sha256": sha256}
+
+
 def is_cached(name: str, *, verify: bool = False, progress: bool = False) -> bool:
     """True when the cached file exists and is intact (full hash when ``verify`` or when the stamp is stale)."""
     entry, path = _entry(name), path_of(name)
@@ -129,13 +133,13 @@ def is_cached(name: str, *, verify: bool = False, progress: bool = False) -> boo
     stamp = path.with_name(path.name + ".verified")
     if not verify and stamp.is_file():
         try:
-            if json.loads(stamp.read_text()) == {**_stamp_of(path), "sha256": entry.sha256}:
+            if json.loads(stamp.read_text()) == _stamp(path, entry.sha256):
                 return True
         except (ValueError, OSError):
             pass
     if _sha256(path, progress) != entry.sha256:
         return False
-    stamp.write_text(json.dumps({**_stamp_of(path), "sha256": entry.sha256}))
+    stamp.write_text(json.dumps(_stamp(path, entry.sha256)))
     return True
 
 
@@ -167,9 +171,6 @@ def fetch(name: str, *, progress: bool = True, force: bool = False) -> pathlib.P
             raise FetchError(f"{name}: assembled {size} bytes with sha256 {h.hexdigest()}, expected "
                              f"{entry.size} bytes with {entry.sha256}")
         os.replace(partial, path)
-    path.with_name(path.name + ".verified").write_text(json.dumps({**_stamp_of(path), "sha256": entry.sha256}))
+    path.with_name(path.name + ".verified").write_text(json.dumps(_stamp(path, entry.sha256)))
     return path
 
-
-def remove(name: str) -> None:
-    shutil.rmtree(cache_dir() / _entry(name).name, ignore_errors=True)

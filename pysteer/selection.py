@@ -96,8 +96,10 @@ def select_direction(model, res: ExtractResult, val_harmful: Sequence[str], val_
             seen.add(key)
             cands.append(Candidate(points[p], layer, int(k) - res.positions, float(sep[p, j, k])))
 
+    units = res.unit_directions()  # once: every candidate below indexes into it
+
     def unit(c):
-        return res.unit_directions()[res.index(c.point, c.layer, c.position)]
+        return units[res.index(c.point, c.layer, c.position)]
 
     def raw(c):
         return res.directions[res.index(c.point, c.layer, c.position)]
