@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Sequence
 
 import numpy as np
@@ -26,6 +27,25 @@ def _pack(lengths: Sequence[int], max_tokens: int, max_seqs: int) -> list[list[i
     if cur:
         batches.append(cur)
     return batches
+
+
+def shared_prefix(tokens: Sequence[Sequence[int]], keep: int | Sequence[int]) -> int:
+    """Length of the prefix common to all token lists that still leaves ``keep`` (per list, or for all) tokens
+    of each after it; those are the rows a decode must compute per prompt (outputs, captured tokens)."""
+    if len(tokens) < 2:
+        return 0
+    keep = [keep] * len(tokens) if isinstance(keep, (int, np.integer)) else list(keep)
+    c = len(os.path.commonprefix([list(t) for t in tokens]))
+    return max(0, min([c] + [len(t) - k for t, k in zip(tokens, keep)]))
+
+
+def decode_shared(model, seqs: Sequence[Sequence[int]], prefix: int) -> tuple[list[Sequence[int]], int]:
+    """Decode the first ``prefix`` tokens (common to ``seqs``) once for all of them; returns what is left of
+    each sequence and the position it starts at. A lone sequence is left whole."""
+    if prefix <= 0 or len(seqs) < 2:
+        return list(seqs), 0
+    model._decode_prefix(seqs[0][:prefix], len(seqs))
+    return [s[prefix:] for s in seqs], prefix
 
 
 def encode_prompts(model, prompts, *, chat_template: bool | str, positions: int) -> list[list[int]]:
@@ -59,8 +79,9 @@ def run(model, tokens: list[list[int]], *, positions: int, n_out: int, logits: n
     sample = capture_out[0].size if capture_out is not None else 0
     with tqdm(total=len(tokens), desc="capture" if capture_out is not None else "decode", unit="prompt",
               disable=not progress) as bar:
-        for batch in _pack([len(t) for t in tokens], model.n_batch, model.n_seq_max):
-            seqs = [tokens[i] for i in batch]
+        c = shared_prefix(tokens, max(K, n_out))
+        for batch in _pack([len(t) - c for t in tokens], model.n_batch, model.n_seq_max):
+            seqs, start = decode_shared(model, [tokens[i] for i in batch], c)
             ends = np.cumsum([len(s) for s in seqs])
             outputs = np.concatenate([np.arange(e - n_out, e) for e in ends]).astype(np.int64)
             if capture_out is not None:
@@ -69,7 +90,7 @@ def run(model, tokens: list[list[int]], *, positions: int, n_out: int, logits: n
                            + np.tile(np.arange(K, dtype=np.int64) * E, len(batch)))
                 hook.begin_decode(int(ends[-1]), model.n_ubatch, outputs, cap_tok, cap_dst, max_slot, capture_out)
                 try:
-                    model._decode(seqs, outputs)
+                    model._decode(seqs, outputs, start=start)
                 except RuntimeError as e:
                     err = hook.end_decode()
                     raise (HookError(err) if err else e) from None
@@ -77,7 +98,7 @@ def run(model, tokens: list[list[int]], *, positions: int, n_out: int, logits: n
                 if err:
                     raise HookError(err)
             else:
-                model._decode(seqs, outputs)
+                model._decode(seqs, outputs, start=start)
             if logits is not None:
                 for j, i in enumerate(batch):
                     for k in range(K):

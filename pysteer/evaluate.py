@@ -52,7 +52,7 @@ def answer_perplexities(model, prompts: Sequence, answers: Sequence[str], *, cha
     """exp(mean NLL) of the first ``max_tokens`` tokens of each answer after its templated prompt, under the
     model's current steering (call it outside any steer() block to judge with the unsteered model). Pairs are
     decoded together; every scored token costs a full-vocabulary logit row, hence the cap."""
-    from .capture import _pack
+    from .capture import _pack, decode_shared, shared_prefix
 
     pairs = []
     for prompt, answer in zip(prompts, answers):
@@ -61,15 +61,17 @@ def answer_perplexities(model, prompts: Sequence, answers: Sequence[str], *, cha
         pairs.append((p, a))
     out = [math.inf] * len(pairs)
     todo = [i for i, (p, a) in enumerate(pairs) if a]
-    for batch in _pack([len(pairs[i][0]) + len(pairs[i][1]) for i in todo], model.n_batch, model.n_seq_max):
+    # the last prompt token predicts the first answer token, so it stays out of the shared prefix
+    c = shared_prefix([pairs[i][0] + pairs[i][1] for i in todo], [len(pairs[i][1]) + 1 for i in todo])
+    for batch in _pack([len(pairs[i][0]) + len(pairs[i][1]) - c for i in todo], model.n_batch, model.n_seq_max):
         idx = [todo[j] for j in batch]
-        seqs, rows, start = [], [], 0
-        for i in idx:
-            p, a = pairs[i]
-            seqs.append(p + a)
-            rows.append(np.arange(start + len(p) - 1, start + len(p) + len(a) - 1))
-            start += len(p) + len(a)
-        model._decode(seqs, np.concatenate(rows))
+        seqs, start = decode_shared(model, [pairs[i][0] + pairs[i][1] for i in idx], c)
+        rows, end = [], 0
+        for i, s in zip(idx, seqs):
+            n_a = len(pairs[i][1])
+            end += len(s)
+            rows.append(np.arange(end - n_a - 1, end - 1))
+        model._decode(seqs, np.concatenate(rows), start=start)
         for i, r in zip(idx, rows):
             lp = log_softmax(np.stack([model._logits_row(int(k)) for k in r]))
             target = np.asarray(pairs[i][1])

@@ -90,11 +90,12 @@ def generate(model, prompt, **kw) -> str:
 
 
 def generate_batch(model, prompts, *, max_tokens=128, temperature=0.0, top_p=1.0, seed=0, stop=(),
-                   chat_template=True, progress=False) -> list[str]:
-    """Continue many prompts, decoding them side by side (one token of each per llama_decode)."""
+                   chat_template=True, progress=False, first_logits: np.ndarray | None = None) -> list[str]:
+    """Continue many prompts, decoding them side by side (one token of each per llama_decode). With
+    ``first_logits`` (``[len(prompts), n_vocab]``), the next-token logits after each prompt are written there."""
     from tqdm.auto import tqdm
 
-    from .capture import _pack, encode_prompts
+    from .capture import _pack, decode_shared, encode_prompts, shared_prefix
 
     _check(model, max_tokens, temperature, top_p)
     tokens = encode_prompts(model, prompts, chat_template=chat_template, positions=1)
@@ -103,11 +104,16 @@ def generate_batch(model, prompts, *, max_tokens=128, temperature=0.0, top_p=1.0
             raise ValueError(f"prompt {i} ({len(t)} tokens) + max_tokens ({max_tokens}) exceed n_ctx={model.n_ctx}")
     out: list[str] = [""] * len(tokens)
     with tqdm(total=len(tokens), desc="generate", unit="prompt", disable=not progress) as bar:
-        for batch in _pack([len(t) + max_tokens for t in tokens], model.n_ctx, model.n_seq_max):
+        c = shared_prefix(tokens, 1)
+        for batch in _pack([len(t) - c + max_tokens for t in tokens], model.n_ctx - c, model.n_seq_max):
             seqs = [_Sequence(model, tokens[i], seed, stop) for i in batch]
-            ends = np.cumsum([len(tokens[i]) for i in batch])
-            model._decode([tokens[i] for i in batch], ends - 1)
+            rest, start = decode_shared(model, [tokens[i] for i in batch], c)
+            ends = np.cumsum([len(r) for r in rest])
+            model._decode(rest, ends - 1, start=start)
             rows = {j: int(ends[j]) - 1 for j in range(len(batch))}
+            if first_logits is not None:
+                for j, i in enumerate(batch):
+                    first_logits[i] = model._logits_row(rows[j])
             while True:
                 for j, row in rows.items():
                     seqs[j].push(sample(model._logits_row(row), temperature, top_p, seqs[j].rng), max_tokens)

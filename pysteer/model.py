@@ -236,8 +236,9 @@ class Model:
                              parse_special=True)
 
     # -- decoding ---------------------------------------------------------------------------------------------
-    def _decode(self, seqs: Sequence[Sequence[int]], outputs: np.ndarray) -> None:
-        """Decode token lists as separate sequences from an empty cache; ``outputs`` flags batch rows."""
+    def _decode(self, seqs: Sequence[Sequence[int]], outputs: np.ndarray, *, start: int = 0) -> None:
+        """Decode token lists as separate sequences (ids 0..n-1); ``outputs`` flags batch rows. From an empty
+        cache, or with ``start`` > 0 on top of a prefix of that length shared by all (:meth:`_decode_prefix`)."""
         n = sum(len(s) for s in seqs)
         b = self._batch
         b.n_tokens = n
@@ -246,7 +247,7 @@ class Model:
         nsid = np.ctypeslib.as_array(b.n_seq_id, shape=(n,))
         logits = np.ctypeslib.as_array(ctypes.cast(b.logits, ctypes.POINTER(ctypes.c_int8)), shape=(n,))
         tok[:] = np.concatenate([np.asarray(s, dtype=np.int32) for s in seqs])
-        pos[:] = np.concatenate([np.arange(len(s), dtype=np.int32) for s in seqs])
+        pos[:] = np.concatenate([np.arange(start, start + len(s), dtype=np.int32) for s in seqs])
         nsid[:] = 1
         logits[:] = 0
         logits[outputs] = 1
@@ -255,10 +256,21 @@ class Model:
             for _ in range(len(s)):
                 b.seq_id[i][0] = k
                 i += 1
-        llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(self._ctx), True)
+        if start == 0:
+            llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(self._ctx), True)
         rc = llama_cpp.llama_decode(self._ctx, b)
         if rc != 0:
             raise RuntimeError(f"llama_decode failed with code {rc}")
+
+    def _decode_prefix(self, prefix: Sequence[int], n_seqs: int) -> None:
+        """Decode ``prefix`` once, from an empty cache, and share its KV cells with sequences 0..n_seqs-1.
+
+        Chat-templated prompts begin with the same system block (24 of a harmful prompt's 42 tokens on Qwen2.5),
+        so this saves that much of every prompt evaluation. The cells are shared, not copied (unified cache)."""
+        self._decode([prefix], np.array([len(prefix) - 1]))
+        mem = llama_cpp.llama_get_memory(self._ctx)
+        for k in range(1, n_seqs):
+            llama_cpp.llama_memory_seq_cp(mem, 0, k, -1, -1)
 
     def _decode_step(self, tokens: Sequence[int], positions: Sequence[int], seq_ids: Sequence[int]) -> None:
         """Decode one new token per sequence on top of the cache; every row is an output."""
@@ -346,11 +358,15 @@ class Model:
 
     def generate_batch(self, prompts, max_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0,
                        seed: int = 0, stop: Sequence[str] = (), chat_template: bool | str = True,
-                       progress: bool = False) -> list[str]:
-        """Continue many prompts side by side; each prompt's sampling uses its own generator seeded ``seed``."""
-        return generation.generate_batch(self, prompts, max_tokens=max_tokens, temperature=temperature,
-                                         top_p=top_p, seed=seed, stop=stop, chat_template=chat_template,
-                                         progress=progress)
+                       progress: bool = False, return_logits: bool = False):
+        """Continue many prompts side by side; each prompt's sampling uses its own generator seeded ``seed``.
+        With ``return_logits`` returns ``(texts, logits)``, the logits being the next-token logits after each
+        prompt, ``[len(prompts), n_vocab]`` (what the first token was sampled from)."""
+        first = np.empty((len(prompts), self.n_vocab), np.float32) if return_logits else None
+        texts = generation.generate_batch(self, prompts, max_tokens=max_tokens, temperature=temperature,
+                                          top_p=top_p, seed=seed, stop=stop, chat_template=chat_template,
+                                          progress=progress, first_logits=first)
+        return (texts, first) if return_logits else texts
 
 
 def load(model, n_ctx: int = 4096, n_threads: int | None = None, n_gpu_layers: int = 0, **kwargs) -> Model:

@@ -56,14 +56,14 @@ def ablation_test(model, direction: Direction, harmful: Sequence[str], harmless:
     t = {}
     t0 = time.perf_counter()
     base_h = model.generate_batch(harmful, max_tokens=max_tokens, progress=progress)
-    base_hl = model.generate_batch(harmless, max_tokens=max_tokens, progress=progress)
-    base_logits = model.logits_batch(harmless)[:, -1]
+    base_hl, base_logits = model.generate_batch(harmless, max_tokens=max_tokens, progress=progress,
+                                                return_logits=True)
     t["generate_base"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     with model.steer(Ablate(direction.vector, layers=layers)) as s:
         ab_h = model.generate_batch(harmful, max_tokens=max_tokens, progress=progress)
-        ab_hl = model.generate_batch(harmless, max_tokens=max_tokens, progress=progress)
-        ab_logits = model.logits_batch(harmless)[:, -1]
+        ab_hl, ab_logits = model.generate_batch(harmless, max_tokens=max_tokens, progress=progress,
+                                                return_logits=True)
         path = s.paths[0]
     t["generate_ablated"] = time.perf_counter() - t0
     t0 = time.perf_counter()

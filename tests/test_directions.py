@@ -78,8 +78,11 @@ def test_planted_direction_and_metrics(tiny_path):
     with pysteer.load(tiny_path, n_ctx=256) as m:
         res = pysteer.extract(m, harmful, harmless, positions=2, template="none", chunk_size=4)
         x, y = m.tokenize(" q", add_special=False)[-1], m.tokenize(" z", add_special=False)[-1]
-        acts_h = m.capture(harmful, positions=2, chat_template=False).astype(np.float64)
-        acts_hl = m.capture(harmless, positions=2, chat_template=False).astype(np.float64)
+        # in extract's chunks of 4, so that both see the same decodes (shared prefixes change rounding)
+        def acts(prompts):
+            return np.concatenate([m.capture(prompts[i:i + 4], positions=2, chat_template=False)
+                                   for i in range(0, len(prompts), 4)]).astype(np.float64)
+        acts_h, acts_hl = acts(harmful), acts(harmless)
     planted = w["token_embd.weight"][x] - w["token_embd.weight"][y]
     if w.arch == "gemma3":
         planted = planted * np.sqrt(w.meta("embedding_length"))

@@ -39,6 +39,13 @@ def test_batch_and_stream_agree_with_single(model):
     assert "".join(model.generate(prompts[1], max_tokens=16, stream=True)) == single[1]
 
 
+def test_batch_generation_returns_first_token_logits(model):
+    texts, first = model.generate_batch(PROMPTS, max_tokens=4, return_logits=True)
+    ref = model.logits_batch(PROMPTS)[:, -1]
+    assert first.shape == ref.shape and texts == model.generate_batch(PROMPTS, max_tokens=4)
+    np.testing.assert_allclose(first, ref, rtol=0, atol=1e-4 * np.abs(ref).max())
+
+
 def test_batch_generation_over_several_decodes(tiny_dir):
     prompts = [f"the {w} {i}" for i, w in enumerate(["a", "how", "to", "you"] * 3)]
     with pysteer.load(tiny_dir / "tiny-llama.gguf", n_ctx=128, n_seq_max=3) as m:
