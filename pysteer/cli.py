@@ -70,7 +70,7 @@ def _splits(args):
     from .pipeline import PromptSplits
 
     return PromptSplits.load(args.harmful, args.harmless, n_train=args.n_train, n_val=args.n_val,
-                             n_test=getattr(args, "n", 32), seed=args.seed)
+                             n_val_harmless=args.n_val_harmless, n_test=getattr(args, "n", 32), seed=args.seed)
 
 
 def _direction(args, m, path):
@@ -140,6 +140,9 @@ def _metrics(args) -> None:
 def _ablate_test(args) -> None:
     from .pipeline import ablation_test, find_direction, format_report
 
+    save = pathlib.Path(args.save) if args.save else None
+    if save is not None and (args.direction or save.suffix != ".gguf"):
+        raise UsageError("--save takes a .gguf path, and only when the direction is extracted (no --direction)")
     t0 = time.perf_counter()
     with _load(args) as m:
         sp = _splits(args)
@@ -147,7 +150,11 @@ def _ablate_test(args) -> None:
             d = _direction(args, m, args.direction)
         else:
             d, _ = find_direction(m, sp, positions=args.positions, kl_max=args.kl_max, verbose=not args.json,
-                                  progress=not args.quiet)
+                                  progress=not args.quiet, prompt_sets={"harmful": args.harmful,
+                                                                        "harmless": args.harmless})
+            if save is not None:
+                save.parent.mkdir(parents=True, exist_ok=True)
+                d.save(save)
         layers = parse_layers(args.layers, m.n_layers)
         report = ablation_test(m, d, *sp.test, layers=layers, max_tokens=args.max_tokens, progress=not args.quiet)
     report.seconds["direction"] = d.scores.get("seconds", {})
@@ -299,7 +306,9 @@ def _prompt_args(p) -> None:
     p.add_argument("--harmful", default="harmful", help="harmful prompt set: a name or a file (default harmful)")
     p.add_argument("--harmless", default="harmless", help="harmless prompt set (default harmless)")
     p.add_argument("--n-train", type=int, default=64, help="train prompts per class (default 64)")
-    p.add_argument("--n-val", type=int, default=16, help="validation prompts per class (default 16)")
+    p.add_argument("--n-val", type=int, default=16, help="harmful validation prompts (default 16)")
+    p.add_argument("--n-val-harmless", type=int, default=32,
+                   help="harmless validation prompts, for the KL criterion (default 32)")
     p.add_argument("--positions", type=int, default=5, help="last tokens to read (default 5)")
     p.add_argument("--seed", type=int, default=0, help="split seed (default 0)")
 
@@ -338,9 +347,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, default=32, help="held-out prompts per class (default 32)")
     p.add_argument("--layers", default=None, help="layers to ablate: all, A:B[:STEP] or i,j,k (default all)")
     p.add_argument("--max-tokens", type=int, default=48, help="tokens per answer (default 48)")
-    p.add_argument("--kl-max", type=float, default=0.05,
-                   help="largest validation KL a chosen direction may have (default 0.05: a 12-16 prompt estimate, "
+    p.add_argument("--kl-max", type=float, default=0.08,
+                   help="largest validation KL a chosen direction may have (default 0.08: an estimate from 32 prompts, "
                    "kept under the 0.1 the held-out prompts should meet)")
+    p.add_argument("--save", metavar="FILE.gguf", help="also write the extracted direction to this file")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.set_defaults(func=_ablate_test)
 

@@ -193,13 +193,14 @@ def load(name_or_path: str | os.PathLike, split: str | None = None, *, seed: int
     """A prompt set by name (see :func:`names`), file path or ``hf:`` spec; ``split`` picks train/val/test.
 
     A composite name (``harmful``, ``harmless``) splits each member set separately, so its parts are the
-    unions of theirs.
+    unions of theirs, shuffled (seeded) so that the first n of a split mix all members.
     """
     if split is not None and split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS} or None, not {split!r}")
     key = os.fspath(name_or_path)
     if key in COMPOSITES:
-        return [p for member in COMPOSITES[key] for p in load(member, split, seed=seed, fractions=fractions)]
+        union = [p for member in COMPOSITES[key] for p in load(member, split, seed=seed, fractions=fractions)]
+        return [union[i] for i in np.random.default_rng(seed).permutation(len(union))]
     if key in SOURCES:
         prompts = _fetch(key)
     elif key.startswith("hf:"):

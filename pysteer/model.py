@@ -67,7 +67,8 @@ class Model:
     Build it with :func:`pysteer.load`. The context uses a unified KV cache so that prompts decoded together
     keep batch order in every ubatch (the hook maps rows to prompts from that order). ``n_ctx`` bounds one
     prompt (plus generated tokens); ``n_batch`` is the token budget for packing several prompts into one
-    decode (a longer prompt is decoded alone); ``n_seq_max`` bounds prompts per decode.
+    decode (a longer prompt is decoded alone); ``n_seq_max`` bounds prompts per decode. ``repack=True`` turns
+    on llama.cpp's CPU weight repacking (off here: it costs memory and was slower on the machines measured).
     """
 
     def __init__(
@@ -81,6 +82,7 @@ class Model:
         n_batch: int = 512,
         n_seq_max: int = 64,
         flash_attn: bool = False,
+        repack: bool = False,
         hook: bool = True,
         verbose: bool = False,
         llama: "llama_cpp.Llama | None" = None,
@@ -100,6 +102,10 @@ class Model:
         if llama is None:
             mparams = llama_cpp.llama_model_default_params()
             mparams.n_gpu_layers = n_gpu_layers
+            # llama.cpp's CPU weight repacking ("extra buffer types") copies most quantized weights into
+            # anonymous memory while the file stays mapped and paged in: +600 MB on the 1.5B Q4_K_M model. On
+            # the project's x86 VM it was also slower (prompt eval 135 vs 216 tok/s, decode 44 vs 46; BENCHMARKS.md).
+            mparams.use_extra_bufts = repack
             try:
                 self._model = LlamaModel(path_model=str(self.path), params=mparams, verbose=verbose)
             except ValueError as e:

@@ -25,10 +25,12 @@ class PromptSplits:
 
     @classmethod
     def load(cls, harmful: str = "harmful", harmless: str = "harmless", *, n_train: int = 64, n_val: int = 16,
-             n_test: int = 32, seed: int = 0) -> "PromptSplits":
-        def part(split, n):
-            return (datasets.load(harmful, split, seed=seed)[:n], datasets.load(harmless, split, seed=seed)[:n])
-        return cls(part("train", n_train), part("val", n_val), part("test", n_test))
+             n_val_harmless: int | None = 32, n_test: int = 32, seed: int = 0) -> "PromptSplits":
+        """``n_val_harmless`` (default 32; None: ``n_val``) is larger because the KL criterion is estimated there."""
+        def part(split, n, n_hl=None):
+            return (datasets.load(harmful, split, seed=seed)[:n],
+                    datasets.load(harmless, split, seed=seed)[:n if n_hl is None else n_hl])
+        return cls(part("train", n_train), part("val", n_val, n_val_harmless), part("test", n_test))
 
 
 def find_direction(model, splits: PromptSplits, *, positions: int | str = 5, points=("pre", "mid", "post"),

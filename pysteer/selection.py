@@ -9,7 +9,9 @@ The grid is points x positions x layers (the last ``skip_last`` of layers left o
 score is a forward pass over the validation prompts, so the grid is narrowed first: per layer (every
 ``layer_step``-th), the (point, position) whose direction best separates the validation classes (effect size
 of the projections, one capture); those per-layer candidates are scored by (a) on the first ``n_quick``
-validation prompts, and the best ``max_candidates`` by (a), (b), (c) on all of them.
+validation prompts, and the best ``max_candidates`` by (a) and (c) on all of them and, where (c) holds, by (b)
+on the first ``n_add`` harmless ones. The KL is heavy-tailed over prompts (a few sensitive-sounding harmless
+prompts carry most of it), so (c) wants more harmless validation prompts than (a) and (b) do.
 """
 
 from __future__ import annotations
@@ -41,12 +43,13 @@ class Candidate:
     passed: bool = False
 
 
-def _separation(model, res: ExtractResult, harmful, harmless, points, layers) -> np.ndarray:
-    """[P, L, K] effect size (Cohen's d) of the validation projections on each unit candidate."""
+def _separation(model, res: ExtractResult, harmful, harmless, points, layers) -> tuple[np.ndarray, np.ndarray]:
+    """[P, L, K] effect size (Cohen's d) of the validation projections on each unit candidate, and the
+    next-token logits of the validation prompts (harmful, then harmless) from the same decode."""
     texts_h, chat = format_prompts(model, harmful, res.template)
     texts_hl, _ = format_prompts(model, harmless, res.template)
-    acts = model.capture(texts_h + texts_hl, layers=layers, points=points, positions=res.positions,
-                         chat_template=chat)
+    acts, logits = model.capture(texts_h + texts_hl, layers=layers, points=points, positions=res.positions,
+                                 chat_template=chat, return_logits=True)
     pi = [res.points.index(p) for p in points]
     li = [res.layers.index(layer) for layer in layers]
     u = res.unit_directions()[np.ix_(pi, li)]  # [P, L, K, E]
@@ -55,7 +58,7 @@ def _separation(model, res: ExtractResult, harmful, harmless, points, layers) ->
     pooled = np.sqrt((a.var(0, ddof=1) + b.var(0, ddof=1)) / 2)
     d = np.divide(a.mean(0) - b.mean(0), pooled, out=np.full(pooled.shape, -np.inf), where=pooled > 0)
     d[np.linalg.norm(u, axis=-1) == 0] = -np.inf  # no candidate where the classes did not differ
-    return d
+    return d, logits[:, -1]
 
 
 def _mean_score(model, prompts, tokens, chat) -> tuple[float, np.ndarray]:
@@ -65,7 +68,7 @@ def _mean_score(model, prompts, tokens, chat) -> tuple[float, np.ndarray]:
 
 def select_direction(model, res: ExtractResult, val_harmful: Sequence[str], val_harmless: Sequence[str], *,
                      points: Sequence[str] | None = None, skip_last: float = 0.2, kl_max: float = 0.1,
-                     max_candidates: int = 4, layer_step: int = 1, n_quick: int = 8,
+                     max_candidates: int = 4, layer_step: int = 1, n_quick: int = 8, n_add: int = 16,
                      with_interventions: Sequence = (), prompt_sets: dict | None = None,
                      verbose: bool = True, progress: bool = False) -> Direction:
     """The candidate whose ablation lowers the validation refusal score most, among those whose addition
@@ -84,9 +87,11 @@ def select_direction(model, res: ExtractResult, val_harmful: Sequence[str], val_
     base = list(with_interventions)
 
     with model.steer(*base):
-        sep = _separation(model, res, val_harmful, val_harmless, points, layers)  # [P, L, K]
-        base_h, _ = _mean_score(model, vh, tokens, chat)
-        base_hl, base_logits = _mean_score(model, vhl, tokens, chat)
+        sep, logits = _separation(model, res, val_harmful, val_harmless, points, layers)  # [P, L, K]
+    base_logits = logits[len(vh):]
+    base_h = float(refusal_scores_from_logits(logits[:len(vh)], tokens).mean())
+    base_hl = float(refusal_scores_from_logits(base_logits, tokens).mean())
+    base_hl_add = float(refusal_scores_from_logits(base_logits[:n_add], tokens).mean())
     cands, seen = [], set()
     for j, layer in enumerate(layers):
         p, k = np.unravel_index(np.argmax(sep[:, j]), sep[:, j].shape)
@@ -106,21 +111,23 @@ def select_direction(model, res: ExtractResult, val_harmful: Sequence[str], val_
 
     from tqdm.auto import tqdm
 
-    quick = vh[: max(2, n_quick)]
+    quick, rest = vh[: max(2, n_quick)], vh[max(2, n_quick):]
     for c in tqdm(cands, desc="score (a)", disable=not progress):
         with model.steer(*base, Ablate(unit(c)), path="hook"):
             c.ablate_score, _ = _mean_score(model, quick, tokens, chat)
     top = sorted(cands, key=lambda c: c.ablate_score)[:max_candidates]
     for c in tqdm(top, desc="score (a, b, c)", disable=not progress):
-        if len(quick) < len(vh):
-            with model.steer(*base, Ablate(unit(c)), path="hook"):
-                c.ablate_score, _ = _mean_score(model, vh, tokens, chat)
-        with model.steer(*base, Add(raw(c), layers=[c.layer], points=[c.point]), path="hook"):
-            c.add_score, _ = _mean_score(model, vhl, tokens, chat)
         with model.steer(*base, Ablate(unit(c)), path="hook"):
+            if rest:  # the quick prompts are scored already: add the others
+                c.ablate_score = (c.ablate_score * len(quick) + _mean_score(model, rest, tokens, chat)[0]
+                                  * len(rest)) / len(vh)
             logits = model.logits_batch(vhl, chat_template=chat)[:, -1]
         c.kl = float(kl_divergence(base_logits, logits).mean())
-        c.passed = c.kl <= kl_max and c.add_score > base_hl
+        if c.kl > kl_max:
+            continue  # (b) cannot rescue it
+        with model.steer(*base, Add(raw(c), layers=[c.layer], points=[c.point]), path="hook"):
+            c.add_score, _ = _mean_score(model, vhl[:n_add], tokens, chat)
+        c.passed = c.add_score > base_hl_add
     passed = [c for c in top if c.passed]
     # Without a passing candidate, the least disruptive one: a direction that breaks harmless prompts is worse
     # than one that removes fewer refusals.

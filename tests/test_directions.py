@@ -36,6 +36,8 @@ def test_named_sets_and_their_splits():
         parts = [set(datasets.load(name, s)) for s in datasets.SPLITS]
         assert not (parts[0] & parts[1] or parts[1] & parts[2] or parts[0] & parts[2])
         assert set().union(*parts) == set(datasets.load(name))
+    first = set(datasets.load("harmless", "val")[:16])  # a prefix of a composite split mixes its members
+    assert all(first & set(datasets.load(member, "val")) for member in datasets.COMPOSITES["harmless"])
     h, hl = datasets.load("pairs-harmful", "val"), datasets.load("pairs-harmless", "val")
     full_h, full_hl = datasets.load("pairs-harmful"), datasets.load("pairs-harmless")
     assert [full_h.index(x) for x in h] == [full_hl.index(x) for x in hl]  # pairs stay together
