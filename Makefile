@@ -19,8 +19,8 @@ test: install
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 bench: install
-	$(PY) benchmarks/bench_capture.py
-	$(PY) benchmarks/bench_steer.py
+	$(VENV)/bin/pip install -q "torch==2.13.0" "transformers==5.24.0"
+	$(PY) benchmarks/run_all.py
 
 clean:
 	rm -rf build $(VENV)

@@ -347,9 +347,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, default=32, help="held-out prompts per class (default 32)")
     p.add_argument("--layers", default=None, help="layers to ablate: all, A:B[:STEP] or i,j,k (default all)")
     p.add_argument("--max-tokens", type=int, default=48, help="tokens per answer (default 48)")
-    p.add_argument("--kl-max", type=float, default=0.08,
-                   help="largest validation KL a chosen direction may have (default 0.08: an estimate from 32 prompts, "
-                   "kept under the 0.1 the held-out prompts should meet)")
+    p.add_argument("--kl-max", type=float, default=0.1,
+                   help="largest harmless validation KL a chosen direction may have (default 0.1)")
     p.add_argument("--save", metavar="FILE.gguf", help="also write the extracted direction to this file")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.set_defaults(func=_ablate_test)

@@ -59,12 +59,14 @@ class RunningMoments:
 
     def update(self, x: np.ndarray) -> None:
         """Add samples ``x`` (first axis)."""
-        x = np.asarray(x, dtype=np.float64)
+        x = np.asarray(x)
         nb = x.shape[0]
         if nb == 0:
             return
-        mb = x.mean(0)
-        m2b = ((x - mb) ** 2).sum(0)
+        mb = x.mean(0, dtype=np.float64)
+        m2b = np.zeros_like(mb)
+        for xi in x:  # a sample at a time: no float64 copy of the whole chunk (extraction's peak memory)
+            m2b += (xi - mb) ** 2
         if self.n == 0:
             self.n, self.mean, self.m2 = nb, mb, m2b
             return

@@ -34,7 +34,7 @@ class PromptSplits:
 
 
 def find_direction(model, splits: PromptSplits, *, positions: int | str = 5, points=("pre", "mid", "post"),
-                   max_candidates: int = 5, layer_step: int = 2, kl_max: float = 0.1, metrics_png=None,
+                   max_candidates: int = 10, layer_step: int = 2, kl_max: float = 0.1, metrics_png=None,
                    verbose: bool = True,
                    progress: bool = False, prompt_sets: dict | None = None) -> tuple[Direction, object]:
     """Extract on the train split, choose on the validation split (every ``layer_step``-th layer, to keep a

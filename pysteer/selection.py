@@ -5,12 +5,14 @@ Selection (Arditi et al.'s criteria, scored from next-token logits so no generat
   (a) refusal score on validation harmful prompts with the candidate ablated on every layer: lower is better;
   (b) refusal score on validation harmless prompts with the raw candidate added at its own layer: must rise;
   (c) first-token KL on harmless prompts under the ablation: at most ``kl_max``.
+Of the candidates meeting (b) and (c), the least disruptive (lowest KL) among those whose ablation brings the
+refusal score below ``ablate_max`` is chosen; see :func:`select_direction`.
 The grid is points x positions x layers (the last ``skip_last`` of layers left out). On a CPU every full
 score is a forward pass over the validation prompts, so the grid is narrowed first: per layer (every
 ``layer_step``-th), the (point, position) whose direction best separates the validation classes (effect size
 of the projections, one capture); those per-layer candidates are scored by (a) on the first ``n_quick``
-validation prompts, and the best ``max_candidates`` by (a) and (c) on all of them and, where (c) holds, by (b)
-on the first ``n_add`` harmless ones. The KL is heavy-tailed over prompts (a few sensitive-sounding harmless
+validation prompts, and the best ``max_candidates`` (within 1 of ``ablate_max``) by (a) and (c) on all of them
+and, where (c) holds, by (b) on the first ``n_add`` harmless ones. The KL is heavy-tailed over prompts (a few sensitive-sounding harmless
 prompts carry most of it), so (c) wants more harmless validation prompts than (a) and (b) do.
 """
 
@@ -68,12 +70,16 @@ def _mean_score(model, prompts, tokens, chat) -> tuple[float, np.ndarray]:
 
 def select_direction(model, res: ExtractResult, val_harmful: Sequence[str], val_harmless: Sequence[str], *,
                      points: Sequence[str] | None = None, skip_last: float = 0.2, kl_max: float = 0.1,
+                     ablate_max: float | None = -2.0,
                      max_candidates: int = 4, layer_step: int = 1, n_quick: int = 8, n_add: int = 16,
                      with_interventions: Sequence = (), prompt_sets: dict | None = None,
                      verbose: bool = True, progress: bool = False) -> Direction:
-    """The candidate whose ablation lowers the validation refusal score most, among those whose addition
-    raises refusal on harmless prompts and whose ablation keeps harmless KL <= kl_max. ``with_interventions``
-    stay active throughout (used by iterative extraction). The scored table is in ``direction.scores``."""
+    """Among the candidates whose addition raises refusal on harmless prompts and whose ablation keeps harmless
+    KL <= kl_max: the one with the lowest KL whose ablation brings the validation refusal score to
+    ``ablate_max`` (log-odds) or below, i.e. the least disruptive direction that removes refusal; if none
+    gets there (or ``ablate_max`` is None), the one that lowers the refusal score most (Arditi et al.'s rule).
+    ``with_interventions`` stay active throughout (used by iterative extraction). The scored table is in
+    ``direction.scores``."""
     if len(val_harmful) < 2 or len(val_harmless) < 2:
         raise ValueError("need at least 2 validation prompts per class")
     points = tuple(res.points) if points is None else hookpoints.check_points(points)
@@ -115,7 +121,9 @@ def select_direction(model, res: ExtractResult, val_harmful: Sequence[str], val_
     for c in tqdm(cands, desc="score (a)", disable=not progress):
         with model.steer(*base, Ablate(unit(c)), path="hook"):
             c.ablate_score, _ = _mean_score(model, quick, tokens, chat)
-    top = sorted(cands, key=lambda c: c.ablate_score)[:max_candidates]
+    ranked = sorted(cands, key=lambda c: c.ablate_score)[:max_candidates]
+    # A candidate whose quick score is far from removing refusal will not be chosen: skip its costly KL.
+    top = [c for c in ranked if ablate_max is None or c.ablate_score <= ablate_max + 1.0] or ranked[:1]
     for c in tqdm(top, desc="score (a, b, c)", disable=not progress):
         with model.steer(*base, Ablate(unit(c)), path="hook"):
             if rest:  # the quick prompts are scored already: add the others
@@ -131,11 +139,15 @@ def select_direction(model, res: ExtractResult, val_harmful: Sequence[str], val_
     passed = [c for c in top if c.passed]
     # Without a passing candidate, the least disruptive one: a direction that breaks harmless prompts is worse
     # than one that removes fewer refusals.
-    best = min(passed, key=lambda c: c.ablate_score) if passed else min(top, key=lambda c: c.kl)
+    enough = [c for c in passed if ablate_max is not None and c.ablate_score <= ablate_max]
+    if enough:
+        best = min(enough, key=lambda c: c.kl)
+    else:
+        best = min(passed, key=lambda c: c.ablate_score) if passed else min(top, key=lambda c: c.kl)
     if not passed and verbose:
         print(f"pysteer: no candidate passed (KL <= {kl_max} and addition raising refusal); taking the one "
               "with the lowest KL", file=sys.stderr)
-    table = [dict(c.__dict__, full=c in top) for c in sorted(cands, key=lambda c: (c not in top, c.ablate_score))]
+    table = [dict(c.__dict__, full=c in top, chosen=c is best) for c in sorted(cands, key=lambda c: (c not in top, c.ablate_score))]
     if verbose:
         print(format_table(table, base_h, base_hl, kl_max))
         if len(quick) < len(vh):
@@ -147,11 +159,12 @@ def select_direction(model, res: ExtractResult, val_harmful: Sequence[str], val_
         prompt_sets=dict(prompt_sets or {}, template=res.template, n_train=list(res.counts),
                          n_val=[len(val_harmful), len(val_harmless)]),
         scores={"chosen": dict(best.__dict__), "base_harmful": base_h, "base_harmless": base_hl,
-                "kl_max": kl_max, "candidates": table})
+                "kl_max": kl_max, "ablate_max": ablate_max, "candidates": table})
 
 
 def format_table(rows: list[dict], base_h: float, base_hl: float, kl_max: float) -> str:
-    lines = [f"refusal score (log-odds), unsteered: harmful {base_h:+.2f}, harmless {base_hl:+.2f}",
+    lines = [f"refusal score (log-odds), unsteered: harmful {base_h:+.2f}, harmless {base_hl:+.2f}; ok (*): KL <= "
+             f"{kl_max} and add(hl) above the unsteered harmless score",
              "point layer pos  separation  ablate(h)  add(hl)     KL  ok",
              "----- ----- ---  ----------  ---------  -------  -----  --"]
     for r in rows:
@@ -159,7 +172,7 @@ def format_table(rows: list[dict], base_h: float, base_hl: float, kl_max: float)
             return format(x, fmt) if not math.isnan(x) else "-".rjust(len(format(0.0, fmt)))
         lines.append(f"{r['point']:>5} {r['layer']:5d} {r['position']:3d}  {r['separation']:10.2f}  "
                      f"{f(r['ablate_score'], '+9.2f')}  {f(r['add_score'], '+7.2f')}  {f(r['kl'], '5.3f')}  "
-                     f"{'*' if r['passed'] else ''}")
+                     f"{'*' if r['passed'] else ''}{' <- chosen' if r.get('chosen') else ''}")
     return "\n".join(lines)
 
 
