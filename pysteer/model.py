@@ -16,6 +16,7 @@ from llama_cpp._utils import suppress_stdout_stderr
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
 from . import _lib, generation, hookpoints, models, steering
+from ._gguf import read_header
 
 Message = dict
 Prompt = Union[str, Sequence[Message]]
@@ -32,15 +33,14 @@ def _read_arch(path: pathlib.Path) -> str:
     if magic != b"GGUF":
         raise ModelLoadError(f"{path} is not a GGUF file (starts with {magic!r}, expected b'GGUF')")
     try:
-        reader = gguf.GGUFReader(path, "r")
-        field = reader.get_field("general.architecture")
-        if field is None:
+        header = read_header(path)
+        arch = header.kv.get("general.architecture")
+        if not isinstance(arch, str):
             raise ModelLoadError(f"{path} has no general.architecture key")
-        arch = field.contents()
-        end = max((int(t.data_offset) + int(t.n_bytes) for t in reader.tensors), default=0)
+        end = header.data_end()
     except ModelLoadError:
         raise
-    except Exception as e:  # gguf raises assorted errors (ValueError, IndexError, ...) on damaged files
+    except Exception as e:  # struct.error, ValueError, KeyError (unknown tensor type) on damaged files
         raise ModelLoadError(f"{path} is not a readable GGUF file (truncated or corrupt?): {e}") from None
     if end > path.stat().st_size:
         raise ModelLoadError(f"{path} is truncated: tensor data ends at byte {end}, file has {path.stat().st_size}")
