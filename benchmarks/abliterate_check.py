@@ -34,6 +34,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=32, help="held-out harmful prompts to answer")
     ap.add_argument("--max-tokens", type=int, default=48)
     ap.add_argument("--keep", type=pathlib.Path, help="keep the abliterated file here")
+    ap.add_argument("--modified-type", help="store the edited matrices in this type (e.g. Q8_0), not their own")
     args = ap.parse_args()
 
     m = pysteer.load(args.model)
@@ -43,7 +44,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(dir=args.keep.parent if args.keep else None) as tmp:
         out = args.keep or pathlib.Path(tmp) / "abliterated.gguf"
         t0 = time.perf_counter()
-        abliterate(m, d.vector, out, progress=False)
+        abliterate(m, d.vector, out, modified_type=args.modified_type, progress=False)
         t_export = time.perf_counter() - t0
         src, dst = tensor_types(m.path), tensor_types(out)
         changed = {k: (src[k], dst.get(k)) for k in src if src[k] != dst.get(k)}
@@ -58,6 +59,7 @@ def main() -> None:
     same_answer = sum(x == y for x, y in zip(runtime.answers, abl.answers))
     res = {
         "model": args.model, "direction": f"{d.point} {d.layer} {d.position}", "export_s": round(t_export, 1),
+        "modified_type": args.modified_type,
         "tensors": len(src), "tensor_types_changed": changed,
         "logits_max_abs_diff": float(np.abs(got - ref).max()), "logits_scale": float(np.abs(ref).max()),
         "argmax_agree": int((got.argmax(-1) == ref.argmax(-1)).sum()), "logit_prompts": len(ref),

@@ -54,7 +54,8 @@ def run_tool(script: str, gguf_path, spec_path, out_path, threads: int) -> dict:
 
 
 def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    return (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))
+    den = np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1)
+    return np.divide((a * b).sum(-1), den, out=np.full(den.shape, np.nan), where=den > 0)
 
 
 def main() -> None:
@@ -106,8 +107,9 @@ def main() -> None:
         p = a["points"].index(spec["point"])
         out["speedup"] = b["wall_s"] / a["wall_s"]
         out["cosine_at_layer"] = float(cos[p, spec["layer"]])
-        out["cosine_min"] = float(cos.min())
-        out["cosine_median"] = float(np.median(cos))
+        # NaN where both directions are zero (pre of layer 0: every prompt ends in the same template token)
+        out["cosine_min"] = float(np.nanmin(cos))
+        out["cosine_median"] = float(np.nanmedian(cos))
         print(f"\nwhole pipeline: pysteer {out['speedup']:.1f}x faster than transformers; "
               f"direction cosine at {spec['point']} {spec['layer']}: {out['cosine_at_layer']:.4f} "
               f"(all layers and points: median {out['cosine_median']:.4f}, min {out['cosine_min']:.4f})")

@@ -190,7 +190,7 @@ class ExtractResult:
 
 def extract(model, harmful: Sequence[str], harmless: Sequence[str], positions: int | str = 5,
             points: Sequence[str] = ("pre", "mid", "post"), layers=None, *, template: Template = "chat",
-            chunk_size: int = 32, progress: bool = False) -> ExtractResult:
+            chunk_size: int = 16, progress: bool = False) -> ExtractResult:
     """Class means and variances of activations, and from them directions and layer metrics."""
     points = hookpoints.check_points(points)
     layers = hookpoints.check_layers(layers, model.n_layers)
