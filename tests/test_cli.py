@@ -83,6 +83,7 @@ def test_generate_chat_sweep_export_metrics(setup):
     (("export", "MODEL", "--direction", "DIR", "--cvec", "OUT", "--layers", "0:2"), "start at layer 1"),
     (("sweep", "MODEL", "--add", "DIR", "--alpha", "1:2:0"), "bad --alpha"),
     (("extract", "MODEL", "-o", "out.txt"), "must name a .gguf"),
+    (("ablate-test", "MODEL", "--direction", "DIR", "--save", "OUT"), "only when the direction is extracted"),
 ])
 def test_user_errors_are_one_line(setup, tiny_dir, args, match):
     d, model, _ = setup
