@@ -80,7 +80,8 @@ def run(model, tokens: list[list[int]], *, positions: int, n_out: int, logits: n
     with tqdm(total=len(tokens), desc="capture" if capture_out is not None else "decode", unit="prompt",
               disable=not progress) as bar:
         c = shared_prefix(tokens, max(K, n_out))
-        for batch in _pack([len(t) - c for t in tokens], model.n_batch, model.n_seq_max):
+        # the shared prefix's cells and the pack's own must fit the KV cache together
+        for batch in _pack([len(t) - c for t in tokens], min(model.n_batch, model.n_ctx - c), model.n_seq_max):
             seqs, start = decode_shared(model, [tokens[i] for i in batch], c)
             ends = np.cumsum([len(s) for s in seqs])
             outputs = np.concatenate([np.arange(e - n_out, e) for e in ends]).astype(np.int64)

@@ -63,7 +63,8 @@ def answer_perplexities(model, prompts: Sequence, answers: Sequence[str], *, cha
     todo = [i for i, (p, a) in enumerate(pairs) if a]
     # the last prompt token predicts the first answer token, so it stays out of the shared prefix
     c = shared_prefix([pairs[i][0] + pairs[i][1] for i in todo], [len(pairs[i][1]) + 1 for i in todo])
-    for batch in _pack([len(pairs[i][0]) + len(pairs[i][1]) - c for i in todo], model.n_batch, model.n_seq_max):
+    for batch in _pack([len(pairs[i][0]) + len(pairs[i][1]) - c for i in todo], min(model.n_batch, model.n_ctx - c),
+                       model.n_seq_max):
         idx = [todo[j] for j in batch]
         seqs, start = decode_shared(model, [pairs[i][0] + pairs[i][1] for i in idx], c)
         rows, end = [], 0

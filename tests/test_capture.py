@@ -207,3 +207,14 @@ def test_shared_prefix_is_decoded_once(tiny_path):
             before = m._hook.n_edited_rows
             m.capture(PROMPTS, positions=3)
             assert m._hook.n_edited_rows - before == c + sum(len(t) - c for t in toks)
+
+
+def test_shared_prefix_and_packs_fit_a_small_cache(tiny_dir):
+    """n_batch == n_ctx: a pack of suffixes plus the shared prefix must still fit the KV cache."""
+    prompts = [f"the {w} and {i} make it" + " so" * (i % 5) for i, w in enumerate(["a", "how", "to", "you"] * 16)]
+    path = tiny_dir / "tiny-qwen2.gguf"
+    with pysteer.load(path, n_ctx=256, n_batch=256) as m:  # llama.cpp pads n_ctx to 256
+        small = m.capture(prompts, layers=[1], points=["post"], positions=2)
+    with pysteer.load(path, n_ctx=2048) as m:
+        big = m.capture(prompts, layers=[1], points=["post"], positions=2)
+    np.testing.assert_allclose(small, big, rtol=0, atol=1e-4 * np.abs(big).max())
