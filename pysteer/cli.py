@@ -60,10 +60,10 @@ def _split_arg(value: str, what: str) -> tuple[str, float]:
         raise UsageError(f"{what} takes FILE:NUMBER, got {value!r}") from None
 
 
-def _load(args):
+def _load(args, *, repack: bool = False):
     from . import load
 
-    return load(args.model, n_ctx=args.n_ctx, n_threads=args.threads)
+    return load(args.model, n_ctx=args.n_ctx, n_threads=args.threads, repack=repack)
 
 
 def _splits(args):
@@ -182,7 +182,8 @@ def _interventions(args, m):
 
 
 def _generate(args) -> None:
-    with _load(args) as m:
+    # one sequence decoded token by token: llama.cpp's weight repacking is faster there (BENCHMARKS.md)
+    with _load(args, repack=True) as m:
         with m.steer(*_interventions(args, m)):
             for piece in m.generate(args.prompt, max_tokens=args.max_tokens, temperature=args.temperature,
                                     seed=args.seed, stream=True):
@@ -191,7 +192,7 @@ def _generate(args) -> None:
 
 
 def _chat(args) -> None:
-    with _load(args) as m:
+    with _load(args, repack=True) as m:
         with m.steer(*_interventions(args, m)) as s:
             print(f"pysteer chat with {m.path.name} ({', '.join(s.paths) or 'unsteered'}); empty line or Ctrl-D quits")
             messages = []

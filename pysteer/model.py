@@ -68,7 +68,8 @@ class Model:
     keep batch order in every ubatch (the hook maps rows to prompts from that order). ``n_ctx`` bounds one
     prompt (plus generated tokens); ``n_batch`` is the token budget for packing several prompts into one
     decode (a longer prompt is decoded alone); ``n_seq_max`` bounds prompts per decode. ``repack=True`` turns
-    on llama.cpp's CPU weight repacking (off here: it costs memory and was slower on the machines measured).
+    on llama.cpp's CPU weight repacking: off by default because it costs memory and slowed prompt evaluation
+    on the machine measured; it did speed up decoding one sequence token by token (BENCHMARKS.md).
     """
 
     def __init__(
@@ -104,7 +105,8 @@ class Model:
             mparams.n_gpu_layers = n_gpu_layers
             # llama.cpp's CPU weight repacking ("extra buffer types") copies most quantized weights into
             # anonymous memory while the file stays mapped and paged in: +600 MB on the 1.5B Q4_K_M model. On
-            # the project's x86 VM it was also slower (prompt eval 135 vs 216 tok/s, decode 44 vs 46; BENCHMARKS.md).
+            # the project's x86 VM prompt evaluation was slower with it (174 vs 222 tok/s), single-sequence
+            # decode faster (24.3 vs 21.8 tok/s); BENCHMARKS.md.
             mparams.use_extra_bufts = repack
             try:
                 self._model = LlamaModel(path_model=str(self.path), params=mparams, verbose=verbose)
