@@ -19,12 +19,13 @@ import numpy as np
 
 import pysteer
 from pysteer import datasets
+from pysteer._gguf import read_header
 from pysteer.evaluate import judge
 from pysteer.export import abliterate
 
 
 def tensor_types(path) -> dict[str, str]:
-    return {t.name: t.tensor_type.name for t in gguf.GGUFReader(path, "r").tensors}
+    return {name: gguf.GGMLQuantizationType(typ).name for name, _, typ, _ in read_header(path).tensors}
 
 
 def main() -> None:

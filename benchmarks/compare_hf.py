@@ -19,19 +19,18 @@ import sys
 import tempfile
 import time
 
-import gguf
 import numpy as np
 
 from pysteer import datasets, models
+from pysteer._gguf import read_header
 from pysteer.model import resolve_path
 
 HERE = pathlib.Path(__file__).resolve().parent
 
 
 def n_layers(path: pathlib.Path) -> int:
-    r = gguf.GGUFReader(path, "r")
-    arch = r.get_field("general.architecture").contents()
-    return int(r.get_field(f"{arch}.block_count").contents())
+    kv = read_header(path).kv  # not gguf.GGUFReader: it parses the whole vocabulary (seconds)
+    return int(kv[f"{kv['general.architecture']}.block_count"])
 
 
 def run_tool(script: str, gguf_path, spec_path, out_path, threads: int) -> dict:

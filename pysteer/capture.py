@@ -39,6 +39,12 @@ def shared_prefix(tokens: Sequence[Sequence[int]], keep: int | Sequence[int]) ->
     return max(0, min([c] + [len(t) - k for t, k in zip(tokens, keep)]))
 
 
+def pack_shared(model, lengths: Sequence[int], prefix: int, budget: int) -> list[list[int]]:
+    """:func:`_pack` of sequences whose first ``prefix`` tokens are shared: ``budget`` bounds the tokens after
+    the prefix, and the prefix's KV cells plus a pack's own always fit the cache."""
+    return _pack([n - prefix for n in lengths], min(budget, model.n_ctx - prefix), model.n_seq_max)
+
+
 def decode_shared(model, seqs: Sequence[Sequence[int]], prefix: int) -> tuple[list[Sequence[int]], int]:
     """Decode the first ``prefix`` tokens (common to ``seqs``) once for all of them; returns what is left of
     each sequence and the position it starts at. A lone sequence is left whole."""
@@ -80,8 +86,7 @@ def run(model, tokens: list[list[int]], *, positions: int, n_out: int, logits: n
     with tqdm(total=len(tokens), desc="capture" if capture_out is not None else "decode", unit="prompt",
               disable=not progress) as bar:
         c = shared_prefix(tokens, max(K, n_out))
-        # the shared prefix's cells and the pack's own must fit the KV cache together
-        for batch in _pack([len(t) - c for t in tokens], min(model.n_batch, model.n_ctx - c), model.n_seq_max):
+        for batch in pack_shared(model, [len(t) for t in tokens], c, model.n_batch):
             seqs, start = decode_shared(model, [tokens[i] for i in batch], c)
             ends = np.cumsum([len(s) for s in seqs])
             outputs = np.concatenate([np.arange(e - n_out, e) for e in ends]).astype(np.int64)

@@ -52,7 +52,7 @@ def answer_perplexities(model, prompts: Sequence, answers: Sequence[str], *, cha
     """exp(mean NLL) of the first ``max_tokens`` tokens of each answer after its templated prompt, under the
     model's current steering (call it outside any steer() block to judge with the unsteered model). Pairs are
     decoded together; every scored token costs a full-vocabulary logit row, hence the cap."""
-    from .capture import _pack, decode_shared, shared_prefix
+    from .capture import decode_shared, pack_shared, shared_prefix
 
     pairs = []
     for prompt, answer in zip(prompts, answers):
@@ -63,8 +63,7 @@ def answer_perplexities(model, prompts: Sequence, answers: Sequence[str], *, cha
     todo = [i for i, (p, a) in enumerate(pairs) if a]
     # the last prompt token predicts the first answer token, so it stays out of the shared prefix
     c = shared_prefix([pairs[i][0] + pairs[i][1] for i in todo], [len(pairs[i][1]) + 1 for i in todo])
-    for batch in _pack([len(pairs[i][0]) + len(pairs[i][1]) - c for i in todo], min(model.n_batch, model.n_ctx - c),
-                       model.n_seq_max):
+    for batch in pack_shared(model, [len(pairs[i][0]) + len(pairs[i][1]) for i in todo], c, model.n_batch):
         idx = [todo[j] for j in batch]
         seqs, start = decode_shared(model, [pairs[i][0] + pairs[i][1] for i in idx], c)
         rows, end = [], 0

@@ -95,7 +95,7 @@ def generate_batch(model, prompts, *, max_tokens=128, temperature=0.0, top_p=1.0
     ``first_logits`` (``[len(prompts), n_vocab]``), the next-token logits after each prompt are written there."""
     from tqdm.auto import tqdm
 
-    from .capture import _pack, decode_shared, encode_prompts, shared_prefix
+    from .capture import decode_shared, encode_prompts, pack_shared, shared_prefix
 
     _check(model, max_tokens, temperature, top_p)
     tokens = encode_prompts(model, prompts, chat_template=chat_template, positions=1)
@@ -105,7 +105,7 @@ def generate_batch(model, prompts, *, max_tokens=128, temperature=0.0, top_p=1.0
     out: list[str] = [""] * len(tokens)
     with tqdm(total=len(tokens), desc="generate", unit="prompt", disable=not progress) as bar:
         c = shared_prefix(tokens, 1)
-        for batch in _pack([len(t) - c + max_tokens for t in tokens], model.n_ctx - c, model.n_seq_max):
+        for batch in pack_shared(model, [len(t) + max_tokens for t in tokens], c, model.n_ctx):
             seqs = [_Sequence(model, tokens[i], seed, stop) for i in batch]
             rest, start = decode_shared(model, [tokens[i] for i in batch], c)
             ends = np.cumsum([len(r) for r in rest])

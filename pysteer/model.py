@@ -8,7 +8,6 @@ import pathlib
 from contextlib import contextmanager
 from typing import Iterator, Sequence, Union
 
-import gguf
 import llama_cpp
 import numpy as np
 from llama_cpp._internals import LlamaModel
