@@ -7,6 +7,7 @@ import mmap
 import struct
 from dataclasses import dataclass
 
+import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 _SCALAR = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
@@ -28,6 +29,16 @@ class Header:
                 n *= d
             end = max(end, self.data_start + off + n // block * size)
         return end
+
+
+def tensor_bytes(path, header: Header, name: str) -> np.ndarray:
+    """One tensor's raw bytes (uint8, memory-mapped), as gguf.quants.dequantize takes them."""
+    for n, shape, typ, off in header.tensors:
+        if n == name:
+            block, size = GGML_QUANT_SIZES[GGMLQuantizationType(typ)]
+            count = int(np.prod(shape, dtype=np.int64)) // block * size
+            return np.memmap(path, dtype=np.uint8, mode="r", offset=header.data_start + off, shape=(count,))
+    raise KeyError(f"no tensor {name!r} in {path}")
 
 
 def read_header(path) -> Header:

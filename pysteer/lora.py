@@ -16,6 +16,7 @@ import gguf
 import numpy as np
 
 from ._files import gguf_output
+from ._gguf import tensor_bytes
 from ._pypi import cache_root
 
 #: Architectures whose residual stream is the plain sum of embedding, wo and ffn_down outputs.
@@ -28,7 +29,7 @@ def unsupported_reason(model) -> str | None:
     """None when a LoRA ablation is exact for this model; otherwise why not."""
     if model.arch not in ARCHS:
         return f"{model.arch} adds normalized block outputs to the residual (only {', '.join(ARCHS)} qualify)"
-    names = {t.name for t in _reader(model).tensors}
+    names = {name for name, _, _, _ in model._header.tensors}
     for i in range(model.n_layers):
         for w in _WRITERS:
             if f"blk.{i}.{w}.weight" not in names:
@@ -36,12 +37,6 @@ def unsupported_reason(model) -> str | None:
             if f"blk.{i}.{w}.bias" in names:
                 return f"blk.{i}.{w} has a bias, which a LoRA does not ablate"
     return None
-
-
-def _reader(model) -> gguf.GGUFReader:
-    if getattr(model, "_gguf_reader", None) is None:
-        model._gguf_reader = gguf.GGUFReader(model.path)
-    return model._gguf_reader
 
 
 def adapter_path(model, directions: np.ndarray) -> pathlib.Path:
@@ -55,7 +50,8 @@ def adapter_path(model, directions: np.ndarray) -> pathlib.Path:
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     R = np.asarray(directions, dtype=np.float64)
-    tensors = {t.name: t for t in _reader(model).tensors}
+    header = model._header  # not gguf.GGUFReader: it parses the whole vocabulary (7-12 s on Qwen)
+    types = {name: (shape, typ) for name, shape, typ, _ in header.tensors}
     with gguf_output(out, model.arch) as w:
         w.add_string("general.type", "adapter")
         w.add_string("adapter.type", "lora")
@@ -63,9 +59,10 @@ def adapter_path(model, directions: np.ndarray) -> pathlib.Path:
         w.add_string("pysteer.kind", "directional-ablation")
         for i in range(model.n_layers):
             for name in _WRITERS:
-                t = tensors[f"blk.{i}.{name}.weight"]
-                W = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float64)  # (n_embd, n_in)
-                W = W.reshape([int(n) for n in reversed(t.shape)])
+                tname = f"blk.{i}.{name}.weight"
+                shape, typ = types[tname]
+                W = gguf.quants.dequantize(tensor_bytes(model.path, header, tname), gguf.GGMLQuantizationType(typ))
+                W = W.astype(np.float64).reshape([int(n) for n in reversed(shape)])  # (n_embd, n_in)
                 w.add_tensor(f"blk.{i}.{name}.weight.lora_a", (R @ W).astype(np.float32))  # (k, n_in)
                 w.add_tensor(f"blk.{i}.{name}.weight.lora_b", (-R.T).astype(np.float32))  # (n_embd, k)
     return out

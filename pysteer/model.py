@@ -15,7 +15,7 @@ from llama_cpp._utils import suppress_stdout_stderr
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
 from . import _lib, generation, hookpoints, models, steering
-from ._gguf import read_header
+from ._gguf import Header, read_header
 
 Message = dict
 Prompt = Union[str, Sequence[Message]]
@@ -25,8 +25,9 @@ class ModelLoadError(ValueError):
     """The file is not a GGUF model llama.cpp can load."""
 
 
-def _read_arch(path: pathlib.Path) -> str:
-    """general.architecture of a GGUF file, with clear errors for files that are not (whole) GGUF models."""
+def _read_header(path: pathlib.Path) -> Header:
+    """Keys and tensor infos of a GGUF model file, with clear errors for files that are not (whole) GGUF models
+    or name no architecture."""
     with open(path, "rb") as f:
         magic = f.read(4)
     if magic != b"GGUF":
@@ -43,7 +44,7 @@ def _read_arch(path: pathlib.Path) -> str:
         raise ModelLoadError(f"{path} is not a readable GGUF file (truncated or corrupt?): {e}") from None
     if end > path.stat().st_size:
         raise ModelLoadError(f"{path} is truncated: tensor data ends at byte {end}, file has {path.stat().st_size}")
-    return arch
+    return header
 
 
 def resolve_path(model: str | os.PathLike) -> pathlib.Path:
@@ -94,7 +95,8 @@ class Model:
         if n_seq_max > 256:
             raise ValueError("n_seq_max must be at most 256 (llama.cpp's LLAMA_MAX_SEQ)")
         self.path = pathlib.Path(path)
-        self.arch = _read_arch(self.path)
+        self._header = _read_header(self.path)  # tensor layout, also for building LoRA adapters
+        self.arch = self._header.kv["general.architecture"]
         hookpoints.check_arch(self.arch)
         _lib.set_verbose(verbose)
         self.verbose = verbose
