@@ -76,13 +76,14 @@ def main() -> None:
     ap.add_argument("--models", nargs="+", default=MODELS)
     ap.add_argument("--out", type=pathlib.Path, default=HERE / "out")
     ap.add_argument("--no-hf", action="store_true", help="skip the transformers comparison")
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=3, help="rounds of the capture benchmark")
+    ap.add_argument("--steer-repeats", type=int, default=7, help="rounds of the decode benchmark")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
 
     t0 = time.perf_counter()
     results: dict = {}
-    steer = run_json([str(HERE / "bench_steer.py"), "--json", "--repeats", str(args.repeats), "--models",
+    steer = run_json([str(HERE / "bench_steer.py"), "--json", "--repeats", str(args.steer_repeats), "--models",
                       *args.models])
     for model in args.models:
         r = results[model] = {"steer": next(x for x in steer if x["model"] == model)}

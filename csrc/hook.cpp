@@ -1,6 +1,7 @@
 #include "hook.h"
 
 #include <algorithm>
+#include <chrono>
 #include <cstring>
 #include <exception>
 
@@ -75,6 +76,8 @@ bool Hook::eval_callback(ggml_tensor * t, bool ask, void * user_data) {
     // Capture-only names matter only while capturing: generation watches just the edited tensors.
     if (w.ops.empty() && !self->capturing()) return false;
     if (ask) return true;
+    const auto t0 = std::chrono::steady_clock::now();
+    ++self->n_data_calls_;
     try {
         self->on_eval(t, w);
     } catch (const std::exception & e) {
@@ -82,6 +85,8 @@ bool Hook::eval_callback(ggml_tensor * t, bool ask, void * user_data) {
     } catch (...) {
         self->fail("pysteer hook: unknown C++ exception");
     }
+    self->callback_ns_ += std::chrono::duration_cast<std::chrono::nanoseconds>(
+        std::chrono::steady_clock::now() - t0).count();
     return true;  // returning false would not stop llama_decode (it only ends this split); abort_callback does
 }
 

@@ -134,6 +134,10 @@ PYBIND11_MODULE(_core, m) {
         .def_property_readonly("n_ops", [](PyHook & h) { return h.hook.n_ops(); })
         .def_property_readonly("n_edited_rows", [](PyHook & h) { return h.hook.n_edited_rows(); },
                                "rows edited by interventions since the hook was made (a running count)")
+        .def_property_readonly("n_data_calls", [](PyHook & h) { return h.hook.n_data_calls(); },
+                               "callbacks that received data (each ends a graph split; a running count)")
+        .def_property_readonly("callback_seconds", [](PyHook & h) { return h.hook.callback_seconds(); },
+                               "time spent inside those callbacks (a running total)")
         .def("use_cuda_kernels",
              [](PyHook & h, bool on) {
                  if (on && !pysteer::cuda::built()) throw std::invalid_argument("pysteer was built without CUDA");

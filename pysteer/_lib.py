@@ -7,6 +7,7 @@ llama.cpp. The build it finds is checked against the one the extension was compi
 
 from __future__ import annotations
 
+import concurrent.futures
 import ctypes
 import os
 
@@ -90,3 +91,49 @@ def set_verbose(verbose: bool) -> None:
 
 
 check_build()
+
+
+# Types ggml_quantize_chunk writes (its switch); IQ2_XXS, IQ2_XS and IQ1_S also need an importance matrix.
+_QUANTIZABLE = {"F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K",
+                "Q6_K", "IQ2_S", "IQ3_XXS", "IQ3_S", "IQ1_M", "IQ4_NL", "IQ4_XS", "TQ1_0", "TQ2_0", "MXFP4"}
+
+
+def check_quantizable(ggml_type) -> None:
+    """ValueError unless ggml can write ``ggml_type`` from floats without an importance matrix."""
+    import gguf
+
+    name = gguf.GGMLQuantizationType(int(ggml_type)).name
+    needs_imatrix = _c_function("ggml_quantize_requires_imatrix", ctypes.c_bool, [ctypes.c_int])(int(ggml_type))
+    if name not in _QUANTIZABLE or needs_imatrix:
+        why = "needs an importance matrix" if needs_imatrix else "cannot be written by ggml_quantize_chunk"
+        raise ValueError(f"tensor type {name} {why}; store the edited tensors in another type (e.g. Q8_0)")
+
+
+def quantize(x, ggml_type):
+    """Rows of ``x`` in ``ggml_type`` by libggml's own quantizer (``ggml_quantize_chunk``, which
+    llama_model_quantize calls): uint8 [rows, bytes per row]."""
+    import gguf
+    import numpy as np
+
+    check_quantizable(ggml_type)
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if x.ndim != 2:
+        raise ValueError("quantize takes a 2-D array of rows")
+    block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(int(ggml_type))]
+    if x.shape[1] % block:
+        raise ValueError(f"row length {x.shape[1]} is not a multiple of the type's block of {block}")
+    out = np.empty((x.shape[0], x.shape[1] // block * size), np.uint8)
+    fn = _c_function("ggml_quantize_chunk", ctypes.c_size_t, [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
+                                                              ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
+                                                              ctypes.c_void_p])
+    def run(lo: int, hi: int) -> int:  # ctypes drops the GIL: row ranges quantize in parallel
+        return fn(int(ggml_type), x[lo:hi].ctypes.data, out[lo:hi].ctypes.data, 0, hi - lo, x.shape[1], None)
+
+    cuts = np.linspace(0, len(x), min(os.cpu_count() or 1, max(1, x.size // (1 << 18))) + 1).astype(int)
+    if len(cuts) == 2:
+        n = run(0, len(x))
+    else:
+        with concurrent.futures.ThreadPoolExecutor(len(cuts) - 1) as pool:
+            n = sum(pool.map(run, cuts[:-1], cuts[1:]))
+    assert n == out.nbytes, (n, out.nbytes)
+    return out

@@ -282,7 +282,9 @@ def _export(args) -> None:
         if args.cvec:
             print(export.write_control_vector(m, d.vector, args.cvec, alpha=args.alpha, layers=layers))
         if args.abliterate:
-            print(export.abliterate(m, d.vector, args.abliterate, progress=not args.quiet))
+            print(export.abliterate(m, d.vector, args.abliterate, modified_type=args.abliterate_type,
+                                    direction_info={"point": d.point, "layer": d.layer, "position": d.position},
+                                    progress=not args.quiet))
 
 
 def _info(args) -> None:
@@ -399,6 +401,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--alpha", type=float, default=1.0, help="control-vector strength (default 1)")
     p.add_argument("--layers", default=None, help="control-vector layers (default all from 1)")
     p.add_argument("--abliterate", help="weight-orthogonalized model GGUF to write")
+    p.add_argument("--abliterate-type", metavar="TYPE", help="store the edited matrices in this ggml type "
+                   "(e.g. Q8_0) instead of their source type")
     p.set_defaults(func=_export)
 
     sp = sub.add_parser("summary", help="a quick per-layer look at a few harmful and harmless prompts")

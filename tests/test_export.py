@@ -64,25 +64,49 @@ def test_abliterated_tiny_model_equals_runtime_ablation(tiny_dir, tmp_path, arch
     assert not list(tmp_path.glob(".abliterate-*"))  # staging removed
 
 
+def test_abliterate_rejects_type_ggml_cannot_write(tiny_path, tmp_path):
+    with pysteer.load(tiny_path, n_ctx=512) as m:
+        with pytest.raises(ValueError, match="IQ2_XXS needs an importance matrix"):
+            export.abliterate(m, np.ones(m.n_embd), tmp_path / "abl.gguf", modified_type="IQ2_XXS",
+                              progress=False)
+        with pytest.raises(ValueError, match="unknown tensor type"):
+            export.abliterate(m, np.ones(m.n_embd), tmp_path / "abl.gguf", modified_type="Q9_9", progress=False)
+    assert not list(tmp_path.iterdir())
+
+
+def _max_projection(path, prompts, r):
+    with pysteer.load(path, n_ctx=512) as m:
+        h = m.capture(prompts, positions=2, layers=range(1, m.n_layers)).astype(np.float64)
+    return (np.abs(h @ r) / np.linalg.norm(h, axis=-1)).max()
+
+
 @pytest.mark.real
 def test_abliterated_real_model(smollm2_path, tmp_path):
-    """Q4_1/Q8_0: every tensor keeps its type; re-quantizing the edited 4-bit matrices adds noise of the size of
-    the edit (seen: max |Δlogit| 3.0 at a logit scale of 33); with them stored as Q8_0, 1.2."""
+    """Q4_1/Q8_0 (SmolLM2, a random direction): every tensor keeps its type. Rounded row by row, the edited
+    4-bit matrices fall back towards their old grid and the residual stream keeps much of r; with error feedback
+    it does not (seen: largest |h·r|/|h| over layers 1.. 0.0011 with feedback, 0.044 without, 0.081 unedited).
+    The logits differ from runtime ablation by re-quantization noise, larger than this direction's own effect
+    (seen: max |Δ| 4.3 with feedback, 3.0 without, at a scale of 33; base vs ablation 3.1; Q8_0 matrices 1.3)."""
     r = np.random.default_rng(0).standard_normal(576)
+    r /= np.linalg.norm(r)
     prompts = ["Write a haiku about rain.", "What is 2 + 2?"]
     with pysteer.load(smollm2_path, n_ctx=512) as m:
         out = export.abliterate(m, r, tmp_path / "abl.gguf", progress=False)
+        naive = export.abliterate(m, r, tmp_path / "naive.gguf", progress=False, error_feedback=False)
         out8 = export.abliterate(m, r, tmp_path / "abl8.gguf", progress=False, modified_type="Q8_0")
         with m.steer(pysteer.Ablate(r), path="hook"):
             want = m.logits_batch(prompts)
         base = m.logits_batch(prompts)
     src = {t.name: t.tensor_type for t in gguf.GGUFReader(smollm2_path).tensors}
     assert {t.name: t.tensor_type for t in gguf.GGUFReader(out).tensors} == src
+    assert {t.name: t.tensor_type for t in gguf.GGUFReader(naive).tensors} == src
     with pysteer.load(out, n_ctx=512, hook=False) as plain:
         got = plain.logits_batch(prompts)
     with pysteer.load(out8, n_ctx=512, hook=False) as plain:
         got8 = plain.logits_batch(prompts)
     scale = np.abs(want).max()
-    assert np.abs(got - want).max() < 0.15 * scale
+    assert np.abs(got - want).max() < 0.2 * scale
     assert np.abs(got8 - want).max() < 0.06 * scale
     assert np.abs(got8 - want).max() < np.abs(base - want).max()  # closer to ablation than to the original
+    fed, unfed, source = (_max_projection(p, prompts, r) for p in (out, naive, smollm2_path))
+    assert fed < 0.004 and unfed > 3 * fed and source > 10 * fed, (fed, unfed, source)
