@@ -140,7 +140,7 @@ class Model:
         cparams.n_ubatch = self.n_ubatch
         cparams.n_seq_max = n_seq_max
         cparams.n_threads = cparams.n_threads_batch = self.n_threads
-        cparams.kv_unified = os.environ.get("PYSTEER_KV_UNIFIED", "1") == "1"  # EXPERIMENT
+        cparams.kv_unified = True
         # Off by default, as in llama_cpp.Llama: llama.cpp's CPU flash-attention kernel makes a prompt's
         # activations depend on what else is in the batch (~1e-3 on a tiny F32 model); without it they do not.
         cparams.flash_attn_type = (llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn
