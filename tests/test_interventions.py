@@ -58,7 +58,7 @@ def test_steered_forward_matches_numpy(tiny_dir, arch, rng):
     def edit(point, layer, x):
         return x - np.outer(x @ r, r) if layer in layers else x
 
-    with pysteer.load(path, n_ctx=512) as m, m.steer(pysteer.Ablate(r, layers=layers)):
+    with pysteer.load(path, n_ctx=512, flash_attn=False) as m, m.steer(pysteer.Ablate(r, layers=layers)):
         for prompt in PROMPTS[:3]:
             tokens = m.encode(prompt)
             acts = m.capture([prompt], positions=len(tokens))[0]
