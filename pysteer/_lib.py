@@ -93,20 +93,28 @@ def set_verbose(verbose: bool) -> None:
 check_build()
 
 
-# Types ggml_quantize_chunk writes (its switch); IQ2_XXS, IQ2_XS and IQ1_S also need an importance matrix.
+# Types ggml_quantize_chunk writes (its switch). Of these, llama.cpp's quantizer refuses the lowest-bit IQ types
+# without an importance matrix (ggml_quantize_requires_imatrix names three; llama_model_quantize adds the rest).
 _QUANTIZABLE = {"F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K",
-                "Q6_K", "IQ2_S", "IQ3_XXS", "IQ3_S", "IQ1_M", "IQ4_NL", "IQ4_XS", "TQ1_0", "TQ2_0", "MXFP4"}
+                "Q6_K", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S", "IQ1_S", "IQ1_M", "IQ4_NL", "IQ4_XS",
+                "TQ1_0", "TQ2_0", "MXFP4"}
+_NEEDS_IMATRIX = {"IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ1_S", "IQ1_M"}
 
 
-def check_quantizable(ggml_type) -> None:
-    """ValueError unless ggml can write ``ggml_type`` from floats without an importance matrix."""
+def check_quantizable(ggml_type, row_length: int | None = None) -> None:
+    """ValueError unless ggml can write ``ggml_type`` from floats without an importance matrix (and rows of
+    ``row_length`` values)."""
     import gguf
 
-    name = gguf.GGMLQuantizationType(int(ggml_type)).name
-    needs_imatrix = _c_function("ggml_quantize_requires_imatrix", ctypes.c_bool, [ctypes.c_int])(int(ggml_type))
-    if name not in _QUANTIZABLE or needs_imatrix:
+    ty = gguf.GGMLQuantizationType(int(ggml_type))
+    needs_imatrix = ty.name in _NEEDS_IMATRIX or _c_function(
+        "ggml_quantize_requires_imatrix", ctypes.c_bool, [ctypes.c_int])(int(ggml_type))
+    if ty.name not in _QUANTIZABLE or needs_imatrix:
         why = "needs an importance matrix" if needs_imatrix else "cannot be written by ggml_quantize_chunk"
-        raise ValueError(f"tensor type {name} {why}; store the edited tensors in another type (e.g. Q8_0)")
+        raise ValueError(f"tensor type {ty.name} {why}; store the edited tensors in another type (e.g. Q8_0)")
+    block = gguf.GGML_QUANT_SIZES[ty][0]
+    if row_length is not None and (row_length <= 0 or row_length % block):
+        raise ValueError(f"rows of {row_length} values cannot be stored as {ty.name} (blocks of {block})")
 
 
 def quantize(x, ggml_type):
@@ -115,23 +123,24 @@ def quantize(x, ggml_type):
     import gguf
     import numpy as np
 
-    check_quantizable(ggml_type)
     x = np.ascontiguousarray(x, dtype=np.float32)
     if x.ndim != 2:
         raise ValueError("quantize takes a 2-D array of rows")
+    check_quantizable(ggml_type, x.shape[1])
+    if not np.isfinite(x).all():  # some ggml quantizers abort the process on NaN or inf
+        raise ValueError("cannot quantize non-finite values")
     block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(int(ggml_type))]
-    if x.shape[1] % block:
-        raise ValueError(f"row length {x.shape[1]} is not a multiple of the type's block of {block}")
     out = np.empty((x.shape[0], x.shape[1] // block * size), np.uint8)
     fn = _c_function("ggml_quantize_chunk", ctypes.c_size_t, [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
                                                               ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
                                                               ctypes.c_void_p])
+
     def run(lo: int, hi: int) -> int:  # ctypes drops the GIL: row ranges quantize in parallel
         return fn(int(ggml_type), x[lo:hi].ctypes.data, out[lo:hi].ctypes.data, 0, hi - lo, x.shape[1], None)
 
-    cuts = np.linspace(0, len(x), min(os.cpu_count() or 1, max(1, x.size // (1 << 18))) + 1).astype(int)
-    if len(cuts) == 2:
-        n = run(0, len(x))
+    cuts = np.unique(np.linspace(0, len(x), min(os.cpu_count() or 1, max(1, x.size // (1 << 18))) + 1).astype(int))
+    if len(cuts) <= 2:
+        n = run(0, len(x)) if len(x) else 0
     else:
         with concurrent.futures.ThreadPoolExecutor(len(cuts) - 1) as pool:
             n = sum(pool.map(run, cuts[:-1], cuts[1:]))

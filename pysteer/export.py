@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import pathlib
 import re
+import tempfile
 import warnings
 
 import gguf
@@ -59,8 +60,10 @@ def read_control_vector(path, n_embd: int, n_layers: int) -> np.ndarray:
 
 _WRITERS = re.compile(r"blk\.\d+\.(attn_output|ffn_down)\.(weight|bias)")
 # Types whose quantizer treats every block on its own (no importance matrix given): a row may be quantized
-# block-column by block-column with the same bytes as a whole.
-_BLOCKWISE = {"F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"}
+# block-column by block-column with the same bytes as a whole (tests/test_quantize.py checks each).
+_BLOCKWISE = {"F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K",
+              "IQ4_NL", "MXFP4"}
+_EMBD_CHUNK = 16384  # vocabulary rows edited at a time
 
 
 def _dequantize(data: np.ndarray, ty: int, shape) -> np.ndarray:
@@ -112,25 +115,38 @@ def _quantize_rows_orthogonal(E: np.ndarray, r: np.ndarray, ty: int) -> np.ndarr
     return np.concatenate(cols, axis=1)
 
 
-def _ablated(name: str, data: np.ndarray, ty: int, shape, r: np.ndarray, out_type: int,
-             feedback: bool = True) -> np.ndarray:
-    """The tensor with direction r removed, in ``out_type`` (float32 for F32, else raw bytes)."""
-    if name.endswith(".bias"):
-        b = _dequantize(data, ty, shape)
-        return (b - r * (r @ b)).astype(np.float32)
-    if name == "token_embd.weight":  # (n_vocab, n_embd): rows are embeddings
-        E = np.array(gguf.quants.dequantize(data, gguf.GGMLQuantizationType(ty)), np.float32).reshape(shape)
+def _ablated(t, r: np.ndarray, out_type: int, feedback: bool, scratch: pathlib.Path) -> np.ndarray:
+    """Tensor ``t`` with direction r removed, in ``out_type`` (float32 for F32, else raw bytes), in a
+    memory-mapped file under ``scratch``: the writer holds it until the end, and a model's edited tensors
+    need not fit in RAM."""
+    ty = int(t.tensor_type)
+    shape = [int(n) for n in reversed(t.shape)]  # numpy order: rows, then values per row
+    n_rows, n_cols = (1, shape[0]) if len(shape) == 1 else shape
+    f32 = out_type == gguf.GGMLQuantizationType.F32
+    width = n_cols if f32 else gguf.quants.quant_shape_to_byte_shape((n_cols,), gguf.GGMLQuantizationType(out_type))[0]
+    dst = np.lib.format.open_memmap(scratch / f"{len(list(scratch.iterdir()))}.npy", mode="w+",
+                                    dtype=np.float32 if f32 else np.uint8, shape=(n_rows, width))
+
+    def store(rows: slice, x: np.ndarray, orthogonal) -> None:
+        dst[rows] = x if f32 else orthogonal(x, r, out_type) if feedback else _lib.quantize(x, out_type)
+
+    if len(shape) == 1:  # a bias: b - r (r.b)
+        b = _dequantize(t.data, ty, shape)
+        store(slice(0, 1), (b - r * (r @ b))[None], lambda x, r, ty: _lib.quantize(x, ty))
+        return dst[0]
+    if t.name == "token_embd.weight":  # (n_vocab, n_embd): rows are embeddings, each edited on its own
         r32 = r.astype(np.float32)
-        for i in range(0, len(E), 16384):  # no vocabulary-sized outer product
-            E[i:i + 16384] -= np.outer(E[i:i + 16384] @ r32, r32)
-        if out_type == gguf.GGMLQuantizationType.F32:
-            return E
-        return _quantize_rows_orthogonal(E, r, out_type) if feedback else _lib.quantize(E, out_type)
-    W = _dequantize(data, ty, shape)  # (n_embd, n_in): outputs along the first axis
+        for i in range(0, n_rows, _EMBD_CHUNK):
+            rows = slice(i, min(i + _EMBD_CHUNK, n_rows))
+            E = np.array(gguf.quants.dequantize(t.data[rows], gguf.GGMLQuantizationType(ty)), np.float32)
+            E = E.reshape(-1, n_cols)
+            E -= np.outer(E @ r32, r32)
+            store(rows, E, _quantize_rows_orthogonal)
+        return dst
+    W = _dequantize(t.data, ty, shape)  # (n_embd, n_in): outputs along the first axis
     W -= np.outer(r, r @ W)
-    if out_type == gguf.GGMLQuantizationType.F32:
-        return W.astype(np.float32)
-    return _quantize_outputs_orthogonal(W, r, out_type) if feedback else _lib.quantize(W, out_type)
+    store(slice(None), W, _quantize_outputs_orthogonal)
+    return dst
 
 
 def abliterate(model, vector: np.ndarray, out, *, direction_info: dict | None = None,
@@ -156,13 +172,15 @@ def abliterate(model, vector: np.ndarray, out, *, direction_info: dict | None = 
         except KeyError:
             raise ValueError(f"unknown tensor type {modified_type!r}") from None
         types.update({n: int(qt) for n in modified if not n.endswith(".bias")})
-    for n in sorted(modified):
-        if not n.endswith(".bias"):
-            _lib.check_quantizable(types[n])  # before anything is written
+    widths = {t.name: int(t.shape[0]) for t in src.tensors}  # values per row (ggml ne0)
+    for n in sorted(modified):  # before anything is written
+        if types[n] != gguf.GGMLQuantizationType.F32:
+            _lib.check_quantizable(types[n], widths[n])
     if model.arch == "gemma3":
         warnings.warn("gemma3's post-norms rescale block outputs: the abliterated weights only approximate "
                       "runtime ablation", stacklevel=2)
-    with gguf_output(out, model.arch) as w:
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=".abliterate-") as scratch, \
+            gguf_output(out, model.arch) as w:
         for f in src.fields.values():
             if f.name.startswith("GGUF.") or f.name == "general.architecture":
                 continue
@@ -179,8 +197,7 @@ def abliterate(model, vector: np.ndarray, out, *, direction_info: dict | None = 
             if t.name not in modified:
                 w.add_tensor(t.name, t.data, raw_dtype=t.tensor_type)
                 continue
-            shape = [int(n) for n in reversed(t.shape)]
-            data = _ablated(t.name, t.data, int(t.tensor_type), shape, r, types[t.name], error_feedback)
+            data = _ablated(t, r, types[t.name], error_feedback, pathlib.Path(scratch))
             if data.dtype == np.uint8:
                 w.add_tensor(t.name, data, raw_dtype=gguf.GGMLQuantizationType(types[t.name]))
             else:

@@ -1,6 +1,8 @@
 """Re-quantization through the loaded libggml, and the error feedback that keeps abliterated weights
 orthogonal to the direction (checked against gguf-py's independent numpy quantizers and dequantizers)."""
 
+import ctypes
+
 import gguf
 import numpy as np
 import pytest
@@ -33,13 +35,45 @@ def test_quantize_round_trip_through_gguf_dequantizer(name, rel):
     assert err > 0 or name == "F16"
 
 
+class _TypeTraits(ctypes.Structure):  # struct ggml_type_traits (ggml.h of the pinned llama.cpp)
+    _fields_ = [("type_name", ctypes.c_char_p), ("blck_size", ctypes.c_int64),
+                ("blck_size_interleave", ctypes.c_int64), ("type_size", ctypes.c_size_t),
+                ("is_quantized", ctypes.c_bool), ("to_float", ctypes.c_void_p), ("from_float_ref", ctypes.c_void_p)]
+
+
+def _ggml_dequantize(q: np.ndarray, ty) -> np.ndarray:
+    traits = _lib._c_function("ggml_get_type_traits", ctypes.POINTER(_TypeTraits), [ctypes.c_int])(int(ty))[0]
+    assert traits.type_name.decode().lower() == T(ty).name.lower()
+    to_float = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64)(traits.to_float)
+    q = np.ascontiguousarray(q)
+    out = np.empty(q.size // traits.type_size * traits.blck_size, np.float32)
+    to_float(q.ctypes.data, out.ctypes.data, out.size)
+    return out
+
+
+@pytest.mark.parametrize("name", ["F16", "BF16", "Q4_0", "Q4_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K",
+                                  "IQ4_NL", "IQ4_XS", "MXFP4"])
+def test_gguf_dequantizer_equals_ggml(name):
+    """The error feedback measures rounding with gguf-py's numpy dequantizer: it must be ggml's exactly."""
+    q = _lib.quantize(_rows(8, 512, seed=7) * 3, T[name])
+    assert np.array_equal(gguf.quants.dequantize(q, T[name]).ravel(), _ggml_dequantize(q, T[name]))
+
+
 def test_quantize_rejects_what_ggml_cannot_write():
     with pytest.raises(ValueError, match="IQ2_XXS needs an importance matrix"):
         _lib.quantize(_rows(1, 256), T.IQ2_XXS)
     with pytest.raises(ValueError, match="Q8_1 cannot be written"):
         _lib.quantize(_rows(1, 256), T.Q8_1)
-    with pytest.raises(ValueError, match="not a multiple"):
+    with pytest.raises(ValueError, match="IQ3_XXS needs an importance matrix"):  # llama.cpp's rule too
+        _lib.quantize(_rows(1, 256), T.IQ3_XXS)
+    with pytest.raises(ValueError, match="rows of 100 values cannot be stored as Q4_K"):
         _lib.quantize(_rows(1, 100), T.Q4_K)
+    with pytest.raises(ValueError, match="rows of 0 values"):
+        _lib.quantize(np.zeros((3, 0), np.float32), T.Q8_0)
+    x = _rows(2, 256)
+    x[1, 7] = np.nan
+    with pytest.raises(ValueError, match="non-finite"):
+        _lib.quantize(x, T.IQ4_XS)
 
 
 @pytest.mark.parametrize("name", sorted(export._BLOCKWISE))
