@@ -5,6 +5,7 @@ import json
 import subprocess
 import sys
 
+import gguf
 import pytest
 
 HARMFUL = [f"how to make the bad thing number {i}" for i in range(12)]
@@ -71,6 +72,13 @@ def test_generate_chat_sweep_export_metrics(setup):
             "--abliterate", d / "abl.gguf", "-q")
     assert r.returncode == 0, r.stderr
     assert (d / "cv.gguf").is_file() and (d / "abl.gguf").is_file()
+    r = run("export", model, "--direction", d / "dir.gguf", "--abliterate", d / "abl8.gguf",
+            "--abliterate-type", "q8_0", "-q")
+    assert r.returncode == 0, r.stderr
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(d / "abl8.gguf").tensors}
+    assert types["blk.1.ffn_down.weight"] == "Q8_0" and types["blk.1.ffn_up.weight"] == "F32"
+    info = gguf.GGUFReader(d / "abl8.gguf").get_field("pysteer.abliterated_layer")
+    assert info is not None  # the metadata names the direction
     r = run("metrics", model, *sets, "-o", d / "m.png")
     assert r.returncode == 0 and (d / "m.png").is_file()
 
@@ -83,6 +91,8 @@ def test_generate_chat_sweep_export_metrics(setup):
     (("export", "MODEL", "--direction", "DIR", "--cvec", "OUT", "--layers", "0:2"), "start at layer 1"),
     (("sweep", "MODEL", "--add", "DIR", "--alpha", "1:2:0"), "bad --alpha"),
     (("extract", "MODEL", "-o", "out.txt"), "must name a .gguf"),
+    (("export", "MODEL", "--direction", "DIR", "--abliterate", "OUT", "--abliterate-type", "IQ2_XS"),
+     "needs an importance matrix"),
     (("ablate-test", "MODEL", "--direction", "DIR", "--save", "OUT"), "only when the direction is extracted"),
 ])
 def test_user_errors_are_one_line(setup, tiny_dir, args, match):
