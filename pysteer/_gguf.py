@@ -21,23 +21,24 @@ class Header:
     data_start: int
 
     def data_end(self) -> int:
-        end = self.data_start
-        for _, shape, typ, off in self.tensors:
-            block, size = GGML_QUANT_SIZES[GGMLQuantizationType(typ)]
-            n = 1
-            for d in shape:
-                n *= d
-            end = max(end, self.data_start + off + n // block * size)
-        return end
+        return max([self.data_start + off + _nbytes(shape, typ) for _, shape, typ, off in self.tensors],
+                   default=self.data_start)
+
+
+def _nbytes(shape, typ: int) -> int:
+    block, size = GGML_QUANT_SIZES[GGMLQuantizationType(typ)]
+    n = 1
+    for d in shape:  # Python ints: no overflow on damaged headers
+        n *= d
+    return n // block * size
 
 
 def tensor_bytes(path, header: Header, name: str) -> np.ndarray:
     """One tensor's raw bytes (uint8, memory-mapped), as gguf.quants.dequantize takes them."""
     for n, shape, typ, off in header.tensors:
         if n == name:
-            block, size = GGML_QUANT_SIZES[GGMLQuantizationType(typ)]
-            count = int(np.prod(shape, dtype=np.int64)) // block * size
-            return np.memmap(path, dtype=np.uint8, mode="r", offset=header.data_start + off, shape=(count,))
+            return np.memmap(path, dtype=np.uint8, mode="r", offset=header.data_start + off,
+                             shape=(_nbytes(shape, typ),))
     raise KeyError(f"no tensor {name!r} in {path}")
 
 

@@ -70,6 +70,12 @@ def _dequantize(data: np.ndarray, ty: int, shape) -> np.ndarray:
     return gguf.quants.dequantize(data, gguf.GGMLQuantizationType(ty)).reshape(shape).astype(np.float64)
 
 
+def _feedback_order(energy: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Units (rows or block columns) in order of growing share of r, and the share of r not yet done at each."""
+    order = np.argsort(energy, kind="stable")
+    return order, np.cumsum(energy[order][::-1])[::-1]
+
+
 def _quantize_outputs_orthogonal(W: np.ndarray, r: np.ndarray, ty: int) -> np.ndarray:
     """W (n_embd, n_in), already orthogonalized (``r^T W = 0``), outputs along the first axis.
 
@@ -78,8 +84,7 @@ def _quantize_outputs_orthogonal(W: np.ndarray, r: np.ndarray, ty: int) -> np.nd
     ``W_i - r_i acc / sum_{j not done} r_j^2`` where ``acc = sum_{done} r_j (Q(W_j) - W_j)``: the error along r
     the rows so far left is spread over the rows still to come, and ``r^T Q(W)`` ends near 0. Rows go in groups
     of 1/32 of those left (one row at a time at the end), so a matrix takes a few hundred quantizer calls."""
-    order = np.argsort(np.abs(r), kind="stable")
-    left = np.cumsum((r[order] ** 2)[::-1])[::-1]
+    order, left = _feedback_order(r ** 2)
     acc = np.zeros(W.shape[1])
     out = None
     j = 0
@@ -103,8 +108,7 @@ def _quantize_rows_orthogonal(E: np.ndarray, r: np.ndarray, ty: int) -> np.ndarr
     if name not in _BLOCKWISE:
         return _lib.quantize(E, ty)
     rb = r.reshape(-1, block)
-    order = np.argsort((rb ** 2).sum(1), kind="stable")
-    left = np.cumsum(((rb[order] ** 2).sum(1))[::-1])[::-1]
+    order, left = _feedback_order((rb ** 2).sum(1))
     acc = np.zeros(E.shape[0])
     cols = [None] * len(rb)
     for j, b in enumerate(order):
@@ -124,15 +128,16 @@ def _ablated(t, r: np.ndarray, out_type: int, feedback: bool, scratch: pathlib.P
     n_rows, n_cols = (1, shape[0]) if len(shape) == 1 else shape
     f32 = out_type == gguf.GGMLQuantizationType.F32
     width = n_cols if f32 else gguf.quants.quant_shape_to_byte_shape((n_cols,), gguf.GGMLQuantizationType(out_type))[0]
-    dst = np.lib.format.open_memmap(scratch / f"{len(list(scratch.iterdir()))}.npy", mode="w+",
+    dst = np.lib.format.open_memmap(scratch / f"{t.name}.npy", mode="w+",
                                     dtype=np.float32 if f32 else np.uint8, shape=(n_rows, width))
 
     def store(rows: slice, x: np.ndarray, orthogonal) -> None:
         dst[rows] = x if f32 else orthogonal(x, r, out_type) if feedback else _lib.quantize(x, out_type)
 
-    if len(shape) == 1:  # a bias: b - r (r.b)
+    if len(shape) == 1:  # a bias: b - r (r.b); one row, nothing to feed the error to
         b = _dequantize(t.data, ty, shape)
-        store(slice(0, 1), (b - r * (r @ b))[None], lambda x, r, ty: _lib.quantize(x, ty))
+        b -= r * (r @ b)
+        dst[0] = b if f32 else _lib.quantize(b[None], out_type)[0]
         return dst[0]
     if t.name == "token_embd.weight":  # (n_vocab, n_embd): rows are embeddings, each edited on its own
         r32 = r.astype(np.float32)
