@@ -21,8 +21,8 @@ import numpy as np
 
 import pysteer
 from pysteer import datasets
-from pysteer._gguf import read_header
-from pysteer.evaluate import judge
+from pysteer.gguf_io import read_header
+from pysteer.judge import judge
 from pysteer.export import abliterate
 
 VARIANTS = {  # name -> abliterate() keywords

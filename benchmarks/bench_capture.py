@@ -16,7 +16,7 @@ import statistics
 import time
 
 import pysteer
-from pysteer.summary import quick_prompts
+from pysteer.jobs import quick_prompts
 
 
 def make_prompts(n: int) -> list[str]:

@@ -25,20 +25,20 @@ PROMPT = "Write a short story about a robot learning to paint."
 
 
 def hook_counters(m) -> tuple[int, float]:
-    h = getattr(m, "_hook", None)
-    return (h.n_data_calls, h.callback_seconds) if h is not None else (0, 0.0)
+    h = m.hook_stats
+    return (h["data_calls"], h["callback_seconds"]) if h else (0, 0.0)
 
 
 def decode_tps(m, tokens: list[int], n: int, stats: dict | None = None) -> float:
     """Tokens/s of n single-token decodes after the prompt (prompt time excluded); ``stats`` receives the
     hook's data callbacks (graph splits) and seconds inside them per token."""
-    m._decode([tokens], np.array([len(tokens) - 1]))
-    tok = int(np.argmax(m._logits_row(len(tokens) - 1)))
+    m.decode([tokens], np.array([len(tokens) - 1]))
+    tok = int(np.argmax(m.logits_row(len(tokens) - 1)))
     c0, s0 = hook_counters(m)
     t0 = time.perf_counter()
     for i in range(n):
-        m._decode_step([tok], [len(tokens) + i], [0])
-        tok = int(np.argmax(m._logits_row(0)))
+        m.decode_step([tok], [len(tokens) + i], [0])
+        tok = int(np.argmax(m.logits_row(0)))
     dt = time.perf_counter() - t0
     if stats is not None:
         c1, s1 = hook_counters(m)
@@ -53,8 +53,8 @@ def configs(n_embd: int):
         ("unsteered (pysteer context, hook idle)", [], "auto"),
         ("ablate, all layers, pre/mid/post (hook)", [pysteer.Ablate(r)], "hook"),
         ("ablate, all layers (native LoRA)", [pysteer.Ablate(r)], "native"),
-        ("add, layers 1..n-1 post (hook)", [pysteer.Add(r, 0.5, layers=range(1, 10_000))], "hook"),
-        ("add, layers 1..n-1 post (native cvec)", [pysteer.Add(r, 0.5, layers=range(1, 10_000))], "native"),
+        ("add, layers 1..n-1 post (hook)", [pysteer.Add(r, 0.5, layers="1:")], "hook"),
+        ("add, layers 1..n-1 post (native cvec)", [pysteer.Add(r, 0.5, layers="1:")], "native"),
         ("rotate 30°, all layers, pre/mid/post (hook)", [pysteer.Rotate(r, b2, 30)], "hook"),
         ("rotate 30° adaptive, all layers (hook)", [pysteer.Rotate(r, b2, 30, adaptive=True)], "hook"),
     ]

@@ -22,7 +22,7 @@ import time
 import numpy as np
 
 from pysteer import datasets, models
-from pysteer._gguf import read_header
+from pysteer.gguf_io import read_header
 from pysteer.model import resolve_path
 
 HERE = pathlib.Path(__file__).resolve().parent

@@ -17,7 +17,7 @@ import time
 import numpy as np
 
 import pysteer
-from pysteer._files import atomic_output
+from pysteer.files import atomic_output
 
 
 def main() -> None:

@@ -14,7 +14,7 @@ import time
 
 import pysteer
 from pysteer import datasets
-from pysteer.scoring import refusal_scores
+from pysteer.judge import refusal_scores
 
 
 def peak_rss_mb() -> float:

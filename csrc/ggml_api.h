@@ -10,8 +10,6 @@ struct GgmlApi {
     bool (*buffer_is_host)(ggml_backend_buffer_t) = nullptr;
     void (*tensor_get)(const ggml_tensor *, void *, size_t, size_t) = nullptr;
     void (*tensor_set)(ggml_tensor *, const void *, size_t, size_t) = nullptr;
-
-    bool complete() const { return buffer_is_host && tensor_get && tensor_set; }
 };
 
 }  // namespace pysteer

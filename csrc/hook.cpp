@@ -9,15 +9,9 @@ namespace pysteer {
 
 Hook::Hook(const GgmlApi & api, int64_t n_embd) : api_(api), n_embd_(n_embd), cuda_(cuda::create_state()) {}
 
-void Hook::clear_ops() {
-    cuda::clear_directions(cuda_.get());
-    ops_.clear();
-    rebuild();
-}
-
-void Hook::add_op(const std::string & name, Op op) {
-    cuda::clear_directions(cuda_.get());  // ops_ may reallocate: device copies are keyed by host address
-    ops_.emplace_back(name, std::move(op));
+void Hook::set_ops(std::vector<std::pair<std::string, Op>> ops) {
+    cuda::clear_directions(cuda_.get());  // device copies are keyed by host address
+    ops_ = std::move(ops);
     rebuild();
 }
 

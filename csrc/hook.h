@@ -52,9 +52,8 @@ class Hook {
   public:
     Hook(const GgmlApi & api, int64_t n_embd);
 
-    // Interventions (between decodes only).
-    void clear_ops();
-    void add_op(const std::string & name, Op op);
+    // Interventions (between decodes only): replaces all ops at once (one rebuild of the watch table).
+    void set_ops(std::vector<std::pair<std::string, Op>> ops);
     size_t n_ops() const { return ops_.size(); }
     void set_device_path(DevicePath p) { device_path_ = p; }
 

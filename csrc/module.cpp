@@ -3,8 +3,11 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <stdexcept>
+#include <tuple>
 
 #include "hook.h"
 
@@ -19,6 +22,7 @@ using pysteer::OpKind;
 namespace {
 
 using I64Array = py::array_t<int64_t, py::array::c_style | py::array::forcecast>;
+using FloatArray = py::array_t<float, py::array::c_style | py::array::forcecast>;
 
 template <typename F>
 F address_of(const py::dict & table, const char * name) {
@@ -44,6 +48,7 @@ bool strictly_increasing(const std::vector<int64_t> & v, int64_t lo, int64_t hi)
 struct PyHook {
     Hook hook;
     int64_t n_embd;
+    int64_t max_slot = 0;  // largest capture slot offset set by set_capture
     py::object out_ref;
 
     PyHook(const py::dict & table, int64_t n_embd_) : hook(make_api(table), n_embd_), n_embd(n_embd_) {
@@ -58,9 +63,29 @@ struct PyHook {
         return api;
     }
 
+    void set_capture(const std::vector<std::string> & names, const std::vector<std::vector<int64_t>> & slots,
+                     const std::string & marker) {
+        if (names.size() != slots.size()) throw std::invalid_argument("names and slots differ in length");
+        for (const auto & n : names) check_name(n);
+        check_name(marker);
+        int64_t top = 0;
+        for (const auto & v : slots) {
+            for (int64_t s : v) {
+                if (s < 0 || s % n_embd != 0) throw std::invalid_argument("capture slot offsets must be non-negative multiples of n_embd");
+                top = std::max(top, s);
+            }
+        }
+        hook.set_capture(names, slots, marker);
+        max_slot = top;
+    }
+
+    void clear_capture() {
+        hook.clear_capture();
+        max_slot = 0;
+    }
+
     void begin_decode(int64_t n_tokens, int64_t n_ubatch, const I64Array & outputs, const I64Array & cap_tok,
-                      const I64Array & cap_dst, int64_t max_slot_offset,
-                      py::array_t<float, py::array::c_style> out) {
+                      const I64Array & cap_dst, py::array_t<float, py::array::c_style> out) {
         if (n_tokens <= 0 || n_ubatch <= 0) throw std::invalid_argument("n_tokens and n_ubatch must be positive");
         DecodePlan plan;
         plan.n_tokens = n_tokens;
@@ -73,8 +98,9 @@ struct PyHook {
         if (plan.cap_dst.size() != plan.cap_tok.size())
             throw std::invalid_argument("cap_tok and cap_dst differ in length");
         if (!out.writeable()) throw std::invalid_argument("capture buffer is read-only");
+        // Every write of the callback lands in [cap_dst + slot, cap_dst + slot + n_embd) with slot <= max_slot.
         for (int64_t d : plan.cap_dst) {
-            if (d < 0 || d + max_slot_offset + n_embd > static_cast<int64_t>(out.size()))
+            if (d < 0 || d > static_cast<int64_t>(out.size()) - max_slot - n_embd)
                 throw std::invalid_argument("capture offset outside the buffer");
         }
         plan.out = out.mutable_data();
@@ -88,18 +114,25 @@ struct PyHook {
         return err;
     }
 
-    void add_op(const std::string & name, int kind, py::array_t<float, py::array::c_style | py::array::forcecast> dirs,
-                double cos_t, double sin_t, bool adaptive) {
-        check_name(name);
-        if (kind < 0 || kind > 2) throw std::invalid_argument("unknown op kind");
-        if (dirs.ndim() != 2 || dirs.shape(1) != n_embd || dirs.shape(0) < 1)
-            throw std::invalid_argument("op directions must have shape [k, n_embd]");
-        const auto op_kind = static_cast<OpKind>(kind);
-        if ((op_kind == OpKind::Add && dirs.shape(0) != 1) || (op_kind == OpKind::Rotate && dirs.shape(0) != 2))
-            throw std::invalid_argument("add takes 1 vector, rotate 2");
-        Op op{op_kind, dirs.shape(0), std::vector<float>(dirs.data(), dirs.data() + dirs.size()),
-              static_cast<float>(cos_t), static_cast<float>(sin_t), adaptive};
-        hook.add_op(name, std::move(op));
+    // ops: (tensor name, kind, dirs [k, n_embd], cos, sin, adaptive) in the order they apply.
+    void set_ops(const std::vector<std::tuple<std::string, int, FloatArray, double, double, bool>> & ops) {
+        std::vector<std::pair<std::string, Op>> built;
+        built.reserve(ops.size());
+        for (const auto & [name, kind, dirs, cos_t, sin_t, adaptive] : ops) {
+            check_name(name);
+            if (kind < 0 || kind > static_cast<int>(OpKind::Rotate)) throw std::invalid_argument("unknown op kind");
+            if (dirs.ndim() != 2 || dirs.shape(1) != n_embd || dirs.shape(0) < 1 || dirs.shape(0) > n_embd)
+                throw std::invalid_argument("op directions must have shape [k, n_embd] with 1 <= k <= n_embd");
+            const auto op_kind = static_cast<OpKind>(kind);
+            if ((op_kind == OpKind::Add && dirs.shape(0) != 1) || (op_kind == OpKind::Rotate && dirs.shape(0) != 2))
+                throw std::invalid_argument("add takes 1 vector, rotate 2");
+            const float * d = dirs.data();
+            for (py::ssize_t i = 0; i < dirs.size(); ++i)
+                if (!std::isfinite(d[i])) throw std::invalid_argument("op directions must be finite");
+            built.emplace_back(name, Op{op_kind, dirs.shape(0), std::vector<float>(d, d + dirs.size()),
+                                        static_cast<float>(cos_t), static_cast<float>(sin_t), adaptive});
+        }
+        hook.set_ops(std::move(built));
     }
 
     static void check_name(const std::string & n) {
@@ -115,22 +148,16 @@ PYBIND11_MODULE(_core, m) {
     m.attr("SIZEOF_GGML_TENSOR") = sizeof(ggml_tensor);
     m.attr("GGML_MAX_NAME") = GGML_MAX_NAME;
     m.attr("CUDA_BUILT") = pysteer::cuda::built();
+    // Op kinds of set_ops: the one definition is OpKind (kernels.h).
+    m.attr("OP_ABLATE") = static_cast<int>(OpKind::Ablate);
+    m.attr("OP_ADD") = static_cast<int>(OpKind::Add);
+    m.attr("OP_ROTATE") = static_cast<int>(OpKind::Rotate);
 
     py::class_<PyHook>(m, "Hook")
         .def(py::init<const py::dict &, int64_t>(), py::arg("ggml_functions"), py::arg("n_embd"))
-        .def("set_capture",
-             [](PyHook & h, const std::vector<std::string> & names, const std::vector<std::vector<int64_t>> & slots,
-                const std::string & marker) {
-                 if (names.size() != slots.size()) throw std::invalid_argument("names and slots differ in length");
-                 for (const auto & n : names) PyHook::check_name(n);
-                 PyHook::check_name(marker);
-                 h.hook.set_capture(names, slots, marker);
-             },
-             py::arg("names"), py::arg("slots"), py::arg("marker"))
-        .def("clear_capture", [](PyHook & h) { h.hook.clear_capture(); })
-        .def("add_op", &PyHook::add_op, py::arg("name"), py::arg("kind"), py::arg("dirs"), py::arg("cos") = 1.0,
-             py::arg("sin") = 0.0, py::arg("adaptive") = false)
-        .def("clear_ops", [](PyHook & h) { h.hook.clear_ops(); })
+        .def("set_capture", &PyHook::set_capture, py::arg("names"), py::arg("slots"), py::arg("marker"))
+        .def("clear_capture", &PyHook::clear_capture)
+        .def("set_ops", &PyHook::set_ops, py::arg("ops"))
         .def_property_readonly("n_ops", [](PyHook & h) { return h.hook.n_ops(); })
         .def_property_readonly("n_edited_rows", [](PyHook & h) { return h.hook.n_edited_rows(); },
                                "rows edited by interventions since the hook was made (a running count)")
@@ -145,8 +172,7 @@ PYBIND11_MODULE(_core, m) {
              },
              py::arg("on"))
         .def("begin_decode", &PyHook::begin_decode, py::arg("n_tokens"), py::arg("n_ubatch"), py::arg("outputs"),
-             py::arg("cap_tok"), py::arg("cap_dst"), py::arg("max_slot_offset"),
-             py::arg("out").noconvert())  // a converted copy would receive the rows instead of the caller's array
+             py::arg("cap_tok"), py::arg("cap_dst"), py::arg("out").noconvert())  // a converted copy would receive the rows instead of the caller's array
         .def("end_decode", &PyHook::end_decode)
         .def_property_readonly("callback_address",
                                [](PyHook &) { return reinterpret_cast<std::uintptr_t>(&Hook::eval_callback); })

@@ -5,18 +5,18 @@
 """
 
 from . import datasets, models
-from ._lib import BuildMismatchError, build_info
-from .capture import HookError
 from .direction import Direction, load_direction
-from .directions import ExtractResult, extract
+from .extraction import ExtractResult, extract
 from .hookpoints import POINTS, SUPPORTED_ARCHS, UnsupportedArchitectureError
 from .interventions import Ablate, Add, Rotate
-from .model import Model, ModelLoadError, load
+from .native import BuildMismatchError, HookError, build_info
+from .runtime import Model, ModelLoadError, load
 from .selection import iterative_directions, rotation_plane, select_direction, transfer
 
 __version__ = "0.1.0"
 __all__ = [
     "load", "Model", "models", "datasets", "Ablate", "Add", "Rotate", "extract", "ExtractResult",
-    "select_direction", "rotation_plane", "iterative_directions", "transfer", "Direction", "load_direction", "POINTS", "SUPPORTED_ARCHS", "build_info",
-    "BuildMismatchError", "HookError", "ModelLoadError", "UnsupportedArchitectureError",
+    "select_direction", "rotation_plane", "iterative_directions", "transfer", "Direction", "load_direction",
+    "POINTS", "SUPPORTED_ARCHS", "build_info", "BuildMismatchError", "HookError", "ModelLoadError",
+    "UnsupportedArchitectureError",
 ]

@@ -16,26 +16,6 @@ class UsageError(ValueError):
     pass
 
 
-def parse_layers(spec: str | None, n_layers: int):
-    """'all' | 'A:B[:S]' (Python slice, B may be empty) | 'i,j,k' | 'i' -> sorted layer list (None = all)."""
-    if spec is None or spec == "all":
-        return None
-    try:
-        if ":" in spec:
-            parts = [int(p) if p else None for p in spec.split(":")]
-            if len(parts) > 3:
-                raise ValueError
-            layers = list(range(n_layers))[slice(*parts)]
-        else:
-            layers = [int(p) for p in spec.split(",")]
-    except ValueError:
-        raise UsageError(f"bad layer spec {spec!r}: use 'all', 'A:B[:STEP]' or 'i,j,k'") from None
-    bad = [i for i in layers if not 0 <= i < n_layers]
-    if bad or not layers:
-        raise UsageError(f"layer spec {spec!r} gives {bad or 'no layers'}: the model has layers 0..{n_layers - 1}")
-    return sorted(set(layers))
-
-
 def parse_range(spec: str, name: str) -> list[float]:
     """'A:B:STEP' (B excluded) or 'a,b,c' -> values."""
     try:
@@ -67,13 +47,13 @@ def _load(args, *, repack: bool = False):
 
 
 def _splits(args):
-    from .pipeline import PromptSplits
+    from .datasets import PromptSplits
 
     return PromptSplits.load(args.harmful, args.harmless, n_train=args.n_train, n_val=args.n_val,
                              n_val_harmless=args.n_val_harmless, n_test=getattr(args, "n", 32), seed=args.seed)
 
 
-def _direction(args, m, path):
+def _direction(m, path):
     from .direction import load_direction
 
     return load_direction(path, m)
@@ -96,7 +76,7 @@ def _models_fetch(args) -> None:
 
 
 def _summary(args) -> None:
-    from .summary import format_summary, layer_summary, quick_prompts
+    from .jobs import format_summary, layer_summary, quick_prompts
 
     harmful, harmless = quick_prompts()
     with _load(args) as m:
@@ -104,27 +84,38 @@ def _summary(args) -> None:
     print(json.dumps(s) if args.json else format_summary(s))
 
 
-def _extract(args) -> None:
-    from .pipeline import find_direction
-    from .selection import rotation_plane
-
-    out = pathlib.Path(args.output)
-    if out.suffix != ".gguf":
-        raise UsageError(f"-o must name a .gguf file, got {out}")
+def _output_gguf(path: str | None, flag: str) -> pathlib.Path | None:
+    """A .gguf path to write at the end, checked before any work."""
+    if path is None:
+        return None
+    out = pathlib.Path(path)
+    if out.suffix != ".gguf" or out.is_dir():
+        raise UsageError(f"{flag} must name a .gguf file, got {out}")
     out.parent.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def _find(args, m, **kw):
+    """find_direction on the CLI's splits and prompt-set names: (direction, result, seconds)."""
+    from .jobs import find_direction
+
+    return find_direction(m, _splits(args), positions=args.positions, progress=not args.quiet,
+                          prompt_sets={"harmful": args.harmful, "harmless": args.harmless}, **kw)
+
+
+def _extract(args) -> None:
+    out = _output_gguf(args.output, "-o")
     png = out.with_name(out.stem + "-metrics.png")
     with _load(args) as m:
-        d, res = find_direction(m, _splits(args), positions=args.positions, metrics_png=png,
-                                progress=not args.quiet, prompt_sets={"harmful": args.harmful,
-                                                                      "harmless": args.harmless})
-        d.b2 = rotation_plane(res, d)[1]
+        d, _, seconds = _find(args, m, metrics_png=png)
         d.save(out)
     print(f"direction: {d.point} of layer {d.layer}, position {d.position} -> {out}")
     print(f"metrics: {png}")
+    print("seconds: " + ", ".join(f"{k} {v}" for k, v in seconds.items()))
 
 
 def _metrics(args) -> None:
-    from .directions import extract
+    from .extraction import extract
 
     out = pathlib.Path(args.output)
     with _load(args) as m:
@@ -138,26 +129,24 @@ def _metrics(args) -> None:
 
 
 def _ablate_test(args) -> None:
-    from .pipeline import ablation_test, find_direction, format_report
+    from .jobs import ablation_test, format_report
 
-    save = pathlib.Path(args.save) if args.save else None
-    if save is not None and (args.direction or save.suffix != ".gguf"):
+    if args.save and args.direction:
         raise UsageError("--save takes a .gguf path, and only when the direction is extracted (no --direction)")
+    save = _output_gguf(args.save, "--save")
     t0 = time.perf_counter()
     with _load(args) as m:
         sp = _splits(args)
+        seconds = {}
         if args.direction:
-            d = _direction(args, m, args.direction)
+            d = _direction(m, args.direction)
         else:
-            d, _ = find_direction(m, sp, positions=args.positions, kl_max=args.kl_max, verbose=not args.json,
-                                  progress=not args.quiet, prompt_sets={"harmful": args.harmful,
-                                                                        "harmless": args.harmless})
+            d, _, seconds = _find(args, m, kl_max=args.kl_max, verbose=not args.json)
             if save is not None:
-                save.parent.mkdir(parents=True, exist_ok=True)
                 d.save(save)
-        layers = parse_layers(args.layers, m.n_layers)
-        report = ablation_test(m, d, *sp.test, layers=layers, max_tokens=args.max_tokens, progress=not args.quiet)
-    report.seconds["direction"] = d.scores.get("seconds", {})
+        report = ablation_test(m, d, *sp.test, layers=args.layers, max_tokens=args.max_tokens,
+                               progress=not args.quiet)
+    report.seconds["direction"] = seconds
     report.seconds["total"] = round(time.perf_counter() - t0, 3)  # ms: a tiny model finishes in < 0.05 s
     print(json.dumps(report.summary(), indent=1) if args.json else format_report(report))
 
@@ -165,16 +154,16 @@ def _ablate_test(args) -> None:
 def _interventions(args, m):
     from .interventions import Ablate, Add, Rotate
 
-    layers = parse_layers(args.layers, m.n_layers)
+    layers = args.layers
     ivs = []
     for path in args.ablate or []:
-        ivs.append(Ablate(_direction(args, m, path).vector, layers=layers))
+        ivs.append(Ablate(_direction(m, path).vector, layers=layers))
     for spec in args.add or []:
         path, alpha = _split_arg(spec, "--add")
-        ivs.append(Add(_direction(args, m, path).vector, alpha, layers=layers))
+        ivs.append(Add(_direction(m, path).vector, alpha, layers=layers))
     for spec in args.rotate or []:
         path, degrees = _split_arg(spec, "--rotate")
-        d = _direction(args, m, path)
+        d = _direction(m, path)
         if d.b2 is None:
             raise UsageError(f"{path} has no rotation plane (b2); make it with `pysteer extract`")
         ivs.append(Rotate(d.vector, d.b2, degrees, adaptive=args.adaptive, layers=layers))
@@ -214,61 +203,36 @@ def _chat(args) -> None:
 
 
 def _sweep(args) -> None:
-    from .evaluate import judge
+    from .figures import sweep_figure
     from .interventions import Add, Rotate
+    from .jobs import format_sweep, sweep
 
     if bool(args.rotate) == bool(args.add):
         raise UsageError("sweep needs exactly one of --rotate FILE or --add FILE")
+    what = "degrees" if args.rotate else "alpha"
+    values = parse_range(args.degrees if args.rotate else args.alpha, f"--{what}")
     with _load(args) as m:
-        d = _direction(args, m, args.rotate or args.add)
-        layers = parse_layers(args.layers, m.n_layers)
+        d = _direction(m, args.rotate or args.add)
         if args.rotate:
             if d.b2 is None:
                 raise UsageError(f"{args.rotate} has no rotation plane (b2); make it with `pysteer extract`")
-            values = parse_range(args.degrees, "--degrees")
-            make = lambda v: Rotate(d.vector, d.b2, v, adaptive=args.adaptive, layers=layers)  # noqa: E731
+            make = lambda v: Rotate(d.vector, d.b2, v, adaptive=args.adaptive, layers=args.layers)  # noqa: E731
         else:
-            values = parse_range(args.alpha, "--alpha")
-            make = lambda v: Add(d.vector, v, layers=layers)  # noqa: E731
+            make = lambda v: Add(d.vector, v, layers=args.layers)  # noqa: E731
+        for v in values:  # every value is checked before the first generation
+            make(v).bind(m)
         harmful = _splits(args).test[0][: args.n]
-        rows = []
-        for v in values:
-            with m.steer(make(v)):
-                answers = m.generate_batch(harmful, max_tokens=args.max_tokens)
-            j = judge(m, harmful, answers)
-            rows.append({"value": v, "refused": j.n_refused, "coherent": j.n_coherent, "n": j.n})
+
+        def report(r):
             if not args.quiet:
-                print(f"{v:8.2f}  refused {j.n_refused}/{j.n}  coherent {j.n_coherent}/{j.n}", file=sys.stderr)
-    what = "degrees" if args.rotate else "alpha"
-    print(f"| {what} | refusal rate | coherence rate | refused | coherent | n |\n|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['value']:g} | {r['refused'] / r['n']:.2f} | {r['coherent'] / r['n']:.2f} | {r['refused']} | "
-              f"{r['coherent']} | {r['n']} |")
+                print(f"{r['value']:8.2f}  refused {r['refused']}/{r['n']}  coherent {r['coherent']}/{r['n']}",
+                      file=sys.stderr)
+
+        rows = sweep(m, make, values, harmful, max_tokens=args.max_tokens, on_row=report)
+    print(format_sweep(rows, what))
     if args.output:
-        _sweep_plot(rows, what, args.output)
+        sweep_figure(rows, what, args.output)
         print(f"plot: {args.output}")
-
-
-def _sweep_plot(rows, what, path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from ._files import atomic_output
-
-    x = [r["value"] for r in rows]
-    fig, ax = plt.subplots(figsize=(8, 4))
-    ax.plot(x, [r["refused"] / r["n"] for r in rows], "o-", label="refusal rate")
-    ax.plot(x, [r["coherent"] / r["n"] for r in rows], "s--", label="coherence rate")
-    ax.set_xlabel(what)
-    ax.set_ylim(-0.05, 1.05)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    with atomic_output(path) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
 
 
 def _export(args) -> None:
@@ -277,10 +241,9 @@ def _export(args) -> None:
     if not (args.cvec or args.abliterate):
         raise UsageError("export needs --cvec OUT.gguf and/or --abliterate OUT.gguf")
     with _load(args) as m:
-        d = _direction(args, m, args.direction)
-        layers = parse_layers(args.layers, m.n_layers)
+        d = _direction(m, args.direction)
         if args.cvec:
-            print(export.write_control_vector(m, d.vector, args.cvec, alpha=args.alpha, layers=layers))
+            print(export.write_control_vector(m, d.vector, args.cvec, alpha=args.alpha, layers=args.layers))
         if args.abliterate:
             print(export.abliterate(m, d.vector, args.abliterate, modified_type=args.abliterate_type,
                                     direction_info={"point": d.point, "layer": d.layer, "position": d.position},
@@ -416,7 +379,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from ._lib import BuildMismatchError
+    from .native import BuildMismatchError
     from ._pypi import FetchError
 
     try:

@@ -212,3 +212,25 @@ def load(name_or_path: str | os.PathLike, split: str | None = None, *, seed: int
     if split is None:
         return list(prompts)
     return split_prompts(prompts, seed=seed, fractions=fractions)[split]
+
+
+@dataclass
+class PromptSplits:
+    """Train, validation and test prompts of two classes (harmful, harmless): ``(harmful, harmless)`` each."""
+    train: tuple[list[str], list[str]]
+    val: tuple[list[str], list[str]]
+    test: tuple[list[str], list[str]]
+
+    @classmethod
+    def load(cls, harmful: str = "harmful", harmless: str = "harmless", *, n_train: int = 64, n_val: int = 16,
+             n_val_harmless: int | None = 32, n_test: int = 32, seed: int = 0) -> "PromptSplits":
+        """``n_val_harmless`` (default 32; None: ``n_val``) is larger because the KL criterion is estimated there."""
+        for name, n in (("n_train", n_train), ("n_val", n_val), ("n_val_harmless", n_val_harmless),
+                        ("n_test", n_test)):
+            if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 1):
+                raise ValueError(f"{name} must be a positive int, not {n!r}")
+
+        def part(split, n, n_hl=None):
+            return (load(harmful, split, seed=seed)[:n],
+                    load(harmless, split, seed=seed)[:n if n_hl is None else n_hl])
+        return cls(part("train", n_train), part("val", n_val, n_val_harmless), part("test", n_test))

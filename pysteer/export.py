@@ -21,41 +21,18 @@ import gguf
 import numpy as np
 from tqdm.auto import tqdm
 
-from . import _lib
-from ._files import gguf_output
+from . import hookpoints, vectors
+from . import native
+from .files import gguf_output
+from .gguf_io import write_control_vector as write_control_vector_file
 
 
 def write_control_vector(model, vector: np.ndarray, path, *, alpha: float = 1.0, layers=None) -> pathlib.Path:
-    """llama.cpp's control-vector GGUF: ``alpha * vector`` as ``direction.{il}`` for each chosen layer
-    (default 1..n_layers-1; llama.cpp has no control vector for layer 0)."""
-    v = np.asarray(vector, dtype=np.float64)
-    if v.shape != (model.n_embd,) or not np.isfinite(v).all():
-        raise ValueError(f"control vector must be finite with n_embd={model.n_embd} values")
-    if not np.isfinite(alpha):
-        raise ValueError(f"alpha must be finite, not {alpha}")
-    layers = list(range(1, model.n_layers)) if layers is None else sorted(set(int(i) for i in layers))
-    if 0 in layers:
-        raise ValueError("llama.cpp control vectors start at layer 1; leave layer 0 out")
-    if not layers or max(layers) >= model.n_layers:
-        raise ValueError(f"control-vector layers must lie in 1..{model.n_layers - 1}")
-    path = pathlib.Path(path)
-    with gguf_output(path, "controlvector") as w:
-        w.add_string("controlvector.model_hint", model.arch)
-        w.add_int32("controlvector.layer_count", len(layers))
-        for il in layers:
-            w.add_tensor(f"direction.{il}", (alpha * v).astype(np.float32))
-    return path
-
-
-def read_control_vector(path, n_embd: int, n_layers: int) -> np.ndarray:
-    """[n_layers - 1, n_embd] as llama.cpp's common_control_vector_load lays it out (row il-1 = layer il)."""
-    r = gguf.GGUFReader(path)
-    out = np.zeros((n_layers - 1, n_embd), np.float32)
-    for t in r.tensors:
-        m = re.fullmatch(r"direction\.(\d+)", t.name)
-        if m and 1 <= int(m.group(1)) < n_layers:
-            out[int(m.group(1)) - 1] += np.asarray(t.data, np.float32)
-    return out
+    """llama.cpp's control-vector GGUF: ``alpha * vector`` as ``direction.{il}`` for each layer of the layer
+    spec ``layers`` (default all of 1..n_layers-1; llama.cpp has no control vector for layer 0)."""
+    v = vectors.scaled(vectors.checked(vector, "control vector", n_embd=model.n_embd), alpha, "control vector")
+    layers = hookpoints.check_layers(layers, model.n_layers, first=1)
+    return write_control_vector_file(path, {il: v for il in layers}, model_hint=model.arch)
 
 
 _WRITERS = re.compile(r"blk\.\d+\.(attn_output|ffn_down)\.(weight|bias)")
@@ -91,7 +68,7 @@ def _quantize_outputs_orthogonal(W: np.ndarray, r: np.ndarray, ty: int) -> np.nd
     while j < len(order):
         g = order[j:j + max(1, (len(order) - j) // 32)]
         target = W[g] - np.outer(r[g] / left[j], acc) if left[j] > 0 else W[g]
-        q = _lib.quantize(target, ty)
+        q = native.quantize(target, ty)
         if out is None:
             out = np.empty((len(W), q.shape[1]), np.uint8)
         out[g] = q
@@ -106,7 +83,7 @@ def _quantize_rows_orthogonal(E: np.ndarray, r: np.ndarray, ty: int) -> np.ndarr
     name = gguf.GGMLQuantizationType(ty).name
     block = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(ty)][0]
     if name not in _BLOCKWISE:
-        return _lib.quantize(E, ty)
+        return native.quantize(E, ty)
     rb = r.reshape(-1, block)
     order, left = _feedback_order((rb ** 2).sum(1))
     acc = np.zeros(E.shape[0])
@@ -114,7 +91,7 @@ def _quantize_rows_orthogonal(E: np.ndarray, r: np.ndarray, ty: int) -> np.ndarr
     for j, b in enumerate(order):
         x = E[:, b * block:(b + 1) * block].astype(np.float64)
         target = x - np.outer(acc / left[j], rb[b]) if left[j] > 0 else x
-        cols[b] = _lib.quantize(target, ty)
+        cols[b] = native.quantize(target, ty)
         acc += (_dequantize(cols[b], ty, x.shape) - x) @ rb[b]
     return np.concatenate(cols, axis=1)
 
@@ -132,12 +109,12 @@ def _ablated(t, r: np.ndarray, out_type: int, feedback: bool, scratch: pathlib.P
                                     dtype=np.float32 if f32 else np.uint8, shape=(n_rows, width))
 
     def store(rows: slice, x: np.ndarray, orthogonal) -> None:
-        dst[rows] = x if f32 else orthogonal(x, r, out_type) if feedback else _lib.quantize(x, out_type)
+        dst[rows] = x if f32 else orthogonal(x, r, out_type) if feedback else native.quantize(x, out_type)
 
     if len(shape) == 1:  # a bias: b - r (r.b); one row, nothing to feed the error to
         b = _dequantize(t.data, ty, shape)
         b -= r * (r @ b)
-        dst[0] = b if f32 else _lib.quantize(b[None], out_type)[0]
+        dst[0] = b if f32 else native.quantize(b[None], out_type)[0]
         return dst[0]
     if t.name == "token_embd.weight":  # (n_vocab, n_embd): rows are embeddings, each edited on its own
         r32 = r.astype(np.float32)
@@ -163,10 +140,7 @@ def abliterate(model, vector: np.ndarray, out, *, direction_info: dict | None = 
     that type instead), re-quantized by the loaded libggml with error feedback that keeps it orthogonal to r
     (``error_feedback=False``: each row rounded on its own, for comparison).
     """
-    r = np.asarray(vector, dtype=np.float64)
-    if r.shape != (model.n_embd,) or not np.isfinite(r).all() or not np.linalg.norm(r):
-        raise ValueError(f"direction must be a finite non-zero vector of n_embd={model.n_embd}")
-    r = r / np.linalg.norm(r)
+    r = vectors.checked(vector, "direction", n_embd=model.n_embd, unit=True).astype(np.float64)
     src = gguf.GGUFReader(model.path)
     out = pathlib.Path(out)
     modified = {t.name for t in src.tensors if t.name == "token_embd.weight" or _WRITERS.fullmatch(t.name)}
@@ -180,7 +154,7 @@ def abliterate(model, vector: np.ndarray, out, *, direction_info: dict | None = 
     widths = {t.name: int(t.shape[0]) for t in src.tensors}  # values per row (ggml ne0)
     for n in sorted(modified):  # before anything is written
         if types[n] != gguf.GGMLQuantizationType.F32:
-            _lib.check_quantizable(types[n], widths[n])
+            native.check_quantizable(types[n], widths[n])
     if model.arch == "gemma3":
         warnings.warn("gemma3's post-norms rescale block outputs: the abliterated weights only approximate "
                       "runtime ablation", stacklevel=2)

@@ -5,8 +5,10 @@ from __future__ import annotations
 import codecs
 from typing import Iterator, Sequence
 
-import llama_cpp
 import numpy as np
+from tqdm.auto import tqdm
+
+from .batching import decode_shared, pack_shared, shared_prefix
 
 
 def sample(logits: np.ndarray, temperature: float, top_p: float, rng: np.random.Generator) -> int:
@@ -37,7 +39,7 @@ class _Sequence:
 
     def push(self, tok: int, max_tokens: int) -> str:
         """Accept a sampled token; returns the text that is now final (possibly empty)."""
-        eog = bool(llama_cpp.llama_vocab_is_eog(self.model._model.vocab, tok))
+        eog = self.model.is_end_of_generation(tok)
         if not eog:
             self.tokens.append(tok)
         self.done = eog or len(self.tokens) >= max_tokens
@@ -53,8 +55,8 @@ class _Sequence:
         return new
 
 
-def _check(model, max_tokens, temperature, top_p):
-    if not isinstance(max_tokens, int) or max_tokens < 1:
+def _check(max_tokens, temperature, top_p):
+    if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
         raise ValueError(f"max_tokens must be a positive int, not {max_tokens!r}")
     if not temperature >= 0:
         raise ValueError(f"temperature must be >= 0, not {temperature!r}")
@@ -65,24 +67,20 @@ def _check(model, max_tokens, temperature, top_p):
 def stream(model, prompt, *, max_tokens=128, temperature=0.0, top_p=1.0, seed=0, stop=(),
            chat_template=True) -> Iterator[str]:
     """Yield the continuation of one prompt piece by piece."""
-    _check(model, max_tokens, temperature, top_p)
-    tokens = model.encode(prompt, chat_template=chat_template)
-    if not tokens:
-        raise ValueError("prompt is empty after tokenization")
-    if len(tokens) + max_tokens > model.n_ctx:
-        raise ValueError(f"prompt ({len(tokens)} tokens) + max_tokens ({max_tokens}) exceed n_ctx={model.n_ctx}")
+    _check(max_tokens, temperature, top_p)
+    tokens = model.encode_prompts([prompt], chat_template=chat_template, min_tokens=1, room=max_tokens)[0]
     seq = _Sequence(model, tokens, seed, stop)
-    model._decode([tokens], np.array([len(tokens) - 1]))
-    logits = model._logits_row(len(tokens) - 1)
+    model.decode([tokens], np.array([len(tokens) - 1]))
+    logits = model.logits_row(len(tokens) - 1)
     while True:
         new = seq.push(sample(logits, temperature, top_p, seq.rng), max_tokens)
         if new:
             yield new
         if seq.done:
             return
-        model._decode_step([seq.tokens[-1]], [seq.pos], [0])
+        model.decode_step([seq.tokens[-1]], [seq.pos], [0])
         seq.pos += 1
-        logits = model._logits_row(0)
+        logits = model.logits_row(0)
 
 
 def generate(model, prompt, **kw) -> str:
@@ -93,15 +91,8 @@ def generate_batch(model, prompts, *, max_tokens=128, temperature=0.0, top_p=1.0
                    chat_template=True, progress=False, first_logits: np.ndarray | None = None) -> list[str]:
     """Continue many prompts, decoding them side by side (one token of each per llama_decode). With
     ``first_logits`` (``[len(prompts), n_vocab]``), the next-token logits after each prompt are written there."""
-    from tqdm.auto import tqdm
-
-    from .capture import decode_shared, encode_prompts, pack_shared, shared_prefix
-
-    _check(model, max_tokens, temperature, top_p)
-    tokens = encode_prompts(model, prompts, chat_template=chat_template, positions=1)
-    for i, t in enumerate(tokens):
-        if len(t) + max_tokens > model.n_ctx:
-            raise ValueError(f"prompt {i} ({len(t)} tokens) + max_tokens ({max_tokens}) exceed n_ctx={model.n_ctx}")
+    _check(max_tokens, temperature, top_p)
+    tokens = model.encode_prompts(prompts, chat_template=chat_template, min_tokens=1, room=max_tokens)
     out: list[str] = [""] * len(tokens)
     with tqdm(total=len(tokens), desc="generate", unit="prompt", disable=not progress) as bar:
         c = shared_prefix(tokens, 1)
@@ -109,18 +100,18 @@ def generate_batch(model, prompts, *, max_tokens=128, temperature=0.0, top_p=1.0
             seqs = [_Sequence(model, tokens[i], seed, stop) for i in batch]
             rest, start = decode_shared(model, [tokens[i] for i in batch], c)
             ends = np.cumsum([len(r) for r in rest])
-            model._decode(rest, ends - 1, start=start)
+            model.decode(rest, ends - 1, start=start)
             rows = {j: int(ends[j]) - 1 for j in range(len(batch))}
             if first_logits is not None:
                 for j, i in enumerate(batch):
-                    first_logits[i] = model._logits_row(rows[j])
+                    first_logits[i] = model.logits_row(rows[j])
             while True:
                 for j, row in rows.items():
-                    seqs[j].push(sample(model._logits_row(row), temperature, top_p, seqs[j].rng), max_tokens)
+                    seqs[j].push(sample(model.logits_row(row), temperature, top_p, seqs[j].rng), max_tokens)
                 active = [j for j in rows if not seqs[j].done]
                 if not active:
                     break
-                model._decode_step([seqs[j].tokens[-1] for j in active], [seqs[j].pos for j in active], active)
+                model.decode_step([seqs[j].tokens[-1] for j in active], [seqs[j].pos for j in active], active)
                 for j in active:
                     seqs[j].pos += 1
                 rows = {j: r for r, j in enumerate(active)}

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Literal, Sequence
 
+import numpy as np
+
 Point = Literal["pre", "mid", "post"]
 POINTS: tuple[Point, ...] = ("pre", "mid", "post")
 
@@ -65,21 +67,62 @@ def check_points(points: Sequence[str]) -> tuple[Point, ...]:
     return points
 
 
-def check_layers(layers, n_layers: int) -> tuple[int, ...]:
-    """Layers as a tuple of ints in [0, n_layers); None means all."""
-    if layers is None:
-        return tuple(range(n_layers))
-    if isinstance(layers, int):
-        layers = (layers,)
+def check_layer_spec(spec):
+    """``spec`` checked for its form only (no model at hand yet); :func:`check_layers` resolves it.
+
+    A layer spec, everywhere in pysteer (API, CLI, export): None or "all"; an int; an iterable of ints; or a
+    string "A:B[:STEP]" (a Python slice of the layers, B excluded) or "i,j,k"."""
+    if spec is None or isinstance(spec, str):
+        if isinstance(spec, str):
+            _parse(spec, 1 << 20)  # form only: a large range so that no real index is out of it
+        return spec
+    if isinstance(spec, bool):
+        raise ValueError(f"layers must be ints, not {spec!r}")
+    if isinstance(spec, (int, np.integer)):
+        return int(spec)
     try:
-        layers = tuple(int(i) for i in layers)
+        items = list(spec)
     except TypeError:
-        raise ValueError(f"layers must be an int, an iterable of ints or None, not {type(layers).__name__}")
-    if not layers:
-        raise ValueError("layers is empty")
-    bad = [i for i in layers if not 0 <= i < n_layers]
+        raise ValueError(f"layers must be None, 'all', a spec string, an int or ints, not {type(spec).__name__}") from None
+    bad = [i for i in items if isinstance(i, bool) or not isinstance(i, (int, np.integer))]
     if bad:
-        raise ValueError(f"layer(s) {bad} out of range: the model has layers 0..{n_layers - 1}")
+        raise ValueError(f"layers must be ints, got {bad[:3]}")
+    return tuple(int(i) for i in items)
+
+
+def _parse(spec: str, n_layers: int) -> list[int]:
+    s = spec.strip()
+    if s == "all":
+        return list(range(n_layers))
+    try:
+        if ":" in s:
+            parts = [int(x) if x.strip() else None for x in s.split(":")]
+            if len(parts) > 3 or parts[-1] == 0 and len(parts) == 3:
+                raise ValueError
+            return list(range(n_layers))[slice(*parts)]
+        return [int(x) for x in s.split(",")]
+    except ValueError:
+        raise ValueError(f"bad layer spec {spec!r}: use 'all', 'A:B[:STEP]' or 'i,j,k'") from None
+
+
+def check_layers(spec, n_layers: int, *, first: int = 0) -> tuple[int, ...]:
+    """A layer spec (see :func:`check_layer_spec`) resolved to a tuple of distinct layers in
+    [first, n_layers); None and "all" mean all of them."""
+    spec = check_layer_spec(spec)
+    if spec is None:
+        layers = list(range(first, n_layers))
+    elif isinstance(spec, str):
+        layers = [i for i in _parse(spec, n_layers) if spec.strip() != "all" or i >= first]
+    elif isinstance(spec, int):
+        layers = [spec]
+    else:
+        layers = list(spec)
+    if not layers:
+        raise ValueError(f"layers is empty (layer spec {spec!r} gives none)")
+    bad = [i for i in layers if not first <= i < n_layers]
+    if bad:
+        raise ValueError(f"layer(s) {bad} out of range: the model has layers {first}..{n_layers - 1}"
+                         + (" here (llama.cpp has no control vector for layer 0)" if first else ""))
     if len(set(layers)) != len(layers):
         raise ValueError(f"layers repeat: {layers}")
-    return layers
+    return tuple(layers)

@@ -9,15 +9,18 @@ as the hook ablating every pre/mid/post, up to llama.cpp quantizing activations 
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import pathlib
 
 import gguf
+import llama_cpp
 import numpy as np
+from llama_cpp._utils import suppress_stdout_stderr
 
-from ._files import gguf_output
-from ._gguf import tensor_bytes
 from ._pypi import cache_root
+from .files import gguf_output
+from .gguf_io import tensor_bytes
 
 #: Architectures whose residual stream is the plain sum of embedding, wo and ffn_down outputs.
 #: (gemma3 normalizes those outputs before adding them: orthogonalizing the weights does not ablate.)
@@ -29,7 +32,7 @@ def unsupported_reason(model) -> str | None:
     """None when a LoRA ablation is exact for this model; otherwise why not."""
     if model.arch not in ARCHS:
         return f"{model.arch} adds normalized block outputs to the residual (only {', '.join(ARCHS)} qualify)"
-    names = {name for name, _, _, _ in model._header.tensors}
+    names = {name for name, _, _, _ in model.header.tensors}
     for i in range(model.n_layers):
         for w in _WRITERS:
             if f"blk.{i}.{w}.weight" not in names:
@@ -50,7 +53,7 @@ def adapter_path(model, directions: np.ndarray) -> pathlib.Path:
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     R = np.asarray(directions, dtype=np.float64)
-    header = model._header  # not gguf.GGUFReader: it parses the whole vocabulary (7-12 s on Qwen)
+    header = model.header  # not gguf.GGUFReader: it parses the whole vocabulary (7-12 s on Qwen)
     types = {name: (shape, typ) for name, shape, typ, _ in header.tensors}
     with gguf_output(out, model.arch) as w:
         w.add_string("general.type", "adapter")
@@ -66,3 +69,41 @@ def adapter_path(model, directions: np.ndarray) -> pathlib.Path:
                 w.add_tensor(f"blk.{i}.{name}.weight.lora_a", (R @ W).astype(np.float32))  # (k, n_in)
                 w.add_tensor(f"blk.{i}.{name}.weight.lora_b", (-R.T).astype(np.float32))  # (n_embd, k)
     return out
+
+
+class Adapters:
+    """The LoRA adapters one model has loaded (by directions) and the one active on its context; freed with
+    the model, after its context."""
+
+    def __init__(self, llama_model, *, verbose: bool = False):
+        self._model, self._verbose = llama_model, verbose
+        self._loaded: dict[bytes, int] = {}
+        self._active = False
+
+    def get(self, model, directions: np.ndarray):
+        """The loaded adapter ablating ``directions`` (built and cached on first use)."""
+        key = np.ascontiguousarray(directions, dtype=np.float32).tobytes()
+        if key not in self._loaded:
+            path = adapter_path(model, directions)
+            with suppress_stdout_stderr(disable=self._verbose):  # per-tensor buffer-type notes on stderr
+                adapter = llama_cpp.llama_adapter_lora_init(self._model, str(path).encode())
+            if not adapter:
+                raise RuntimeError(f"llama.cpp could not load the ablation adapter {path}")
+            self._loaded[key] = adapter
+        return self._loaded[key]
+
+    def activate(self, ctx, adapter) -> None:
+        """Make ``adapter`` (or none) the only LoRA on ``ctx``, at scale 1."""
+        if adapter is not None:
+            adapters = (llama_cpp.llama_adapter_lora_p_ctypes * 1)(adapter)
+            scales = (ctypes.c_float * 1)(1.0)
+            if llama_cpp.llama_set_adapters_lora(ctx, adapters, 1, scales) != 0:
+                raise RuntimeError("llama_set_adapters_lora failed")
+        elif self._active:
+            llama_cpp.llama_set_adapters_lora(ctx, None, 0, None)
+        self._active = adapter is not None
+
+    def close(self) -> None:
+        for adapter in self._loaded.values():
+            llama_cpp.llama_adapter_lora_free(adapter)
+        self._loaded = {}

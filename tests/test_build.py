@@ -6,7 +6,7 @@ import subprocess
 
 import pytest
 
-from pysteer import _lib
+from pysteer import native
 
 ROOT = pathlib.Path(__file__).parent.parent
 
@@ -16,7 +16,7 @@ def test_cuda_kernels_compile(tmp_path):
     r = subprocess.run(["nvcc", "-std=c++17", "-O3", "-arch=sm_80", "-c", str(ROOT / "csrc/cuda/kernels.cu"),
                         "-o", str(tmp_path / "kernels.o")], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
-    assert _lib._core.CUDA_BUILT  # the installed extension was built with them too
+    assert native.CUDA_BUILT  # the installed extension was built with them too
 
 
 def test_no_third_party_headers_in_the_repository():

@@ -198,7 +198,7 @@ def test_real_model_layout(name, template):
 
 
 def test_shared_prefix_bounds():
-    from pysteer.capture import shared_prefix
+    from pysteer.batching import shared_prefix
 
     assert shared_prefix([[1, 2, 3, 4], [1, 2, 3, 5, 6]], 1) == 3
     assert shared_prefix([[1, 2, 3, 4], [1, 2, 3, 5, 6]], 2) == 2  # the last 2 tokens of each stay out
@@ -211,7 +211,7 @@ def test_shared_prefix_is_decoded_once(tiny_path):
     """Chat-templated prompts share their opening: its rows go through the model once per decode, not once
     per prompt (counted by the hook on an edited tensor), and the results match prompts decoded alone
     (test_batch_invariance)."""
-    from pysteer.capture import shared_prefix
+    from pysteer.batching import shared_prefix
 
     with pysteer.load(tiny_path, n_ctx=512) as m:
         toks = [m.encode(p) for p in PROMPTS]
@@ -220,9 +220,9 @@ def test_shared_prefix_is_decoded_once(tiny_path):
         r = np.zeros(m.n_embd, np.float32)
         r[0] = 1
         with m.steer(pysteer.Ablate(r, layers=[1], points=["pre"]), path="hook"):
-            before = m._hook.n_edited_rows
+            before = m.hook_stats["edited_rows"]
             m.capture(PROMPTS, positions=3)
-            assert m._hook.n_edited_rows - before == c + sum(len(t) - c for t in toks)
+            assert m.hook_stats["edited_rows"] - before == c + sum(len(t) - c for t in toks)
 
 
 def test_shared_prefix_and_packs_fit_a_small_cache(tiny_dir):

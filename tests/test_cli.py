@@ -88,7 +88,7 @@ def test_generate_chat_sweep_export_metrics(setup):
     (("generate", "hi", "--model", "MODEL", "--ablate", "DIR", "--layers", "9:x"), "bad layer spec"),
     (("generate", "hi", "--model", "MODEL", "--ablate", "DIR", "--layers", "50"), "the model has layers 0..3"),
     (("generate", "hi", "--model", "OTHER", "--ablate", "DIR"), "does not fit"),
-    (("export", "MODEL", "--direction", "DIR", "--cvec", "OUT", "--layers", "0:2"), "start at layer 1"),
+    (("export", "MODEL", "--direction", "DIR", "--cvec", "OUT", "--layers", "0:2"), "no control vector for layer 0"),
     (("sweep", "MODEL", "--add", "DIR", "--alpha", "1:2:0"), "bad --alpha"),
     (("extract", "MODEL", "-o", "out.txt"), "must name a .gguf"),
     (("export", "MODEL", "--direction", "DIR", "--abliterate", "OUT", "--abliterate-type", "IQ2_XS"),

@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 
 import pysteer
+import pysteer.figures
 from pysteer import datasets
-from pysteer.directions import RunningMoments
-from pysteer.scoring import kl_divergence, refusal_scores_from_logits
+from pysteer.extraction import RunningMoments
+from pysteer.judge import kl_divergence, refusal_scores_from_logits
 from reference import Weights
 
 
@@ -116,8 +117,8 @@ def test_metrics_plot_and_ranking(tiny_dir, tmp_path):
 
 def test_suffix_positions(tiny_dir):
     with pysteer.load(tiny_dir / "tiny-llama.gguf", n_ctx=256) as m:
-        assert pysteer.directions.instruction_suffix(m) == "<|im_end|>\n<|im_start|>assistant\n"
-        n = pysteer.directions.suffix_length(m)
+        assert pysteer.extraction.instruction_suffix(m) == "<|im_end|>\n<|im_start|>assistant\n"
+        n = pysteer.extraction.suffix_length(m)
         assert n == len(m.tokenize("<|im_end|>\n<|im_start|>assistant\n", add_special=False, parse_special=True))
         res = pysteer.extract(m, ["a b", "c d"], ["e f", "g h"], positions="suffix", points=["pre"])
         assert res.positions == n
@@ -184,12 +185,12 @@ def test_refusal_direction_on_qwen_05b(tmp_path):
     res = pysteer.extract(m, h, hl, positions=5)
     res.metrics.plot(tmp_path / "metrics.png")
     d = pysteer.select_direction(m, res, vh, vhl, max_candidates=4, verbose=False)
-    base_h = pysteer.scoring.refusal_scores(m, th).mean()
-    base_hl = pysteer.scoring.refusal_scores(m, thl).mean()
+    base_h = pysteer.judge.refusal_scores(m, th).mean()
+    base_hl = pysteer.judge.refusal_scores(m, thl).mean()
     with m.steer(pysteer.Ablate(d.vector)):
-        abl = pysteer.scoring.refusal_scores(m, th).mean()
+        abl = pysteer.judge.refusal_scores(m, th).mean()
     with m.steer(pysteer.Add(d.raw, layers=[d.layer], points=[d.point])):
-        add = pysteer.scoring.refusal_scores(m, thl).mean()
+        add = pysteer.judge.refusal_scores(m, thl).mean()
     print(json.dumps({"layer": d.layer, "point": d.point, "position": d.position, "base_h": base_h,
                       "ablated_h": abl, "base_hl": base_hl, "added_hl": add}))
     assert abl < base_h - 0.5
@@ -206,10 +207,10 @@ def test_transfer_and_iterative_on_tiny(tiny_dir, tmp_path):
         t = pysteer.transfer(m, d, h[:2], res=res, n_lowest=2)
         assert set(t) >= {"none", "all", f"range({d.layer}, 4, 2)", "lowest cos-sim 2", "layer 0", "layer 3"}
         with m.steer(pysteer.Ablate(d.vector), path="hook"):
-            direct = pysteer.scoring.refusal_scores(m, h[:2]).mean()
+            direct = pysteer.judge.refusal_scores(m, h[:2]).mean()
         assert t["all"] == pytest.approx(direct, abs=1e-9)
-        assert t["none"] == pytest.approx(pysteer.scoring.refusal_scores(m, h[:2]).mean(), abs=1e-9)
-        pysteer.selection.plot_transfer({d.layer: t}, m.n_layers, tmp_path / "transfer.png")
+        assert t["none"] == pytest.approx(pysteer.judge.refusal_scores(m, h[:2]).mean(), abs=1e-9)
+        pysteer.figures.transfer_figure({d.layer: t}, m.n_layers, tmp_path / "transfer.png")
         assert (tmp_path / "transfer.png").read_bytes()[:4] == b"\x89PNG"
         dirs = pysteer.iterative_directions(m, h, hl, h[:2], hl[:2], max_directions=2, positions=2,
                                             min_gain=-1e9, verbose=False, max_candidates=2)

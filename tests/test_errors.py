@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import pysteer
-from pysteer import tiny
+from pysteer import _core, native, tiny
 
 
 @pytest.fixture(scope="module")
@@ -105,6 +105,25 @@ def test_bad_capture_arguments(model, kwargs, match):
         model.capture(["hello"], **kwargs)
 
 
+def test_layer_specs_mean_the_same_everywhere(model):
+    """A string is a layer spec ("12" is layer 12, not layers 1 and 2), in capture as in interventions."""
+    from pysteer.hookpoints import check_layers
+
+    assert check_layers("3", 4) == (3,) and check_layers("1:3", 4) == (1, 2) and check_layers("all", 4) == (0, 1, 2, 3)
+    assert check_layers("::2", 4) == (0, 2) and check_layers("-1:", 4) == (3,) and check_layers("0,2", 4) == (0, 2)
+    assert check_layers(None, 4, first=1) == (1, 2, 3) and check_layers(np.int64(2), 4) == (2,)
+    a = model.capture(["hello world"], layers="3", points=["post"])
+    b = model.capture(["hello world"], layers=[3], points=["post"])
+    assert a.shape == b.shape == (1, 1, 1, 1, model.n_embd) and np.array_equal(a, b)
+    with pytest.raises(ValueError, match="out of range"):
+        model.capture(["hello world"], layers="12")
+    with pytest.raises(ValueError, match="out of range"):
+        with model.steer(pysteer.Add(np.ones(model.n_embd), layers="13")):
+            pass
+    with pytest.raises(ValueError, match="layers must be ints"):
+        pysteer.Add(np.ones(model.n_embd), layers=[1.7])
+
+
 def test_empty_prompt_list(model):
     with pytest.raises(ValueError, match="prompts is empty"):
         model.capture([])
@@ -158,33 +177,72 @@ def test_bad_context_sizes(tiny_dir):
         pysteer.load(tiny_dir / "tiny-llama.gguf", n_seq_max=1000)
 
 
-def test_core_rejects_bad_plans(model):
-    hook = model._hook
+def _core_hook(n_embd=8):
+    """The extension's Hook itself (tests of the C++ boundary)."""
+    return native.Hook(n_embd)._h
+
+
+def test_core_rejects_bad_plans():
+    hook = _core_hook()
     out = np.zeros(10, np.float32)
     i64 = lambda *v: np.array(v, np.int64)  # noqa: E731
     with pytest.raises(ValueError, match="increasing and inside the batch"):
-        hook.begin_decode(4, 512, i64(3, 1), i64(), i64(), 0, out)
+        hook.begin_decode(4, 512, i64(3, 1), i64(), i64(), out)
     with pytest.raises(ValueError, match="outside the buffer"):
-        hook.begin_decode(4, 512, i64(3), i64(3), i64(5), 0, out)
+        hook.begin_decode(4, 512, i64(3), i64(3), i64(5), out)
     with pytest.raises(ValueError, match="missing ggml function"):
-        pysteer._lib._core.Hook({}, 8)
+        _core.Hook({}, 8)
 
 
-def test_core_writes_only_into_the_callers_array(model):
+def test_core_checks_capture_slots_against_the_buffer():
+    """Slot offsets come from set_capture, and every write they imply must fit the caller's buffer."""
+    hook = _core_hook()
+    i64 = lambda *v: np.array(v, np.int64)  # noqa: E731
+    with pytest.raises(ValueError, match="non-negative multiples of n_embd"):
+        hook.set_capture(["l_out-0"], [[-8]], "embd")
+    with pytest.raises(ValueError, match="non-negative multiples of n_embd"):
+        hook.set_capture(["l_out-0"], [[3]], "embd")
+    hook.set_capture(["l_out-0"], [[0, 1 << 40]], "embd")  # a huge slot: no buffer can hold it
+    with pytest.raises(ValueError, match="outside the buffer"):
+        hook.begin_decode(4, 512, i64(3), i64(3), i64(0), np.zeros(64, np.float32))
+    hook.set_capture(["l_out-0"], [[0, 8]], "embd")
+    hook.begin_decode(4, 512, i64(3), i64(3), i64(0), np.zeros(16, np.float32))  # fits exactly
+    assert hook.end_decode() == ""
+    with pytest.raises(ValueError, match="outside the buffer"):
+        hook.begin_decode(4, 512, i64(3), i64(3), i64(1), np.zeros(16, np.float32))
+
+
+def test_core_rejects_bad_ops():
+    hook = _core_hook()
+    ok = np.ones((1, 8), np.float32)
+    with pytest.raises(ValueError, match="unknown op kind"):
+        hook.set_ops([("l_out-0", 7, ok, 1.0, 0.0, False)])
+    with pytest.raises(ValueError, match="shape"):
+        hook.set_ops([("l_out-0", native.ABLATE, np.ones((9, 8), np.float32), 1.0, 0.0, False)])
+    with pytest.raises(ValueError, match="finite"):
+        hook.set_ops([("l_out-0", native.ADD, np.full((1, 8), np.inf, np.float32), 1.0, 0.0, False)])
+    with pytest.raises(ValueError, match="rotate 2"):
+        hook.set_ops([("l_out-0", native.ROTATE, ok, 1.0, 0.0, False)])
+    hook.set_ops([("l_out-0", native.ADD, ok, 1.0, 0.0, False), ("l_out-1", native.ABLATE, ok, 1.0, 0.0, False)])
+    assert hook.n_ops == 2
+    hook.set_ops([])
+    assert hook.n_ops == 0
+
+
+def test_core_writes_only_into_the_callers_array():
     """A capture buffer that is not C-contiguous float32 is refused, not silently copied."""
+    hook = _core_hook()
     i64 = lambda *v: np.array(v, np.int64)  # noqa: E731
     with pytest.raises(TypeError):
-        model._hook.begin_decode(4, 512, i64(3), i64(3), i64(0), 0, np.zeros(128, np.float64))
+        hook.begin_decode(4, 512, i64(3), i64(3), i64(0), np.zeros(128, np.float64))
     with pytest.raises(TypeError):
-        model._hook.begin_decode(4, 512, i64(3), i64(3), i64(0), 0, np.zeros((128, 2), np.float32)[:, 0])
+        hook.begin_decode(4, 512, i64(3), i64(3), i64(0), np.zeros((128, 2), np.float32)[:, 0])
 
 
 def test_build_mismatch_is_detected(monkeypatch):
-    from pysteer import _lib
-
-    _lib.check_build()  # the real build passes
-    monkeypatch.setattr(_lib, "LLAMA_CPP_COMMIT", "deadbee")
+    native.check_build()  # the real build passes
+    monkeypatch.setattr(native, "LLAMA_CPP_COMMIT", "deadbee")
     with pytest.raises(pysteer.BuildMismatchError, match="libggml reports commit '0c1e570.*expected deadbee"):
-        _lib.check_build()
+        native.check_build()
     monkeypatch.setenv("PYSTEER_ALLOW_MISMATCH", "1")
-    _lib.check_build()
+    native.check_build()

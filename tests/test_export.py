@@ -10,14 +10,18 @@ import pytest
 
 import pysteer
 from pysteer import export
+from pysteer.gguf_io import read_control_vector
 from conftest import PROMPTS
 
 
 def _plain_logits_with_cvec(path, cvec_file, prompts):
     with pysteer.load(path, n_ctx=512, hook=False) as plain:
-        data = export.read_control_vector(cvec_file, plain.n_embd, plain.n_layers)
+        vectors, _ = read_control_vector(cvec_file)
+        data = np.zeros((plain.n_layers - 1, plain.n_embd), np.float32)  # llama.cpp's layout: row il-1 = layer il
+        for il, v in vectors.items():
+            data[il - 1] += v
         ptr = data.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
-        assert llama_cpp.llama_set_adapter_cvec(plain._ctx, ptr, data.size, plain.n_embd, 1, plain.n_layers - 1) == 0
+        assert llama_cpp.llama_set_adapter_cvec(plain.llama_context, ptr, data.size, plain.n_embd, 1, plain.n_layers - 1) == 0
         return plain.logits_batch(prompts)
 
 
@@ -29,7 +33,7 @@ def test_control_vector_file_equals_add(tiny_path, tmp_path):
         f = export.write_control_vector(m, v, tmp_path / "cv.gguf", alpha=2.0, layers=layers)
         with m.steer(pysteer.Add(v.astype(np.float32), 2.0, layers=layers), path="hook"):
             want = m.logits_batch(PROMPTS)
-        with pytest.raises(ValueError, match="start at layer 1"):
+        with pytest.raises(ValueError, match="no control vector for layer 0"):
             export.write_control_vector(m, v, tmp_path / "bad.gguf", layers=[0, 1])
     r = gguf.GGUFReader(f)
     assert r.get_field("general.architecture").contents() == "controlvector"

@@ -19,8 +19,8 @@ def _greedy_tokens(m, prompt, n):
     tokens = m.encode(prompt)
     out = []
     for _ in range(n):
-        m._decode([tokens], np.array([len(tokens) - 1]))
-        tok = int(np.argmax(m._logits_row(len(tokens) - 1)))
+        m.decode([tokens], np.array([len(tokens) - 1]))
+        tok = int(np.argmax(m.logits_row(len(tokens) - 1)))
         out.append(tok)
         tokens = tokens + [tok]
     return out

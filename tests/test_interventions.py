@@ -117,7 +117,7 @@ def _llama_cpp_cvec_logits(path, v, layers, prompt):
         for i in layers:
             data[i - 1] = v
         ptr = data.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
-        assert llama_cpp.llama_set_adapter_cvec(plain._ctx, ptr, data.size, plain.n_embd, 1, plain.n_layers - 1) == 0
+        assert llama_cpp.llama_set_adapter_cvec(plain.llama_context, ptr, data.size, plain.n_embd, 1, plain.n_layers - 1) == 0
         return plain.logits(prompt)
 
 
@@ -204,7 +204,7 @@ def test_steering_switches_between_generations(tiny_dir, rng):
 
 
 @pytest.mark.parametrize("make, match", [
-    (lambda: pysteer.Ablate(np.zeros(E)), "are zero"),
+    (lambda: pysteer.Ablate(np.zeros(E)), "is zero"),
     (lambda: pysteer.Ablate(np.full(E, np.nan)), "non-finite"),
     (lambda: pysteer.Ablate(np.ones((2, E))), "linearly dependent"),
     (lambda: pysteer.Ablate(np.ones((E, 2, 2))), "must be"),

@@ -7,7 +7,8 @@ import gguf
 import numpy as np
 import pytest
 
-from pysteer import _lib, export
+from pysteer import export
+from pysteer import native as _lib
 
 T = gguf.GGMLQuantizationType
 # gguf-py carries a numpy quantizer for these, written to give ggml's reference bytes.

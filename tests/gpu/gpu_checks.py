@@ -37,13 +37,13 @@ def test_capture_on_gpu_matches_cpu(gpu_model):
 
 @pytest.mark.parametrize("cuda_kernels", [True, False])
 def test_ablation_on_gpu(gpu_model, cuda_kernels):
-    gpu_model._hook.use_cuda_kernels(cuda_kernels)  # False: ggml_backend_tensor_get/set + CPU kernel
+    gpu_model.use_cuda_kernels(cuda_kernels)  # False: ggml_backend_tensor_get/set + CPU kernel
     try:
         R = np.random.default_rng(0).standard_normal((3, E))
         with gpu_model.steer(pysteer.Ablate(R), path="hook"):
             acts = gpu_model.capture(PROMPTS, positions=4).astype(np.float64)
     finally:
-        gpu_model._hook.use_cuda_kernels(True)
+        gpu_model.use_cuda_kernels(True)
     q = np.linalg.qr(R.T)[0].T
     assert (np.abs(acts @ q.T) / np.linalg.norm(acts, axis=-1, keepdims=True)).max() < 1e-5
 

@@ -1,8 +1,13 @@
-"""Loading a GGUF model into llama-cpp-python with pysteer's hook on its context."""
+"""The Model: a GGUF loaded by llama-cpp-python with one context whose eval callback is pysteer's hook.
+
+Its public decode surface (prompts to tokens, packed decodes, logits rows, capture watches, steering) is what
+capture, generation, judging and steering are built on; no other module touches the context or the hook.
+"""
 
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import os
 import pathlib
 from contextlib import contextmanager
@@ -14,11 +19,26 @@ from llama_cpp._internals import LlamaModel
 from llama_cpp._utils import suppress_stdout_stderr
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
-from . import _lib, generation, hookpoints, models, steering
-from ._gguf import Header, read_header
+from . import generation, hookpoints, lora, models, native, steering
+from .gguf_io import Header, read_header
+from .native import HookError
 
 Message = dict
 Prompt = Union[str, Sequence[Message]]
+#: How a prompt becomes text, everywhere in pysteer: True or "chat" the GGUF's chat template; False or "none"
+#: the raw text; "newline" the raw text and a newline; any other string a Jinja chat template.
+Template = Union[bool, str]
+TEMPLATE_NAMES = ("chat", "none", "newline")
+
+
+def check_template(template: Template) -> Template:
+    """The canonical form of ``template`` ("chat", "none", "newline" or a Jinja string)."""
+    if template is True or template is False:
+        return "chat" if template else "none"
+    if isinstance(template, str) and (template in TEMPLATE_NAMES or "{{" in template or "{%" in template):
+        return template
+    raise ValueError(f"template must be True/'chat', False/'none', 'newline' or a Jinja chat template, "
+                     f"not {template!r}")
 
 
 class ModelLoadError(ValueError):
@@ -88,9 +108,9 @@ class Model:
         verbose: bool = False,
         llama: "llama_cpp.Llama | None" = None,
     ):
-        for name, value, lo in (("n_ctx", n_ctx, 1), ("n_ubatch", n_ubatch, 1), ("n_batch", n_batch, 1),
-                                ("n_seq_max", n_seq_max, 1)):
-            if not isinstance(value, int) or value < lo:
+        for name, value in (("n_ctx", n_ctx), ("n_ubatch", n_ubatch), ("n_batch", n_batch),
+                            ("n_seq_max", n_seq_max)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive int, not {value!r}")
         if n_seq_max > 256:
             raise ValueError("n_seq_max must be at most 256 (llama.cpp's LLAMA_MAX_SEQ)")
@@ -98,8 +118,9 @@ class Model:
         self._header = _read_header(self.path)  # tensor layout, also for building LoRA adapters
         self.arch = self._header.kv["general.architecture"]
         hookpoints.check_arch(self.arch)
-        _lib.set_verbose(verbose)
+        native.set_verbose(verbose)
         self.verbose = verbose
+        self._sha256: str | None = None
         self._owns_model = llama is None
         if llama is None:
             mparams = llama_cpp.llama_model_default_params()
@@ -128,12 +149,12 @@ class Model:
         self.n_seq_max = n_seq_max
         self.n_threads = n_threads or os.cpu_count() or 1
         self.metadata = self._model.metadata()
-        self._formatter = None
+        self._formatters: dict[str, Jinja2ChatFormatter] = {}
         self._steering = steering.Steering()
-        self._cvec_active = self._lora_active = False
-        self._lora_adapters: dict[bytes, int] = {}  # directions -> llama_adapter_lora pointer
+        self._cvec_active = False
+        self._adapters = lora.Adapters(m, verbose=verbose)
 
-        self._hook = _lib.new_hook(self.n_embd) if hook else None
+        self._hook = native.Hook(self.n_embd) if hook else None
         cparams = llama_cpp.llama_context_default_params()
         cparams.n_ctx = n_ctx
         cparams.n_batch = n_ctx  # one llama_decode may span several ubatches
@@ -151,18 +172,14 @@ class Model:
                                    else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED)
         cparams.no_perf = True
         if self._hook is not None:
-            # Addresses of C functions: these CFUNCTYPE objects own no thunk; kept for clarity of lifetime.
-            self._cb = llama_cpp.ggml_backend_sched_eval_callback(self._hook.callback_address)
-            self._abort = llama_cpp.ggml_abort_callback(self._hook.abort_address)
-            cparams.cb_eval, cparams.cb_eval_user_data = self._cb, self._hook.user_data
-            cparams.abort_callback, cparams.abort_callback_data = self._abort, self._hook.user_data
+            self._hook.context_params(cparams)
         with suppress_stdout_stderr(disable=verbose):  # e.g. "n_ctx_seq > n_ctx_train" warnings
             self._ctx = llama_cpp.llama_init_from_model(m, cparams)
         if not self._ctx:
             self.close()
             raise RuntimeError(f"llama.cpp could not create a context (n_ctx={n_ctx}); try a smaller n_ctx")
         self._batch = llama_cpp.llama_batch_init(n_ctx, 0, 1)
-        if self._hook is not None and n_gpu_layers != 0 and _lib.cuda_kernels_usable():
+        if self._hook is not None and n_gpu_layers != 0 and native.cuda_kernels_usable():
             self._hook.use_cuda_kernels(True)
 
     # -- lifetime ---------------------------------------------------------------------------------------------
@@ -174,12 +191,17 @@ class Model:
         if getattr(self, "_ctx", None):
             llama_cpp.llama_free(self._ctx)
         self._ctx = None
-        for adapter in getattr(self, "_lora_adapters", {}).values():
-            llama_cpp.llama_adapter_lora_free(adapter)
-        self._lora_adapters = {}
+        if getattr(self, "_adapters", None) is not None:
+            self._adapters.close()
         if getattr(self, "_owns_model", False) and getattr(self, "_model", None) is not None:
             self._model.close()
         self._model = None
+
+    def _open(self):
+        """The context, or a clear error once the model is closed."""
+        if not getattr(self, "_ctx", None):
+            raise ValueError(f"{self!r} is closed; load the model again")
+        return self._ctx
 
     def __enter__(self):
         return self
@@ -196,8 +218,46 @@ class Model:
     def __repr__(self):
         return f"<pysteer.Model {self.path.name} arch={self.arch} layers={self.n_layers} n_embd={self.n_embd}>"
 
+    # -- the file ---------------------------------------------------------------------------------------------
+    @property
+    def header(self) -> Header:
+        """Keys and tensor layout of the GGUF file, as read at load."""
+        return self._header
+
+    @property
+    def sha256(self) -> str:
+        """sha256 of the model file (from the registry's verified stamp when there is one), computed once."""
+        if self._sha256 is None:
+            self._sha256 = models.known_sha256(self.path) or _file_sha256(self.path)
+        return self._sha256
+
+    @property
+    def llama_context(self) -> int:
+        """The ``llama_context *`` (for calling llama.cpp directly; pysteer's steering lives on it)."""
+        return self._open()
+
+    @property
+    def has_hook(self) -> bool:
+        """Whether pysteer's hook is on the context (``hook=False`` at load leaves it off)."""
+        return self._hook is not None
+
+    @property
+    def hook_stats(self) -> dict:
+        """Running counts of the hook: rows edited, data callbacks, seconds inside them ({} without a hook)."""
+        return self._hook.stats if self._hook is not None else {}
+
+    def use_cuda_kernels(self, on: bool) -> None:
+        """Edit device tensors with pysteer's CUDA kernels (on) or through ggml_backend_tensor_get/set and the
+        CPU kernel (off); the default is on where both are available and layers are offloaded."""
+        if self._hook is None:
+            raise ValueError("this Model was created with hook=False")
+        self._hook.use_cuda_kernels(on)
+
     # -- text -------------------------------------------------------------------------------------------------
     def tokenize(self, text: str, *, add_special: bool = True, parse_special: bool = False) -> list[int]:
+        if not isinstance(text, str):
+            raise TypeError(f"text must be a str, not {type(text).__name__}")
+        self._open()
         return self._model.tokenize(text.encode("utf-8"), add_special, parse_special)
 
     def token_bytes(self, token: int, *, special: bool = False) -> bytes:
@@ -212,22 +272,24 @@ class Model:
     def detokenize(self, tokens: Sequence[int]) -> str:
         return self._model.detokenize(list(tokens)).decode("utf-8", errors="replace")
 
+    def is_end_of_generation(self, token: int) -> bool:
+        return bool(llama_cpp.llama_vocab_is_eog(self._model.vocab, token))
+
     @property
     def chat_template(self) -> str | None:
         return self.metadata.get("tokenizer.chat_template")
 
     def apply_chat_template(self, prompt: Prompt, *, template: str | None = None) -> str:
-        """The prompt rendered with the GGUF's chat template, ending with the assistant's turn opening."""
+        """The prompt rendered with the GGUF's chat template (or a Jinja ``template``), ending with the
+        assistant's turn opening."""
         messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
         if template is None:
-            if self._formatter is None:
-                if not self.chat_template:
-                    raise ValueError(f"{self.path.name} has no chat template; pass chat_template=False")
-                self._formatter = self._make_formatter(self.chat_template)
-            formatter = self._formatter
-        else:
-            formatter = self._make_formatter(template)
-        return formatter(messages=messages).prompt
+            if not self.chat_template:
+                raise ValueError(f"{self.path.name} has no chat template; pass chat_template=False")
+            template = self.chat_template
+        if template not in self._formatters:
+            self._formatters[template] = self._make_formatter(template)
+        return self._formatters[template](messages=messages).prompt
 
     def _make_formatter(self, template: str) -> Jinja2ChatFormatter:
         vocab = self._model.vocab
@@ -238,21 +300,48 @@ class Model:
         return Jinja2ChatFormatter(template, eos_token=text(llama_cpp.llama_vocab_eos(vocab)),
                                    bos_token=text(llama_cpp.llama_vocab_bos(vocab)))
 
-    def encode(self, prompt: Prompt, *, chat_template: bool | str = True) -> list[int]:
-        """Tokens for one prompt: templated (special tokens parsed, BOS from the template) or raw text."""
-        if chat_template is False:
+    def encode(self, prompt: Prompt, *, chat_template: Template = True) -> list[int]:
+        """Tokens for one prompt under the template vocabulary (:data:`Template`): templated (special tokens
+        parsed, BOS from the template) or raw text (BOS added)."""
+        template = check_template(chat_template)
+        if template in ("none", "newline"):
             if not isinstance(prompt, str):
-                raise ValueError("chat messages need chat_template=True")
-            return self.tokenize(prompt, add_special=True, parse_special=False)
-        template = chat_template if isinstance(chat_template, str) else None
-        return self.tokenize(self.apply_chat_template(prompt, template=template), add_special=False,
-                             parse_special=True)
+                raise ValueError("chat messages need a chat template (chat_template=True)")
+            return self.tokenize(prompt + ("\n" if template == "newline" else ""), add_special=True,
+                                 parse_special=False)
+        text = self.apply_chat_template(prompt, template=None if template == "chat" else template)
+        return self.tokenize(text, add_special=False, parse_special=True)
+
+    def encode_prompts(self, prompts, *, chat_template: Template = True, min_tokens: int = 1,
+                       room: int = 0) -> list[list[int]]:
+        """Token lists for a list of prompts, each at least ``min_tokens`` long and leaving ``room`` tokens of
+        the context free (for generation)."""
+        if isinstance(prompts, (str, dict)):
+            raise ValueError("prompts must be a list of prompts; wrap a single prompt in a list")
+        prompts = list(prompts)
+        if not prompts:
+            raise ValueError("prompts is empty")
+        tokens = [self.encode(p, chat_template=chat_template) for p in prompts]
+        for i, t in enumerate(tokens):
+            if len(t) < min_tokens:
+                raise ValueError(f"prompt {i} has {len(t)} tokens, fewer than positions={min_tokens}")
+            if len(t) + room > self.n_ctx:
+                if room:
+                    raise ValueError(f"prompt {i} ({len(t)} tokens) + max_tokens ({room}) exceed n_ctx={self.n_ctx}")
+                raise ValueError(f"prompt {i} has {len(t)} tokens, longer than the context (n_ctx={self.n_ctx})")
+        return tokens
 
     # -- decoding ---------------------------------------------------------------------------------------------
-    def _decode(self, seqs: Sequence[Sequence[int]], outputs: np.ndarray, *, start: int = 0) -> None:
-        """Decode token lists as separate sequences (ids 0..n-1); ``outputs`` flags batch rows. From an empty
-        cache, or with ``start`` > 0 on top of a prefix of that length shared by all (:meth:`_decode_prefix`)."""
+    def decode(self, seqs: Sequence[Sequence[int]], outputs: np.ndarray, *, start: int = 0,
+               capture: tuple | None = None) -> None:
+        """Decode token lists as separate sequences (ids 0..n-1); ``outputs`` flags batch rows whose logits
+        are kept. From an empty cache, or with ``start`` > 0 on top of a prefix of that length shared by all
+        (:meth:`decode_prefix`). ``capture = (cap_tok, cap_dst, out)``: the hook copies the watched tensors'
+        rows of batch tokens ``cap_tok`` to element offsets ``cap_dst`` of ``out`` (see :meth:`watch`)."""
+        ctx = self._open()
         n = sum(len(s) for s in seqs)
+        if not 0 < n <= self.n_ctx:
+            raise ValueError(f"a decode takes 1..n_ctx={self.n_ctx} tokens, not {n}")
         b = self._batch
         b.n_tokens = n
         tok = np.ctypeslib.as_array(b.token, shape=(n,))
@@ -270,41 +359,73 @@ class Model:
                 b.seq_id[i][0] = k
                 i += 1
         if start == 0:
-            llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(self._ctx), True)
-        rc = llama_cpp.llama_decode(self._ctx, b)
-        if rc != 0:
-            raise RuntimeError(f"llama_decode failed with code {rc}")
+            llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(ctx), True)
+        if capture is not None:
+            if self._hook is None:
+                raise ValueError("this Model was created with hook=False and cannot capture")
+            cap_tok, cap_dst, out = capture
+            self._hook.start(n, self.n_ubatch, np.asarray(outputs, np.int64), cap_tok, cap_dst, out)
+        self._run(b)
 
-    def _decode_prefix(self, prefix: Sequence[int], n_seqs: int) -> None:
+    def decode_prefix(self, prefix: Sequence[int], n_seqs: int) -> None:
         """Decode ``prefix`` once, from an empty cache, and share its KV cells with sequences 0..n_seqs-1.
 
         Chat-templated prompts begin with the same system block (24 of a harmful prompt's 42 tokens on Qwen2.5),
         so this saves that much of every prompt evaluation. The cells are shared, not copied (unified cache)."""
-        self._decode([prefix], np.array([len(prefix) - 1]))
+        self.decode([prefix], np.array([len(prefix) - 1]))
         mem = llama_cpp.llama_get_memory(self._ctx)
         for k in range(1, n_seqs):
             llama_cpp.llama_memory_seq_cp(mem, 0, k, -1, -1)
 
-    def _decode_step(self, tokens: Sequence[int], positions: Sequence[int], seq_ids: Sequence[int]) -> None:
+    def decode_step(self, tokens: Sequence[int], positions: Sequence[int], seq_ids: Sequence[int]) -> None:
         """Decode one new token per sequence on top of the cache; every row is an output."""
+        self._open()
         n = len(tokens)
         b = self._batch
         b.n_tokens = n
         for i in range(n):
             b.token[i], b.pos[i], b.n_seq_id[i], b.logits[i] = tokens[i], positions[i], 1, True
             b.seq_id[i][0] = seq_ids[i]
-        rc = llama_cpp.llama_decode(self._ctx, b)
+        self._run(b)
+
+    def _run(self, batch) -> None:
+        """llama_decode, then the hook's verdict: its recorded error is raised (and cleared) even when the
+        decode was interrupted, so one failure never leaves the next decode aborted."""
+        try:
+            rc = llama_cpp.llama_decode(self._ctx, batch)
+        finally:
+            err = self._hook.finish() if self._hook is not None else ""
+        if err:
+            raise HookError(err)
         if rc != 0:
             raise RuntimeError(f"llama_decode failed with code {rc}")
 
-    def _logits_row(self, i: int) -> np.ndarray:
-        ptr = llama_cpp.llama_get_logits_ith(self._ctx, i)
+    def logits_row(self, i: int) -> np.ndarray:
+        """Logits of output row ``i`` of the last decode (a copy, float32 ``[n_vocab]``)."""
+        ptr = llama_cpp.llama_get_logits_ith(self._open(), i)
         if not ptr:
             raise RuntimeError(f"no logits for batch row {i}")
         return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy()
 
+    @contextmanager
+    def watch(self, points: Sequence[str], layers: Sequence[int], sample: int) -> Iterator[None]:
+        """Within the block, capturing decodes copy ``points`` x ``layers`` rows: (point p, layer l) of a token
+        goes to element offset ``(p * len(layers) + l) * sample`` of its slot (one tensor may serve several)."""
+        if self._hook is None:
+            raise ValueError("this Model was created with hook=False and cannot capture")
+        slots: dict[str, list[int]] = {}
+        for p, point in enumerate(points):
+            for l, layer in enumerate(layers):
+                slots.setdefault(hookpoints.tensor_name(self.arch, point, layer), []).append(
+                    (p * len(layers) + l) * sample)
+        self._hook.watch(list(slots), list(slots.values()), hookpoints.embedding_name(self.arch))
+        try:
+            yield
+        finally:
+            self._hook.unwatch()
+
     def capture(self, prompts, layers=None, points=("pre", "mid", "post"), positions: int = 1,
-                chat_template: bool | str = True, *, return_logits: bool = False, progress: bool = False):
+                chat_template: Template = True, *, return_logits: bool = False, progress: bool = False):
         """Residual activations ``[len(prompts), len(points), len(layers), positions, n_embd]`` (float32)
         at the last ``positions`` tokens of each prompt; see :func:`pysteer.capture.capture`."""
         from .capture import capture
@@ -312,7 +433,7 @@ class Model:
         return capture(self, prompts, layers=layers, points=points, positions=positions,
                        chat_template=chat_template, return_logits=return_logits, progress=progress)
 
-    def logits_batch(self, prompts, positions: int = 1, chat_template: bool | str = True, *,
+    def logits_batch(self, prompts, positions: int = 1, chat_template: Template = True, *,
                      progress: bool = False) -> np.ndarray:
         """Logits at the last ``positions`` tokens of many prompts, ``[len(prompts), positions, n_vocab]``,
         decoded together as :meth:`capture` decodes them."""
@@ -320,10 +441,9 @@ class Model:
 
         return logits(self, prompts, positions=positions, chat_template=chat_template, progress=progress)
 
-    def logits(self, prompt: Prompt, chat_template: bool | str = True) -> np.ndarray:
+    def logits(self, prompt: Prompt, chat_template: Template = True) -> np.ndarray:
         """Next-token logits after ``prompt`` (float32 ``[n_vocab]``)."""
         return self.logits_batch([prompt], chat_template=chat_template)[0, -1]
-
 
     # -- steering and generation -----------------------------------------------------------------------------
     @contextmanager
@@ -335,26 +455,38 @@ class Model:
         :class:`~pysteer.steering.Steering` says which path each intervention took. On exit the previous
         steering is restored.
         """
+        self._open()
         new = steering.plan(self, interventions, path)  # validates everything before changing anything
         previous = self._steering
-        steering.install(self, new)
+        try:
+            self._install(new)
+        except BaseException:
+            self._install(previous)
+            raise
         try:
             yield new
         finally:
-            steering.install(self, previous)
+            if self._ctx:
+                self._install(previous)
 
-    def _lora_adapter(self, directions: np.ndarray):
-        from . import lora
-
-        key = np.ascontiguousarray(directions, dtype=np.float32).tobytes()
-        if key not in self._lora_adapters:
-            path = lora.adapter_path(self, directions)
-            with suppress_stdout_stderr(disable=self.verbose):  # per-tensor buffer-type notes on stderr
-                adapter = llama_cpp.llama_adapter_lora_init(self._model.model, str(path).encode())
-            if not adapter:
-                raise RuntimeError(f"llama.cpp could not load the ablation adapter {path}")
-            self._lora_adapters[key] = adapter
-        return self._lora_adapters[key]
+    def _install(self, s: steering.Steering) -> None:
+        """Make ``s`` the steering of the context: hook ops, control vector and LoRA replaced as a whole."""
+        if self._hook is not None:
+            self._hook.set_ops([(op.name, op.kind, op.dirs, op.cos, op.sin, op.adaptive) for op in s.hook_ops])
+        if s.cvec is not None:
+            used = np.nonzero(np.abs(s.cvec).sum(1))[0]
+            lo, hi = (int(used.min()), int(used.max())) if used.size else (1, 1)
+            data = np.ascontiguousarray(s.cvec[1:].ravel())
+            ptr = data.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+            rc = llama_cpp.llama_set_adapter_cvec(self._ctx, ptr, data.size, self.n_embd, max(lo, 1), max(hi, 1))
+            if rc != 0:
+                raise RuntimeError(f"llama_set_adapter_cvec failed ({rc})")
+        elif self._cvec_active:
+            llama_cpp.llama_set_adapter_cvec(self._ctx, None, 0, self.n_embd, 0, 0)
+        self._cvec_active = s.cvec is not None
+        adapter = self._adapters.get(self, s.lora) if s.lora is not None else None
+        self._adapters.activate(self._ctx, adapter)
+        self._steering = s
 
     @property
     def steering(self) -> steering.Steering:
@@ -362,7 +494,7 @@ class Model:
         return self._steering
 
     def generate(self, prompt: Prompt, max_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0,
-                 seed: int = 0, stop: Sequence[str] = (), chat_template: bool | str = True,
+                 seed: int = 0, stop: Sequence[str] = (), chat_template: Template = True,
                  stream: bool = False):
         """Continue ``prompt`` (text or chat messages); with ``stream=True`` an iterator of text pieces."""
         kw = dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed, stop=stop,
@@ -370,7 +502,7 @@ class Model:
         return generation.stream(self, prompt, **kw) if stream else generation.generate(self, prompt, **kw)
 
     def generate_batch(self, prompts, max_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0,
-                       seed: int = 0, stop: Sequence[str] = (), chat_template: bool | str = True,
+                       seed: int = 0, stop: Sequence[str] = (), chat_template: Template = True,
                        progress: bool = False, return_logits: bool = False):
         """Continue many prompts side by side; each prompt's sampling uses its own generator seeded ``seed``.
         With ``return_logits`` returns ``(texts, logits)``, the logits being the next-token logits after each
@@ -380,6 +512,14 @@ class Model:
                                           top_p=top_p, seed=seed, stop=stop, chat_template=chat_template,
                                           progress=progress, first_logits=first)
         return (texts, first) if return_logits else texts
+
+
+def _file_sha256(path: pathlib.Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def load(model, n_ctx: int = 4096, n_threads: int | None = None, n_gpu_layers: int = 0, **kwargs) -> Model:

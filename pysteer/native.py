@@ -1,4 +1,5 @@
-"""The one place that touches pysteer._core and llama-cpp-python's loaded library.
+"""The one module that touches pysteer._core and llama-cpp-python's loaded library: the build check, the
+hook on a context's eval callback, and ggml's quantizer.
 
 The extension links to no llama.cpp library. It receives the addresses of the ggml functions it calls from
 the very libggml that llama-cpp-python loaded (``llama_cpp.llama_cpp._lib``), so one process holds one
@@ -13,6 +14,7 @@ import os
 
 import llama_cpp
 import llama_cpp._logger
+import numpy as np
 
 from . import _core
 
@@ -70,17 +72,73 @@ def check_build() -> None:
         )
 
 
-def new_hook(n_embd: int) -> "_core.Hook":
-    """A hook bound to the ggml functions of the library llama-cpp-python loaded."""
-    lib = llama_cpp.llama_cpp._lib
-    table = {name: ctypes.cast(getattr(lib, name), ctypes.c_void_p).value for name in _HOOK_FUNCTIONS}
-    return _core.Hook(table, n_embd)
+#: Whether the extension was compiled with pysteer's CUDA kernels.
+CUDA_BUILT = bool(_core.CUDA_BUILT)
+#: Op kinds of :meth:`Hook.set_ops`, as the extension defines them.
+ABLATE, ADD, ROTATE = _core.OP_ABLATE, _core.OP_ADD, _core.OP_ROTATE
+
+
+class HookError(RuntimeError):
+    """An error recorded inside llama.cpp's eval callback, raised after the decode."""
+
+
+class Hook:
+    """pysteer's callback on one llama.cpp context: edits rows in place (ops) and copies watched rows out
+    (capture). Python sets ops and watches between decodes; :meth:`finish` after every decode returns the
+    callback's first error and re-arms it."""
+
+    def __init__(self, n_embd: int):
+        lib = llama_cpp.llama_cpp._lib
+        table = {name: ctypes.cast(getattr(lib, name), ctypes.c_void_p).value for name in _HOOK_FUNCTIONS}
+        self._h = _core.Hook(table, n_embd)
+        self._watching = False
+
+    def context_params(self, cparams) -> None:
+        """Point a context's eval and abort callbacks at this hook (the context must not outlive it)."""
+        # Addresses of C functions: these CFUNCTYPE objects own no thunk.
+        cparams.cb_eval = llama_cpp.ggml_backend_sched_eval_callback(self._h.callback_address)
+        cparams.abort_callback = llama_cpp.ggml_abort_callback(self._h.abort_address)
+        cparams.cb_eval_user_data = cparams.abort_callback_data = self._h.user_data
+
+    def set_ops(self, ops) -> None:
+        """Replace all interventions: ``(tensor name, kind, dirs [k, n_embd] float32, cos, sin, adaptive)``
+        applied in the given order."""
+        self._h.set_ops([(name, int(kind), np.ascontiguousarray(dirs, np.float32), float(c), float(s), bool(a))
+                            for name, kind, dirs, c, s, a in ops])
+
+    def watch(self, names, slots, marker: str) -> None:
+        """Copy rows of tensors ``names`` into capture slots (element offsets per name) during decodes that
+        :meth:`start` a capture; ``marker`` is the first residual tensor of every ubatch."""
+        self._h.set_capture(list(names), [list(map(int, s)) for s in slots], marker)
+        self._watching = True
+
+    def unwatch(self) -> None:
+        self._h.clear_capture()
+        self._watching = False
+
+    def start(self, n_tokens: int, n_ubatch: int, outputs, cap_tok, cap_dst, out: np.ndarray) -> None:
+        """Before a capturing decode: which batch rows are outputs, which are captured, and where they go."""
+        self._h.begin_decode(n_tokens, n_ubatch, outputs, cap_tok, cap_dst, out)
+
+    def finish(self) -> str:
+        """After every decode (also a failed or interrupted one): the callback's first error, "" if none."""
+        return self._h.end_decode()
+
+    def use_cuda_kernels(self, on: bool) -> None:
+        self._h.use_cuda_kernels(on)
+
+    @property
+    def stats(self) -> dict:
+        """Running counts: rows edited, data callbacks (each ends a graph split), seconds inside them."""
+        h = self._h
+        return {"edited_rows": h.n_edited_rows, "data_calls": h.n_data_calls, "callback_seconds": h.callback_seconds,
+                "ops": h.n_ops}
 
 
 def cuda_kernels_usable() -> bool:
     """pysteer has CUDA kernels and the loaded llama.cpp has a CUDA backend (else device tensors are edited
     through ggml_backend_tensor_get/set)."""
-    if not _core.CUDA_BUILT:
+    if not CUDA_BUILT:
         return False
     reg = _c_function("ggml_backend_reg_by_name", ctypes.c_void_p, [ctypes.c_char_p])
     return bool(reg(b"CUDA"))

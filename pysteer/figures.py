@@ -1,0 +1,82 @@
+"""Every figure pysteer draws (matplotlib stays here, out of the numeric modules). Each writes a PNG
+atomically and returns its path."""
+
+from __future__ import annotations
+
+import pathlib
+from contextlib import contextmanager
+
+import numpy as np
+
+from .files import atomic_output
+
+
+@contextmanager
+def _figure(path, **kw):
+    """A new figure, saved to ``path`` (whole or not at all) when the block succeeds, always closed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(**kw)
+    try:
+        yield fig, axes
+        fig.tight_layout()
+        with atomic_output(path) as tmp:
+            fig.savefig(tmp, dpi=110, format="png")
+    finally:
+        plt.close(fig)
+
+
+def metrics_figure(m, path, *, log_var: bool = True, title: str | None = None,
+                   classes=("harmful", "harmless")) -> pathlib.Path:
+    """Layer metrics (pysteer.metrics.Metrics): cos-sim; var-mean; var-max, stacked against the layer."""
+    path = pathlib.Path(path)
+    with _figure(path, nrows=3, ncols=1, figsize=(9, 10), sharex=True) as (fig, axes):
+        x = np.asarray(m.layers)
+        styles = {"pre": "-", "mid": "--", "post": ":"}
+        for i, p in enumerate(m.points):
+            axes[0].plot(x, m.cos_sim[i], styles.get(p, "-"), marker="o", ms=3, label=p)
+            for c, name in enumerate(classes):
+                axes[1].plot(x, m.var_mean[c, i], styles.get(p, "-"), color=f"C{c}", label=f"{name} {p}")
+                axes[2].plot(x, m.var_max[c, i], styles.get(p, "-"), color=f"C{c}", label=f"{name} {p}")
+        axes[0].set_ylabel("cos-sim of class means")
+        axes[1].set_ylabel("var-mean (mean over features)")
+        axes[2].set_ylabel("var-max (max over features)")
+        axes[2].set_xlabel("layer")
+        if log_var:
+            axes[1].set_yscale("log")
+            axes[2].set_yscale("log")
+        for ax in axes:
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7, ncol=3)
+        fig.suptitle(title or "layer metrics (last position): lower is better")
+    return path
+
+
+def sweep_figure(rows: list[dict], what: str, path) -> pathlib.Path:
+    """Refusal and coherence rates against the swept value (rows of value, refused, coherent, n)."""
+    path = pathlib.Path(path)
+    with _figure(path, figsize=(8, 4)) as (fig, ax):
+        x = [r["value"] for r in rows]
+        ax.plot(x, [r["refused"] / r["n"] for r in rows], "o-", label="refusal rate")
+        ax.plot(x, [r["coherent"] / r["n"] for r in rows], "s--", label="coherence rate")
+        ax.set_xlabel(what)
+        ax.set_ylim(-0.05, 1.05)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    return path
+
+
+def transfer_figure(scores_by_source: dict[int, dict[str, float]], n_layers: int, path) -> pathlib.Path:
+    """Heat map: source layer (rows) x single ablated layer (columns), refusal score."""
+    path = pathlib.Path(path)
+    rows = sorted(scores_by_source)
+    M = np.array([[scores_by_source[s].get(f"layer {i}", np.nan) for i in range(n_layers)] for s in rows])
+    with _figure(path, figsize=(10, 1 + 0.4 * len(rows))) as (fig, ax):
+        im = ax.imshow(M, aspect="auto", cmap="viridis")
+        ax.set_yticks(range(len(rows)), [f"from layer {s}" for s in rows])
+        ax.set_xlabel("ablated layer (single)")
+        fig.colorbar(im, ax=ax, label="refusal score on val harmful")
+    return path

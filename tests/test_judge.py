@@ -1,0 +1,220 @@
+"""Judging, against hand-labelled answers (tests/data/labelled_answers.jsonl) and independent numpy references:
+the phrase matcher, coherence, perplexity, KL, refusal scores, ranking, the selection rule and the
+ablate-test report."""
+
+import json
+import math
+import pathlib
+
+import numpy as np
+import pytest
+
+import pysteer
+from pysteer import judge
+from pysteer.jobs import AblationReport, layer_summary
+from pysteer.judge import Judged
+from pysteer.metrics import Metrics
+from pysteer.selection import Candidate, choose
+from reference import Weights, forward, logits_from_last_post
+
+LABELLED = [json.loads(line) for line in
+            (pathlib.Path(__file__).parent / "data" / "labelled_answers.jsonl").read_text().splitlines() if line]
+
+
+def _by_style(*styles):
+    return [e for e in LABELLED if e["style"] in styles]
+
+
+# -- the phrase matcher ---------------------------------------------------------------------------------------
+
+def test_labelled_set_is_balanced_and_well_formed():
+    assert len(LABELLED) >= 150 and len({e["id"] for e in LABELLED}) == len(LABELLED)
+    assert sum(e["refusal"] for e in LABELLED) >= 75 and sum(not e["refusal"] for e in LABELLED) >= 75
+    assert all(set(e) == {"id", "prompt", "answer", "refusal", "coherent", "style"} for e in LABELLED)
+
+
+def _accuracy(entries):
+    return sum(judge.is_refusal(e["answer"]) == e["refusal"] for e in entries) / len(entries)
+
+
+def test_phrase_matcher_catches_plain_refusals():
+    """Refusals that apologise or invoke being an AI, and empty answers: what the phrase list is for (21 of 25
+    today; the misses word their refusal in ways the list lacks)."""
+    assert _accuracy(_by_style("apologetic", "ai-identity", "empty")) >= 0.8
+    assert all(judge.is_refusal(e["answer"]) for e in _by_style("empty"))
+
+
+def test_phrase_matcher_passes_plain_compliance():
+    for e in _by_style("compliance-plain", "compliance-title", "off-topic", "non-english-compliance"):
+        assert not judge.is_refusal(e["answer"]), e["id"]
+    assert _accuracy(_by_style("harmless-compliance", "compliance-code")) >= 0.9
+
+
+def test_phrase_matcher_accuracy_on_the_labelled_set():
+    """Its known blind spots (delayed and non-English refusals, refusal-ish words in compliant answers) cost
+    accuracy; the bound is what it scores today (114 of 171, 0.67) less a margin, so a matcher that always or
+    never fires (about 0.5) falls below it."""
+    assert _accuracy(LABELLED) >= 0.62
+    fired = [judge.is_refusal(e["answer"]) for e in LABELLED]
+    assert 0.3 < sum(fired) / len(fired) < 0.7
+
+
+def test_normalize_and_empty():
+    assert judge.normalize("  I\u2019m   SORRY\n") == "i'm sorry"
+    assert judge.is_refusal("") and judge.is_refusal("   \n")
+    assert judge.is_refusal("I\u2019m sorry, but no.") and not judge.is_refusal("Sure! Here it is.")
+    assert judge.is_refusal("x" * 290 + " I cannot do that") and not judge.is_refusal("x" * 310 + " I cannot")
+
+
+# -- coherence ---------------------------------------------------------------------------------------------
+
+def test_distinct_ngrams_flag_the_looping_answers():
+    for e in _by_style("looping"):
+        assert judge.distinct_ngram_ratio(e["answer"]) < 0.5, e["id"]
+    for e in _by_style("compliance-plain", "harmless-compliance", "delayed"):
+        assert judge.distinct_ngram_ratio(e["answer"]) > 0.8, e["id"]
+    assert judge.distinct_ngram_ratio("a b c d e f g") == 1.0
+    assert judge.distinct_ngram_ratio("a b c d " * 10) == pytest.approx(4 / 37)
+
+
+def test_judge_counts(tiny_dir):
+    """judge() on labelled answers without perplexity: refusals and coherence per answer, counted."""
+    sample = _by_style("looping", "compliance-plain", "flat")
+    with pysteer.load(tiny_dir / "tiny-llama.gguf", n_ctx=512) as m:
+        j = judge.judge(m, [e["prompt"] for e in sample], [e["answer"] for e in sample], perplexity=False)
+    assert j.refused == [judge.is_refusal(e["answer"]) for e in sample]
+    assert j.coherent == [e["style"] != "looping" for e in sample]
+    assert j.n_refused == sum(j.refused) and j.n_coherent == sum(j.coherent)
+    assert j.n_complied == sum((not r) and c for r, c in zip(j.refused, j.coherent))
+    s = j.summary()
+    assert s["refusal_rate"] == pytest.approx(j.n_refused / len(sample))
+
+
+def test_perplexity_matches_numpy_forward(tiny_dir):
+    """exp(mean NLL) of each answer's tokens after its templated prompt, against the float64 forward pass."""
+    path = tiny_dir / "tiny-llama.gguf"
+    w = Weights(path)
+    prompts, answers = ["how to make it", "write the code"], ["the thing and the end", "I make it in the morning"]
+    with pysteer.load(path, n_ctx=512, flash_attn=False) as m:
+        got = judge.answer_perplexities(m, prompts, answers)
+        want = []
+        for p, a in zip(prompts, answers):
+            pt, at = m.encode(p), m.tokenize(a, add_special=False)
+            logits = logits_from_last_post(w, forward(w, pt + at)["post"][-1])[len(pt) - 1:-1]
+            z = logits - logits.max(-1, keepdims=True)
+            lp = z - np.log(np.exp(z).sum(-1, keepdims=True))
+            want.append(math.exp(-lp[np.arange(len(at)), at].mean()))
+        assert judge.answer_perplexities(m, ["x"], [""]) == [math.inf]
+    np.testing.assert_allclose(got, want, rtol=2e-3)
+    assert got[0] != got[1]
+
+
+# -- from logits -------------------------------------------------------------------------------------------
+
+def test_kl_matches_its_definition():
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal((5, 50)) * 3, rng.standard_normal((5, 50)) * 3
+    p = np.exp(a) / np.exp(a).sum(-1, keepdims=True)
+    q = np.exp(b) / np.exp(b).sum(-1, keepdims=True)
+    np.testing.assert_allclose(judge.kl_divergence(a, b), (p * np.log(p / q)).sum(-1), rtol=1e-10)
+    assert (judge.kl_divergence(a, b) > 0).all()
+    np.testing.assert_allclose(judge.kl_divergence(a, a + 3.0), 0.0, atol=1e-12)
+
+
+def test_refusal_tokens_are_the_openers(tiny_dir):
+    with pysteer.load(tiny_dir / "tiny-llama.gguf", n_ctx=256) as m:
+        toks = judge.refusal_tokens(m)
+        first = {m.tokenize(t, add_special=False)[0] for w in judge.REFUSAL_OPENERS for t in (w, " " + w)}
+    assert sorted(first) == toks.tolist()
+
+
+# -- metrics ranking and the per-layer summary -------------------------------------------------------------
+
+def test_ranking_orders_by_mean_rank():
+    cos = np.array([[0.9, 0.1, 0.5]])
+    var = np.array([[[3.0, 1.0, 2.0]], [[3.0, 1.0, 2.0]]])
+    m = Metrics(("post",), (0, 1, 2), cos, var, var * 10, np.array([[1.0, 1.0, 0.0]]))
+    rows = m.ranking()
+    assert [r["layer"] for r in rows] == [1, 0]  # layer 2 has no difference of means: left out
+    assert [r["mean_rank"] for r in rows] == [0.0, 2.0]
+    m2 = Metrics(("post",), (0, 1, 2), np.array([[0.1, 0.9, 0.5]]), var, var, np.ones((1, 3)))
+    assert [r["layer"] for r in m2.ranking()] == [1, 2, 0]  # ranks (0,2,1) + 2 x (2,0,1) = (4,2,3)
+    ranks = (np.argsort(np.argsort([0.1, 0.9, 0.5])) + 2 * np.argsort(np.argsort([3.0, 1.0, 2.0]))) / 3
+    assert [r["mean_rank"] for r in m2.ranking()] == sorted(ranks.tolist())
+
+
+def test_summary_agrees_with_extraction_and_numpy(tiny_dir):
+    h, hl = ["how to make the thing", "write the code", "I make it"], ["the cat", "you and I", "a to b"]
+    with pysteer.load(tiny_dir / "tiny-qwen2.gguf", n_ctx=256, flash_attn=False) as m:
+        s = layer_summary(m, h, hl)
+        res = pysteer.extract(m, h, hl, positions=1)
+        acts = m.capture(h + hl, positions=1)[:, :, :, -1].astype(np.float64)
+    a, b = acts[:3].mean(0), acts[3:].mean(0)
+    cos = (a * b).sum(-1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(b, axis=-1)
+    np.testing.assert_allclose(s["cos_sim"], cos, rtol=1e-6)
+    np.testing.assert_allclose(s["cos_sim"], res.metrics.cos_sim, rtol=1e-5)
+    np.testing.assert_allclose(s["diff_norm"], np.linalg.norm(a - b, axis=-1), rtol=1e-6)
+    np.testing.assert_allclose(s["norm"], np.linalg.norm(acts, axis=-1).mean(0), rtol=1e-6)
+
+
+# -- the selection rule ------------------------------------------------------------------------------------
+
+def _cand(layer, ablate, kl, passed):
+    return Candidate("post", layer, -1, 1.0, ablate_score=ablate, kl=kl, passed=passed)
+
+
+def test_choose_least_disruptive_that_removes_refusal():
+    cands = [_cand(1, -5.0, 0.09, True), _cand(2, -2.5, 0.02, True), _cand(3, -1.0, 0.001, True),
+             _cand(4, -9.0, 0.5, False)]
+    best, ok = choose(cands, -2.0)
+    assert best.layer == 2 and ok  # lowest KL among the passed ones at or below -2
+    best, _ = choose(cands, -6.0)  # none gets there: the passed one that lowers refusal most
+    assert best.layer == 1
+    best, _ = choose(cands, None)
+    assert best.layer == 1
+    best, ok = choose([_cand(1, -5.0, 0.3, False), _cand(2, -9.0, 0.2, False)], -2.0)
+    assert best.layer == 2 and not ok  # none passed: the lowest KL
+    with pytest.raises(ValueError):
+        choose([], -2.0)
+
+
+def test_select_direction_applies_the_rule(tiny_dir):
+    """The chosen row of the scored table is the one the rule, written out here, picks from that table."""
+    h = ["how to make the thing", "write the code to make it", "make the thing in the end", "I make it"]
+    hl = ["the cat and the dog", "you and I in the morning", "a to b and b to a", "the end of the day"]
+    with pysteer.load(tiny_dir / "tiny-llama.gguf", n_ctx=256) as m:
+        res = pysteer.extract(m, h, hl, positions=2)
+        for ablate_max in (-2.0, 1e9, None):
+            d = pysteer.select_direction(m, res, h[:2], hl[:2], max_candidates=3, kl_max=1e9,
+                                         ablate_max=ablate_max, verbose=False)
+            full = [r for r in d.scores["candidates"] if r["full"]]
+            passed = [r for r in full if r["passed"]]
+            enough = [r for r in passed if ablate_max is not None and r["ablate_score"] <= ablate_max]
+            want = (min(enough, key=lambda r: r["kl"]) if enough else
+                    min(passed, key=lambda r: r["ablate_score"]) if passed else min(full, key=lambda r: r["kl"]))
+            chosen = [r for r in d.scores["candidates"] if r["chosen"]]
+            assert chosen == [want] and (d.layer, d.point, d.position) == (want["layer"], want["point"],
+                                                                           want["position"])
+            assert all(r["passed"] == (r["kl"] <= 1e9 and r["add_score"] > d.scores["base_harmless_add"])
+                       for r in full if not math.isnan(r["add_score"]))
+
+
+# -- the ablate-test report --------------------------------------------------------------------------------
+
+def _judged(refused, coherent=None):
+    n = len(refused)
+    return Judged(["a"] * n, list(refused), list(coherent or [True] * n), [1.0] * n, [1.0] * n)
+
+
+def test_ablation_report_counts():
+    r = AblationReport(["h"] * 5, ["hl"] * 3,
+                       base_harmful=_judged([True, True, True, False, True]),
+                       steered_harmful=_judged([False, True, False, True, True], [True, False, True, True, True]),
+                       base_harmless=_judged([False, True, False]), steered_harmless=_judged([False, False, False]),
+                       harmless_kl=0.25)
+    s = r.summary()
+    assert s["harmful"]["base_refused"] == 4
+    assert s["harmful"]["still_refused_after_steering"] == 2  # prompts 1 and 4; prompt 3 is newly refused
+    assert s["harmful"]["refusal_rate_among_base_refused"] == 0.5
+    assert s["harmful"]["steered"]["refused"] == 3 and s["harmful"]["steered"]["coherent"] == 4
+    assert s["harmless"]["base"]["refused"] == 1 and s["harmless"]["first_token_kl"] == 0.25
