@@ -46,12 +46,43 @@ def test_extract_writes_direction_and_metrics(setup):
 
 
 def test_ablate_test_json(setup):
+    """Counts and KL of the report against answers generated one prompt at a time (hook path, no packing) and
+    a numpy KL of single-prompt logits."""
+    import numpy as np
+
+    import pysteer
+    from pysteer.datasets import PromptSplits
+    from pysteer.judge import is_refusal
+
     d, model, sets = setup
-    r = run("ablate-test", model, "--direction", d / "dir.gguf", *sets, "--n", 2, "--max-tokens", 6, "--json")
+    r = run("ablate-test", model, "--direction", d / "dir.gguf", *sets, "--n", 3, "--max-tokens", 6, "--json")
     assert r.returncode == 0, r.stderr
     s = json.loads(r.stdout)
-    assert s["harmful"]["base"]["n"] == 2 and s["harmless"]["steered"]["n"] == 2
-    assert s["harmless"]["first_token_kl"] >= 0 and s["seconds"]["total"] > 0
+    harmful, harmless = PromptSplits.load(str(d / "h.txt"), str(d / "hl.txt"), n_train=6, n_val=2, n_test=3).test
+    direction = pysteer.load_direction(d / "dir.gguf")
+    with pysteer.load(model, n_ctx=4096) as m:
+        def answers(prompts):
+            return [m.generate(p, max_tokens=6) for p in prompts]
+
+        base_h, base_hl = answers(harmful), answers(harmless)
+        p = np.stack([m.logits(x) for x in harmless]).astype(np.float64)
+        with m.steer(pysteer.Ablate(direction.vector), path="hook"):
+            ab_h, ab_hl = answers(harmful), answers(harmless)
+            q = np.stack([m.logits(x) for x in harmless]).astype(np.float64)
+    lp = p - np.log(np.exp(p - p.max(-1, keepdims=True)).sum(-1, keepdims=True)) - p.max(-1, keepdims=True)
+    lq = q - np.log(np.exp(q - q.max(-1, keepdims=True)).sum(-1, keepdims=True)) - q.max(-1, keepdims=True)
+    kl = float((np.exp(lp) * (lp - lq)).sum(-1).mean())
+    assert kl > 1e-3  # the check below would not tell a KL of 0 from a right one otherwise
+    assert s["harmless"]["first_token_kl"] == pytest.approx(kl, rel=0.02)
+    refused = lambda xs: sum(map(is_refusal, xs))  # noqa: E731
+    assert s["harmful"]["base"]["n"] == 3 and s["harmless"]["steered"]["n"] == 3
+    assert s["harmful"]["base"]["refused"] == refused(base_h) and s["harmful"]["steered"]["refused"] == refused(ab_h)
+    assert s["harmless"]["base"]["refused"] == refused(base_hl)
+    assert s["harmless"]["steered"]["refused"] == refused(ab_hl)
+    base_refused = [i for i, a in enumerate(base_h) if is_refusal(a)]
+    assert s["harmful"]["base_refused"] == len(base_refused)
+    assert s["harmful"]["still_refused_after_steering"] == sum(is_refusal(ab_h[i]) for i in base_refused)
+    assert s["seconds"]["total"] > 0
     r = run("ablate-test", model, "--direction", d / "dir.gguf", *sets, "--n", 2, "--max-tokens", 6,
             "--layers", "1:3")
     assert r.returncode == 0 and "ablated on [1, 2] layers" in r.stdout and "| base answer" in r.stdout
