@@ -115,6 +115,12 @@ void Hook::on_eval(ggml_tensor * t, const Watch & w) {
 void Hook::apply_ops(ggml_tensor * t, const Watch & w) {
     const int64_t n_rows = t->ne[1];
     const int64_t stride = static_cast<int64_t>(t->nb[1] / sizeof(float));
+    // The last layer's output of a ubatch with no output row has 0 rows (llama.cpp prunes to outputs): there is
+    // nothing to edit, and a CUDA launch of 0 blocks would fail.
+    if (n_rows == 0) {
+        ++n_empty_calls_;
+        return;
+    }
     n_edited_rows_ += n_rows;
     if (api_.buffer_is_host(t->buffer)) {
         for (size_t i : w.ops) cpu::apply(ops_[i].second.view(), static_cast<float *>(t->data), n_rows, stride, n_embd_);

@@ -67,6 +67,7 @@ class Hook {
     // Ends a decode; returns the first error recorded in the callback ("" if none) and clears it.
     std::string end_decode();
     int64_t n_edited_rows() const { return n_edited_rows_; }
+    int64_t n_empty_calls() const { return n_empty_calls_; }  // edited tensors that arrived with 0 rows
     // Data callbacks (each one ends a graph split) and the time spent inside them, for benchmarks.
     int64_t n_data_calls() const { return n_data_calls_; }
     double callback_seconds() const { return callback_ns_ * 1e-9; }
@@ -97,6 +98,7 @@ class Hook {
     int64_t o0_ = 0, o1_ = 0;   // its range in plan_.outputs
     int64_t c0_ = 0, c1_ = 0;   // its range in plan_.cap_tok
     int64_t n_edited_rows_ = 0;
+    int64_t n_empty_calls_ = 0;
     int64_t n_data_calls_ = 0;
     int64_t callback_ns_ = 0;
     std::vector<float> scratch_;

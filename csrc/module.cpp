@@ -161,6 +161,8 @@ PYBIND11_MODULE(_core, m) {
         .def_property_readonly("n_ops", [](PyHook & h) { return h.hook.n_ops(); })
         .def_property_readonly("n_edited_rows", [](PyHook & h) { return h.hook.n_edited_rows(); },
                                "rows edited by interventions since the hook was made (a running count)")
+        .def_property_readonly("n_empty_calls", [](PyHook & h) { return h.hook.n_empty_calls(); },
+                               "edited tensors that arrived with 0 rows (skipped; a running count)")
         .def_property_readonly("n_data_calls", [](PyHook & h) { return h.hook.n_data_calls(); },
                                "callbacks that received data (each ends a graph split; a running count)")
         .def_property_readonly("callback_seconds", [](PyHook & h) { return h.hook.callback_seconds(); },

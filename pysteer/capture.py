@@ -26,8 +26,8 @@ def run(model, tokens: list[list[int]], *, positions: int, n_out: int, logits: n
     """
     K, E = positions, model.n_embd
     sample = capture_out[0].size if capture_out is not None else 0
-    with tqdm(total=len(tokens), desc="capture" if capture_out is not None else "decode", unit="prompt",
-              disable=not progress) as bar:
+    with model.exclusive(), tqdm(total=len(tokens), desc="capture" if capture_out is not None else "decode",
+                                 unit="prompt", disable=not progress) as bar:
         c = shared_prefix(tokens, max(K, n_out))
         for batch in pack_shared(model, [len(t) for t in tokens], c, model.n_batch):
             seqs, start = decode_shared(model, [tokens[i] for i in batch], c)

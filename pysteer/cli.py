@@ -6,7 +6,9 @@ import argparse
 import json
 import math
 import pathlib
+import signal
 import sys
+import threading
 import time
 
 DEFAULT_MODEL = "qwen2.5-coder-1.5b-instruct"
@@ -16,18 +18,46 @@ class UsageError(ValueError):
     pass
 
 
+MAX_SWEEP = 1000  # values in one sweep
+
+
 def parse_range(spec: str, name: str) -> list[float]:
-    """'A:B:STEP' (B excluded) or 'a,b,c' -> values."""
+    """'A:B:STEP' (B excluded) or 'a,b,c' -> finite values, at most MAX_SWEEP of them."""
     try:
         if ":" in spec:
             a, b, step = (float(x) for x in spec.split(":"))
-            if step == 0 or (b - a) / step < 0:
+            if not all(map(math.isfinite, (a, b, step))) or step == 0 or (b - a) / step < 0:
                 raise ValueError
-            n = int(math.ceil((b - a) / step - 1e-9))
-            return [a + i * step for i in range(n)]
-        return [float(x) for x in spec.split(",")]
+            n = (b - a) / step
+            if n > MAX_SWEEP:
+                raise UsageError(f"{name} {spec!r} gives {n:.3g} values; a sweep takes at most {MAX_SWEEP}")
+            values = [a + i * step for i in range(int(math.ceil(n - 1e-9)))]
+        else:
+            values = [float(x) for x in spec.split(",")]
+            if len(values) > MAX_SWEEP:
+                raise UsageError(f"{name} gives {len(values)} values; a sweep takes at most {MAX_SWEEP}")
+        if not values or not all(map(math.isfinite, values)):
+            raise ValueError
+        return values
+    except UsageError:
+        raise
     except ValueError:
-        raise UsageError(f"bad {name} {spec!r}: use 'START:STOP:STEP' or 'a,b,c'") from None
+        raise UsageError(f"bad {name} {spec!r}: use 'START:STOP:STEP' or 'a,b,c' with finite numbers") from None
+
+
+def _json(obj) -> str:
+    """Strict JSON: NaN and infinities (e.g. the perplexity of an empty answer) become null."""
+    def clean(x):
+        if type(x).__module__ == "numpy" and hasattr(x, "item"):  # numpy scalars
+            x = x.item()
+        if isinstance(x, float) and not math.isfinite(x):
+            return None
+        if isinstance(x, dict):
+            return {k: clean(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [clean(v) for v in x]
+        return x
+    return json.dumps(clean(obj), indent=1, allow_nan=False, default=float)
 
 
 def _split_arg(value: str, what: str) -> tuple[str, float]:
@@ -81,7 +111,7 @@ def _summary(args) -> None:
     harmful, harmless = quick_prompts()
     with _load(args) as m:
         s = layer_summary(m, harmful, harmless, progress=not args.quiet)
-    print(json.dumps(s) if args.json else format_summary(s))
+    print(_json(s) if args.json else format_summary(s))
 
 
 def _output_gguf(path: str | None, flag: str) -> pathlib.Path | None:
@@ -148,7 +178,7 @@ def _ablate_test(args) -> None:
                                progress=not args.quiet)
     report.seconds["direction"] = seconds
     report.seconds["total"] = round(time.perf_counter() - t0, 3)  # ms: a tiny model finishes in < 0.05 s
-    print(json.dumps(report.summary(), indent=1) if args.json else format_report(report))
+    print(_json(report.summary()) if args.json else format_report(report))
 
 
 def _interventions(args, m):
@@ -377,19 +407,35 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+class _Terminated(BaseException):
+    """SIGTERM, raised where the process is, so that every cleanup (temporary files, scratch folders) runs."""
+
+
+def _on_sigterm(signum, frame):
+    raise _Terminated()
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     from .native import BuildMismatchError
     from ._pypi import FetchError
 
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if threading.current_thread() is threading.main_thread() \
+        else None
     try:
         args.func(args)
     except KeyboardInterrupt:
         print("pysteer: interrupted (no partial files are left)", file=sys.stderr)
         return 130
+    except _Terminated:
+        print("pysteer: terminated (no partial files are left)", file=sys.stderr)
+        return 143
     except (ValueError, OSError, FetchError, BuildMismatchError) as e:
         print(f"pysteer: error: {e}", file=sys.stderr)
         return 2
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     return 0
 
 

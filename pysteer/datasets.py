@@ -119,7 +119,12 @@ def load_file(path: str | os.PathLike, column: str | None = None) -> list[str]:
     path = pathlib.Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no prompt file {path}")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not UTF-8 text (byte {e.start}); prompt files are .txt, .jsonl or .csv") from None
+    if "\0" in text:
+        raise ValueError(f"{path} holds NUL bytes: not a text prompt file")
     suffix = path.suffix.lower()
     if suffix in (".txt", ""):
         return _lines(text.encode())
@@ -135,7 +140,11 @@ def load_file(path: str | os.PathLike, column: str | None = None) -> list[str]:
             out.append(_pick(obj, column, f"{path}:{i}"))
         return [s for s in out if s]
     if suffix == ".csv":
-        rows = list(csv.DictReader(io.StringIO(text)))
+        csv.field_size_limit(1 << 30)  # the default 128 KiB per field would fail on a long prompt
+        try:
+            rows = list(csv.DictReader(io.StringIO(text)))
+        except csv.Error as e:
+            raise ValueError(f"{path}: not a readable CSV file ({e})") from None
         if not rows:
             return []
         header = list(rows[0])

@@ -141,8 +141,14 @@ def abliterate(model, vector: np.ndarray, out, *, direction_info: dict | None = 
     (``error_feedback=False``: each row rounded on its own, for comparison).
     """
     r = vectors.checked(vector, "direction", n_embd=model.n_embd, unit=True).astype(np.float64)
-    src = gguf.GGUFReader(model.path)
     out = pathlib.Path(out)
+    if out.is_dir():
+        raise IsADirectoryError(f"{out} is a directory; name the .gguf file to write")
+    if out.exists() and out.resolve() == model.path.resolve() or out.exists() and out.samefile(model.path):
+        raise ValueError(f"{out} is the model being read; write the abliterated model to another path")
+    if not out.parent.is_dir():
+        raise FileNotFoundError(f"no directory {out.parent} to write {out.name} into")
+    src = gguf.GGUFReader(model.path)
     modified = {t.name for t in src.tensors if t.name == "token_embd.weight" or _WRITERS.fullmatch(t.name)}
     types = {t.name: int(t.tensor_type) for t in src.tensors}
     if modified_type is not None:

@@ -55,46 +55,70 @@ class _Sequence:
         return new
 
 
-def _check(max_tokens, temperature, top_p):
-    if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
+def _number(name: str, x) -> float:
+    if isinstance(x, bool) or not isinstance(x, (int, float, np.integer, np.floating)) or not np.isfinite(x):
+        raise ValueError(f"{name} must be a finite number, not {x!r}")
+    return float(x)
+
+
+def _check(max_tokens, temperature, top_p, seed, stop) -> tuple[str, ...]:
+    """The sampling options checked once; returns the stop strings (a lone string is one stop)."""
+    if not isinstance(max_tokens, (int, np.integer)) or isinstance(max_tokens, bool) or max_tokens < 1:
         raise ValueError(f"max_tokens must be a positive int, not {max_tokens!r}")
-    if not temperature >= 0:
+    if not _number("temperature", temperature) >= 0:
         raise ValueError(f"temperature must be >= 0, not {temperature!r}")
-    if not 0 < top_p <= 1:
+    if not 0 < _number("top_p", top_p) <= 1:
         raise ValueError(f"top_p must be in (0, 1], not {top_p!r}")
+    if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or seed < 0:
+        raise ValueError(f"seed must be a non-negative int, not {seed!r}")
+    stop = (stop,) if isinstance(stop, str) else tuple(stop)
+    if not all(isinstance(x, str) for x in stop):
+        raise ValueError(f"stop must be a string or strings, not {stop!r}")
+    return stop
 
 
 def stream(model, prompt, *, max_tokens=128, temperature=0.0, top_p=1.0, seed=0, stop=(),
            chat_template=True) -> Iterator[str]:
-    """Yield the continuation of one prompt piece by piece."""
-    _check(max_tokens, temperature, top_p)
+    """Yield the continuation of one prompt piece by piece. The stream holds the model's KV cache from its
+    first piece until it ends or is closed: other decoding calls on the model are refused meanwhile."""
+    stop = _check(max_tokens, temperature, top_p, seed, stop)
     tokens = model.encode_prompts([prompt], chat_template=chat_template, min_tokens=1, room=max_tokens)[0]
-    seq = _Sequence(model, tokens, seed, stop)
-    model.decode([tokens], np.array([len(tokens) - 1]))
-    logits = model.logits_row(len(tokens) - 1)
-    while True:
-        new = seq.push(sample(logits, temperature, top_p, seq.rng), max_tokens)
-        if new:
-            yield new
-        if seq.done:
-            return
-        model.decode_step([seq.tokens[-1]], [seq.pos], [0])
-        seq.pos += 1
-        logits = model.logits_row(0)
+    return _stream(model, tokens, max_tokens, temperature, top_p, seed, stop)
+
+
+def _stream(model, tokens, max_tokens, temperature, top_p, seed, stop) -> Iterator[str]:
+    with model.streaming() as token:
+        seq = _Sequence(model, tokens, seed, stop)
+        with model.exclusive(token):
+            model.decode([tokens], np.array([len(tokens) - 1]))
+            logits = model.logits_row(len(tokens) - 1)
+        while True:
+            with model.exclusive(token):
+                new = seq.push(sample(logits, temperature, top_p, seq.rng), max_tokens)
+            if new:
+                yield new
+            if seq.done:
+                return
+            with model.exclusive(token):
+                model.decode_step([seq.tokens[-1]], [seq.pos], [0])
+                logits = model.logits_row(0)
+            seq.pos += 1
 
 
 def generate(model, prompt, **kw) -> str:
-    return "".join(stream(model, prompt, **kw))
+    """The whole continuation; holds the model throughout, so other threads wait rather than being refused."""
+    with model.exclusive():
+        return "".join(stream(model, prompt, **kw))
 
 
 def generate_batch(model, prompts, *, max_tokens=128, temperature=0.0, top_p=1.0, seed=0, stop=(),
                    chat_template=True, progress=False, first_logits: np.ndarray | None = None) -> list[str]:
     """Continue many prompts, decoding them side by side (one token of each per llama_decode). With
     ``first_logits`` (``[len(prompts), n_vocab]``), the next-token logits after each prompt are written there."""
-    _check(max_tokens, temperature, top_p)
+    stop = _check(max_tokens, temperature, top_p, seed, stop)
     tokens = model.encode_prompts(prompts, chat_template=chat_template, min_tokens=1, room=max_tokens)
     out: list[str] = [""] * len(tokens)
-    with tqdm(total=len(tokens), desc="generate", unit="prompt", disable=not progress) as bar:
+    with model.exclusive(), tqdm(total=len(tokens), desc="generate", unit="prompt", disable=not progress) as bar:
         c = shared_prefix(tokens, 1)
         for batch in pack_shared(model, [len(t) + max_tokens for t in tokens], c, model.n_ctx):
             seqs = [_Sequence(model, tokens[i], seed, stop) for i in batch]

@@ -52,8 +52,13 @@ def tensor_bytes(path, header: Header, name: str) -> np.ndarray:
     raise KeyError(f"no tensor {name!r} in {path}")
 
 
+#: ggml's GGML_MAX_DIMS: a tensor info with more dimensions is damaged.
+MAX_DIMS = 4
+
+
 def read_header(path) -> Header:
-    """Keys and tensor infos of a GGUF file; raises ValueError (or struct.error) on a damaged one."""
+    """Keys and tensor infos of a GGUF file; raises ValueError (or struct.error) on a damaged one. Its time and
+    memory are bounded by the file's size: every count is checked against the bytes left before it is used."""
     with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
         pos = 0
 
@@ -72,23 +77,32 @@ def read_header(path) -> Header:
             pos += n
             return s
 
-        def skip(typ):
+        def count(n, least: int, what: str) -> int:
+            """``n`` items of at least ``least`` bytes each must fit in what is left of the file."""
+            if n > (len(buf) - pos) // least:
+                raise ValueError(f"{what} count {n} does not fit in the file")
+            return n
+
+        def skip(typ, nested=False):
             nonlocal pos
             if typ in _SCALAR:
                 pos += struct.calcsize(_SCALAR[typ])
             elif typ == _STRING:
                 n = take("<Q")  # not `pos += take(...)`: that would add to the pos read before take moved it
                 pos += n
-            elif typ == _ARRAY:
+            elif typ == _ARRAY and not nested:  # gguf has no arrays of arrays
                 sub, n = take("<I"), take("<Q")
                 if sub in _SCALAR:
-                    n *= struct.calcsize(_SCALAR[sub])
-                    pos += n
+                    pos += count(n, struct.calcsize(_SCALAR[sub]), "array") * struct.calcsize(_SCALAR[sub])
+                elif sub == _STRING:
+                    for _ in range(count(n, 8, "array")):
+                        skip(sub, True)
                 else:
-                    for _ in range(n):
-                        skip(sub)
+                    raise ValueError(f"unsupported GGUF array element type {sub}")
             else:
                 raise ValueError(f"unknown GGUF value type {typ}")
+            if pos > len(buf):
+                raise ValueError("a value runs past the end of the file")
 
         if bytes(buf[:4]) != b"GGUF":
             raise ValueError("not a GGUF file")
@@ -96,7 +110,7 @@ def read_header(path) -> Header:
         take("<I")  # version
         n_tensors, n_kv = take("<Q"), take("<Q")
         kv = {}
-        for _ in range(n_kv):
+        for _ in range(count(n_kv, 12, "key")):
             key, typ = string(), take("<I")
             if typ in _SCALAR:
                 kv[key] = take(_SCALAR[typ])
@@ -106,11 +120,15 @@ def read_header(path) -> Header:
                 skip(typ)
                 kv[key] = None
         tensors = []
-        for _ in range(n_tensors):
+        for _ in range(count(n_tensors, 24, "tensor")):
             name, nd = string(), take("<I")
+            if not 1 <= nd <= MAX_DIMS:
+                raise ValueError(f"tensor {name!r} has {nd} dimensions (1..{MAX_DIMS})")
             shape = [take("<Q") for _ in range(nd)]
             tensors.append((name, shape, take("<I"), take("<Q")))
-        align = int(kv.get("general.alignment") or 32)
+        align = kv.get("general.alignment") or 32
+        if not isinstance(align, int) or align & (align - 1):
+            raise ValueError(f"general.alignment {align!r} is not a power of two")
         return Header(kv, tensors, (pos + align - 1) // align * align)
 
 

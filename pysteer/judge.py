@@ -63,22 +63,23 @@ def answer_perplexities(model, prompts: Sequence, answers: Sequence[str], *, cha
         a = model.tokenize(answer, add_special=False, parse_special=False)[: max(0, min(max_tokens, model.n_ctx - len(p)))]
         pairs.append((p, a))
     out = [math.inf] * len(pairs)
-    todo = [i for i, (p, a) in enumerate(pairs) if a]
-    # the last prompt token predicts the first answer token, so it stays out of the shared prefix
-    c = shared_prefix([pairs[i][0] + pairs[i][1] for i in todo], [len(pairs[i][1]) + 1 for i in todo])
-    for batch in pack_shared(model, [len(pairs[i][0]) + len(pairs[i][1]) for i in todo], c, model.n_batch):
-        idx = [todo[j] for j in batch]
-        seqs, start = decode_shared(model, [pairs[i][0] + pairs[i][1] for i in idx], c)
-        rows, end = [], 0
-        for i, s in zip(idx, seqs):
-            n_a = len(pairs[i][1])
-            end += len(s)
-            rows.append(np.arange(end - n_a - 1, end - 1))
-        model.decode(seqs, np.concatenate(rows), start=start)
-        for i, r in zip(idx, rows):
-            lp = log_softmax(np.stack([model.logits_row(int(k)) for k in r]))
-            target = np.asarray(pairs[i][1])
-            out[i] = float(math.exp(-lp[np.arange(len(target)), target].mean()))
+    with model.exclusive():
+        todo = [i for i, (p, a) in enumerate(pairs) if a]
+        # the last prompt token predicts the first answer token, so it stays out of the shared prefix
+        c = shared_prefix([pairs[i][0] + pairs[i][1] for i in todo], [len(pairs[i][1]) + 1 for i in todo])
+        for batch in pack_shared(model, [len(pairs[i][0]) + len(pairs[i][1]) for i in todo], c, model.n_batch):
+            idx = [todo[j] for j in batch]
+            seqs, start = decode_shared(model, [pairs[i][0] + pairs[i][1] for i in idx], c)
+            rows, end = [], 0
+            for i, s in zip(idx, seqs):
+                n_a = len(pairs[i][1])
+                end += len(s)
+                rows.append(np.arange(end - n_a - 1, end - 1))
+            model.decode(seqs, np.concatenate(rows), start=start)
+            for i, r in zip(idx, rows):
+                lp = log_softmax(np.stack([model.logits_row(int(k)) for k in r]))
+                target = np.asarray(pairs[i][1])
+                out[i] = float(math.exp(-lp[np.arange(len(target)), target].mean()))
     return out
 
 

@@ -19,7 +19,7 @@ import numpy as np
 from llama_cpp._utils import suppress_stdout_stderr
 
 from ._pypi import cache_root
-from .files import gguf_output
+from .files import atomic_output, gguf_output
 from .gguf_io import tensor_bytes
 
 #: Architectures whose residual stream is the plain sum of embedding, wo and ffn_down outputs.
@@ -42,14 +42,28 @@ def unsupported_reason(model) -> str | None:
     return None
 
 
-def adapter_path(model, directions: np.ndarray) -> pathlib.Path:
-    """A cached GGUF LoRA that ablates ``directions`` (orthonormal rows) from every residual write."""
+def _digest(path: pathlib.Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _intact(path: pathlib.Path) -> bool:
+    """The cached adapter matches the checksum written next to it when it was built."""
+    stamp = path.with_name(path.name + ".sha256")
+    try:
+        return path.is_file() and stamp.read_text().strip() == _digest(path)
+    except OSError:
+        return False
+
+
+def adapter_path(model, directions: np.ndarray, *, rebuild: bool = False) -> pathlib.Path:
+    """A cached GGUF LoRA that ablates ``directions`` (orthonormal rows) from every residual write; built again
+    when missing, damaged (checksum) or ``rebuild``."""
     st = model.path.stat()
     key = hashlib.sha256()
     key.update(f"v1|{model.path.resolve()}|{st.st_size}|{st.st_mtime_ns}|".encode())
     key.update(np.ascontiguousarray(directions, dtype=np.float32).tobytes())
     out = cache_root() / "lora" / f"ablate-{key.hexdigest()[:24]}.gguf"
-    if out.is_file():
+    if not rebuild and _intact(out):
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     R = np.asarray(directions, dtype=np.float64)
@@ -68,6 +82,8 @@ def adapter_path(model, directions: np.ndarray) -> pathlib.Path:
                 W = W.astype(np.float64).reshape([int(n) for n in reversed(shape)])  # (n_embd, n_in)
                 w.add_tensor(f"blk.{i}.{name}.weight.lora_a", (R @ W).astype(np.float32))  # (k, n_in)
                 w.add_tensor(f"blk.{i}.{name}.weight.lora_b", (-R.T).astype(np.float32))  # (n_embd, k)
+    with atomic_output(out.with_name(out.name + ".sha256")) as tmp:
+        tmp.write_text(_digest(out))
     return out
 
 
@@ -84,13 +100,17 @@ class Adapters:
         """The loaded adapter ablating ``directions`` (built and cached on first use)."""
         key = np.ascontiguousarray(directions, dtype=np.float32).tobytes()
         if key not in self._loaded:
-            path = adapter_path(model, directions)
-            with suppress_stdout_stderr(disable=self._verbose):  # per-tensor buffer-type notes on stderr
-                adapter = llama_cpp.llama_adapter_lora_init(self._model, str(path).encode())
+            adapter = self._load(adapter_path(model, directions))
+            if not adapter:  # damaged in a way the checksum did not see (e.g. the stamp too): build it again
+                adapter = self._load(adapter_path(model, directions, rebuild=True))
             if not adapter:
-                raise RuntimeError(f"llama.cpp could not load the ablation adapter {path}")
+                raise RuntimeError("llama.cpp could not load the generated ablation adapter")
             self._loaded[key] = adapter
         return self._loaded[key]
+
+    def _load(self, path: pathlib.Path):
+        with suppress_stdout_stderr(disable=self._verbose):  # per-tensor buffer-type notes on stderr
+            return llama_cpp.llama_adapter_lora_init(self._model, str(path).encode())
 
     def activate(self, ctx, adapter) -> None:
         """Make ``adapter`` (or none) the only LoRA on ``ctx``, at scale 1."""

@@ -131,8 +131,8 @@ class Hook:
     def stats(self) -> dict:
         """Running counts: rows edited, data callbacks (each ends a graph split), seconds inside them."""
         h = self._h
-        return {"edited_rows": h.n_edited_rows, "data_calls": h.n_data_calls, "callback_seconds": h.callback_seconds,
-                "ops": h.n_ops}
+        return {"edited_rows": h.n_edited_rows, "empty_calls": h.n_empty_calls, "data_calls": h.n_data_calls,
+                "callback_seconds": h.callback_seconds, "ops": h.n_ops}
 
 
 def cuda_kernels_usable() -> bool:

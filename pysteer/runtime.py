@@ -7,9 +7,12 @@ capture, generation, judging and steering are built on; no other module touches 
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import os
 import pathlib
+import threading
+import weakref
 from contextlib import contextmanager
 from typing import Iterator, Sequence, Union
 
@@ -45,6 +48,32 @@ class ModelLoadError(ValueError):
     """The file is not a GGUF model llama.cpp can load."""
 
 
+#: llama.cpp's LLAMA_MAX_LAYERS.
+MAX_LAYERS = 512
+#: Largest context pysteer creates: llama.cpp keeps n_ctx in 32 bits, and the batch pysteer allocates holds
+#: n_ctx tokens (21 bytes each).
+MAX_CTX = 1 << 24
+
+
+def _count(name: str, value, lo: int, hi: int | None = None) -> int:
+    """An int parameter in [lo, hi]: bools, floats and strings are refused, not converted."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise ValueError(f"{name} must be an int, not {value!r}")
+    if value < lo or (hi is not None and value > hi):
+        raise ValueError(f"{name} must be in [{lo}, {hi}], not {value}" if hi is not None
+                         else f"{name} must be at least {lo}, not {value}")
+    return int(value)
+
+
+def _exclusive(method):
+    """Run a Model method holding the model (see :meth:`Model.exclusive`)."""
+    @functools.wraps(method)
+    def locked(self, *args, **kwargs):
+        with self.exclusive():
+            return method(self, *args, **kwargs)
+    return locked
+
+
 def _read_header(path: pathlib.Path) -> Header:
     """Keys and tensor infos of a GGUF model file, with clear errors for files that are not (whole) GGUF models
     or name no architecture."""
@@ -57,8 +86,13 @@ def _read_header(path: pathlib.Path) -> Header:
         arch = header.kv.get("general.architecture")
         if not isinstance(arch, str):
             raise ModelLoadError(f"{path} has no general.architecture key")
+        hookpoints.check_arch(arch)
+        # llama.cpp asserts (aborting the process) on a layer count outside 1..LLAMA_MAX_LAYERS
+        n_layers = header.kv.get(f"{arch}.block_count")
+        if isinstance(n_layers, bool) or not isinstance(n_layers, int) or not 1 <= n_layers <= MAX_LAYERS:
+            raise ModelLoadError(f"{path} declares {arch}.block_count = {n_layers!r}; a model has 1..{MAX_LAYERS}")
         end = header.data_end()
-    except ModelLoadError:
+    except (ModelLoadError, hookpoints.UnsupportedArchitectureError):
         raise
     except Exception as e:  # struct.error, ValueError, KeyError (unknown tensor type) on damaged files
         raise ModelLoadError(f"{path} is not a readable GGUF file (truncated or corrupt?): {e}") from None
@@ -90,6 +124,10 @@ class Model:
     decode (a longer prompt is decoded alone); ``n_seq_max`` bounds prompts per decode. ``repack=True`` turns
     on llama.cpp's CPU weight repacking: off by default because it costs memory and slowed prompt evaluation
     on the machine measured; it did speed up decoding one sequence token by token (BENCHMARKS.md).
+
+    States: open until :meth:`close` (then every call raises ValueError). One lock: calls from several threads
+    are serialised (a capture, a batched generation or a steering change runs whole before the next starts),
+    and while a ``stream=True`` generation is live, other calls that decode are refused with ValueError.
     """
 
     def __init__(
@@ -108,12 +146,18 @@ class Model:
         verbose: bool = False,
         llama: "llama_cpp.Llama | None" = None,
     ):
-        for name, value in (("n_ctx", n_ctx), ("n_ubatch", n_ubatch), ("n_batch", n_batch),
-                            ("n_seq_max", n_seq_max)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive int, not {value!r}")
+        self._lock = threading.RLock()
+        self._stream = self._inside = None  # the live stream's token, and the one whose step is running
+        n_ctx = _count("n_ctx", n_ctx, 1, MAX_CTX)
+        for name, value in (("n_ubatch", n_ubatch), ("n_batch", n_batch)):
+            _count(name, value, 1)
+        if not isinstance(n_seq_max, int) or isinstance(n_seq_max, bool) or n_seq_max < 1:
+            raise ValueError(f"n_seq_max must be a positive int, not {n_seq_max!r}")
         if n_seq_max > 256:
             raise ValueError("n_seq_max must be at most 256 (llama.cpp's LLAMA_MAX_SEQ)")
+        if n_threads is not None:
+            _count("n_threads", n_threads, 1, 1024)
+        _count("n_gpu_layers", n_gpu_layers, -1)
         self.path = pathlib.Path(path)
         self._header = _read_header(self.path)  # tensor layout, also for building LoRA adapters
         self.arch = self._header.kv["general.architecture"]
@@ -135,8 +179,14 @@ class Model:
             except ValueError as e:
                 raise ModelLoadError(f"llama.cpp could not load {self.path}: {e}") from None
         else:
+            if getattr(llama, "_model", None) is None or llama._model.model is None:
+                raise ModelLoadError("this llama_cpp.Llama is closed")
             self._model = llama._model
             self._llama = llama  # keep the Llama (and so its weights) alive as long as this context
+            # llm.close() frees the weights: our context must go first (llama-cpp-python frees its own
+            # contexts the same way). A weak reference, so the Llama does not keep this Model alive.
+            me = weakref.ref(self)
+            self._model._exit_stack.callback(lambda: (m := me()) is not None and m.close())
         m = self._model.model
         self.n_layers = int(llama_cpp.llama_model_n_layer(m))
         self.n_embd = int(llama_cpp.llama_model_n_embd(m))
@@ -148,7 +198,11 @@ class Model:
         self.n_batch = min(n_batch, n_ctx)
         self.n_seq_max = n_seq_max
         self.n_threads = n_threads or os.cpu_count() or 1
-        self.metadata = self._model.metadata()
+        try:
+            self.metadata = self._model.metadata()
+        except UnicodeDecodeError as e:
+            self.close()
+            raise ModelLoadError(f"{self.path} has metadata that is not UTF-8 ({e})") from None
         self._formatters: dict[str, Jinja2ChatFormatter] = {}
         self._steering = steering.Steering()
         self._cvec_active = False
@@ -177,14 +231,23 @@ class Model:
             self._ctx = llama_cpp.llama_init_from_model(m, cparams)
         if not self._ctx:
             self.close()
-            raise RuntimeError(f"llama.cpp could not create a context (n_ctx={n_ctx}); try a smaller n_ctx")
+            raise ModelLoadError(f"llama.cpp could not create a context with n_ctx={n_ctx} (out of memory?); "
+                                 "try a smaller n_ctx")
         self._batch = llama_cpp.llama_batch_init(n_ctx, 0, 1)
         if self._hook is not None and n_gpu_layers != 0 and native.cuda_kernels_usable():
             self._hook.use_cuda_kernels(True)
 
     # -- lifetime ---------------------------------------------------------------------------------------------
     def close(self) -> None:
-        """Free the context, then adapters, then the model (if this object loaded it)."""
+        """Free the context, then adapters, then the model (if this object loaded it). Idempotent; afterwards
+        every call raises ValueError."""
+        lock = getattr(self, "_lock", None)
+        if lock is None:
+            return
+        with lock:
+            self._free()
+
+    def _free(self) -> None:
         if getattr(self, "_batch", None) is not None:
             llama_cpp.llama_batch_free(self._batch)
             self._batch = None
@@ -203,6 +266,39 @@ class Model:
             raise ValueError(f"{self!r} is closed; load the model again")
         return self._ctx
 
+    @property
+    def closed(self) -> bool:
+        return not getattr(self, "_ctx", None)
+
+    @contextmanager
+    def exclusive(self, stream=None) -> Iterator[None]:
+        """Hold the model for a sequence of decodes (other threads wait; re-entrant in this thread). Refused
+        while a stream is live, except for that stream's own steps (``stream`` = its token)."""
+        with self._lock:
+            self._open()
+            if self._stream is not None and stream is not self._stream and self._inside is not self._stream:
+                raise ValueError("a streaming generation is live on this Model: exhaust it or close() the "
+                                 "generator first (or use another Model)")
+            outer = self._inside
+            self._inside = stream if stream is not None else outer
+            try:
+                yield
+            finally:
+                self._inside = outer
+
+    @contextmanager
+    def streaming(self) -> Iterator[object]:
+        """Claim the model's KV cache for one stream until the block ends; yields the token its steps pass to
+        :meth:`exclusive`. A second live stream is refused."""
+        with self.exclusive():
+            token = self._stream = object()
+        try:
+            yield token
+        finally:
+            with self._lock:
+                if self._stream is token:
+                    self._stream = None
+
     def __enter__(self):
         return self
 
@@ -216,7 +312,9 @@ class Model:
             pass
 
     def __repr__(self):
-        return f"<pysteer.Model {self.path.name} arch={self.arch} layers={self.n_layers} n_embd={self.n_embd}>"
+        state = " closed" if self.closed else ""
+        return (f"<pysteer.Model {self.path.name} arch={getattr(self, 'arch', '?')} "
+                f"layers={getattr(self, 'n_layers', '?')} n_embd={getattr(self, 'n_embd', '?')}{state}>")
 
     # -- the file ---------------------------------------------------------------------------------------------
     @property
@@ -233,7 +331,7 @@ class Model:
 
     @property
     def llama_context(self) -> int:
-        """The ``llama_context *`` (for calling llama.cpp directly; pysteer's steering lives on it)."""
+        """The ``llama_context *`` (for calling llama.cpp directly, from the thread that uses the model)."""
         return self._open()
 
     @property
@@ -246,6 +344,7 @@ class Model:
         """Running counts of the hook: rows edited, data callbacks, seconds inside them ({} without a hook)."""
         return self._hook.stats if self._hook is not None else {}
 
+    @_exclusive
     def use_cuda_kernels(self, on: bool) -> None:
         """Edit device tensors with pysteer's CUDA kernels (on) or through ggml_backend_tensor_get/set and the
         CPU kernel (off); the default is on where both are available and layers are offloaded."""
@@ -254,12 +353,24 @@ class Model:
         self._hook.use_cuda_kernels(on)
 
     # -- text -------------------------------------------------------------------------------------------------
+    @_exclusive
     def tokenize(self, text: str, *, add_special: bool = True, parse_special: bool = False) -> list[int]:
         if not isinstance(text, str):
             raise TypeError(f"text must be a str, not {type(text).__name__}")
-        self._open()
-        return self._model.tokenize(text.encode("utf-8"), add_special, parse_special)
+        data = text.encode("utf-8")
+        # Sized by the text (a token covers at least one byte, plus BOS/EOS), not by the training context as
+        # llama-cpp-python's tokenize does (a declared context of 2^31 broke it; 2^31-1 allocated 8 GB a call).
+        n = len(data) + 8
+        while True:
+            buf = (llama_cpp.llama_token * n)()
+            got = llama_cpp.llama_tokenize(self._model.vocab, data, len(data), buf, n, add_special, parse_special)
+            if got >= 0:
+                return list(buf[:got])
+            if -got <= n:
+                raise RuntimeError(f"llama_tokenize failed ({got})")
+            n = -got
 
+    @_exclusive
     def token_bytes(self, token: int, *, special: bool = False) -> bytes:
         """The bytes of one token (llama-cpp-python's LlamaModel.token_to_piece returns a padded buffer)."""
         buf = ctypes.create_string_buffer(64)
@@ -269,9 +380,11 @@ class Model:
             n = llama_cpp.llama_token_to_piece(self._model.vocab, token, buf, len(buf), 0, special)
         return buf.raw[:n]
 
+    @_exclusive
     def detokenize(self, tokens: Sequence[int]) -> str:
         return self._model.detokenize(list(tokens)).decode("utf-8", errors="replace")
 
+    @_exclusive
     def is_end_of_generation(self, token: int) -> bool:
         return bool(llama_cpp.llama_vocab_is_eog(self._model.vocab, token))
 
@@ -279,6 +392,7 @@ class Model:
     def chat_template(self) -> str | None:
         return self.metadata.get("tokenizer.chat_template")
 
+    @_exclusive
     def apply_chat_template(self, prompt: Prompt, *, template: str | None = None) -> str:
         """The prompt rendered with the GGUF's chat template (or a Jinja ``template``), ending with the
         assistant's turn opening."""
@@ -300,6 +414,7 @@ class Model:
         return Jinja2ChatFormatter(template, eos_token=text(llama_cpp.llama_vocab_eos(vocab)),
                                    bos_token=text(llama_cpp.llama_vocab_bos(vocab)))
 
+    @_exclusive
     def encode(self, prompt: Prompt, *, chat_template: Template = True) -> list[int]:
         """Tokens for one prompt under the template vocabulary (:data:`Template`): templated (special tokens
         parsed, BOS from the template) or raw text (BOS added)."""
@@ -332,6 +447,7 @@ class Model:
         return tokens
 
     # -- decoding ---------------------------------------------------------------------------------------------
+    @_exclusive
     def decode(self, seqs: Sequence[Sequence[int]], outputs: np.ndarray, *, start: int = 0,
                capture: tuple | None = None) -> None:
         """Decode token lists as separate sequences (ids 0..n-1); ``outputs`` flags batch rows whose logits
@@ -358,15 +474,13 @@ class Model:
             for _ in range(len(s)):
                 b.seq_id[i][0] = k
                 i += 1
+        if capture is not None and self._hook is None:
+            raise ValueError("this Model was created with hook=False and cannot capture")
         if start == 0:
             llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(ctx), True)
-        if capture is not None:
-            if self._hook is None:
-                raise ValueError("this Model was created with hook=False and cannot capture")
-            cap_tok, cap_dst, out = capture
-            self._hook.start(n, self.n_ubatch, np.asarray(outputs, np.int64), cap_tok, cap_dst, out)
-        self._run(b)
+        self._run(b, capture=capture and (n, np.flatnonzero(logits).astype(np.int64), *capture))
 
+    @_exclusive
     def decode_prefix(self, prefix: Sequence[int], n_seqs: int) -> None:
         """Decode ``prefix`` once, from an empty cache, and share its KV cells with sequences 0..n_seqs-1.
 
@@ -377,10 +491,12 @@ class Model:
         for k in range(1, n_seqs):
             llama_cpp.llama_memory_seq_cp(mem, 0, k, -1, -1)
 
+    @_exclusive
     def decode_step(self, tokens: Sequence[int], positions: Sequence[int], seq_ids: Sequence[int]) -> None:
         """Decode one new token per sequence on top of the cache; every row is an output."""
-        self._open()
         n = len(tokens)
+        if not 0 < n <= self.n_ctx:
+            raise ValueError(f"a decode takes 1..n_ctx={self.n_ctx} tokens, not {n}")
         b = self._batch
         b.n_tokens = n
         for i in range(n):
@@ -388,10 +504,14 @@ class Model:
             b.seq_id[i][0] = seq_ids[i]
         self._run(b)
 
-    def _run(self, batch) -> None:
-        """llama_decode, then the hook's verdict: its recorded error is raised (and cleared) even when the
-        decode was interrupted, so one failure never leaves the next decode aborted."""
+    def _run(self, batch, capture=None) -> None:
+        """llama_decode (with the hook's capture plan ``(n_tokens, outputs, cap_tok, cap_dst, out)``), then the
+        hook's verdict: its recorded error is raised, and the hook re-armed, even when the decode failed or was
+        interrupted, so one failure never leaves the next decode aborted."""
         try:
+            if capture:
+                n, outputs, cap_tok, cap_dst, out = capture
+                self._hook.start(n, self.n_ubatch, outputs, cap_tok, cap_dst, out)
             rc = llama_cpp.llama_decode(self._ctx, batch)
         finally:
             err = self._hook.finish() if self._hook is not None else ""
@@ -400,6 +520,7 @@ class Model:
         if rc != 0:
             raise RuntimeError(f"llama_decode failed with code {rc}")
 
+    @_exclusive
     def logits_row(self, i: int) -> np.ndarray:
         """Logits of output row ``i`` of the last decode (a copy, float32 ``[n_vocab]``)."""
         ptr = llama_cpp.llama_get_logits_ith(self._open(), i)
@@ -409,8 +530,14 @@ class Model:
 
     @contextmanager
     def watch(self, points: Sequence[str], layers: Sequence[int], sample: int) -> Iterator[None]:
-        """Within the block, capturing decodes copy ``points`` x ``layers`` rows: (point p, layer l) of a token
-        goes to element offset ``(p * len(layers) + l) * sample`` of its slot (one tensor may serve several)."""
+        """Within the block (which holds the model), capturing decodes copy ``points`` x ``layers`` rows: (point
+        p, layer l) of a token goes to element offset ``(p * len(layers) + l) * sample`` of its slot (one tensor
+        may serve several)."""
+        with self.exclusive(), self._watching(points, layers, sample):
+            yield
+
+    @contextmanager
+    def _watching(self, points, layers, sample) -> Iterator[None]:
         if self._hook is None:
             raise ValueError("this Model was created with hook=False and cannot capture")
         slots: dict[str, list[int]] = {}
@@ -455,19 +582,25 @@ class Model:
         :class:`~pysteer.steering.Steering` says which path each intervention took. On exit the previous
         steering is restored.
         """
-        self._open()
-        new = steering.plan(self, interventions, path)  # validates everything before changing anything
-        previous = self._steering
-        try:
-            self._install(new)
-        except BaseException:
-            self._install(previous)
-            raise
+        with self._lock:
+            self._open()
+            new = steering.plan(self, interventions, path)  # validates everything before changing anything
+            previous = self._steering
+            self._swap(new, previous)
         try:
             yield new
         finally:
-            if self._ctx:
-                self._install(previous)
+            with self._lock:
+                if not self.closed and self._steering is new:
+                    self._swap(previous, new)
+
+    def _swap(self, new: steering.Steering, old: steering.Steering) -> None:
+        """Install ``new`` whole or, on any error or interrupt, put ``old`` back exactly."""
+        try:
+            self._install(new)
+        except BaseException:
+            self._install(old)
+            raise
 
     def _install(self, s: steering.Steering) -> None:
         """Make ``s`` the steering of the context: hook ops, control vector and LoRA replaced as a whole."""

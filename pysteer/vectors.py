@@ -27,7 +27,8 @@ def checked(v, name: str, *, n_embd: int | None = None, unit: bool = False) -> n
         if n == 0 or not np.isfinite(n):
             raise ValueError(f"{name} is zero" if n == 0 else f"{name} is too large to normalize")
         a = a / n
-    out = a.astype(np.float32)
+    with np.errstate(over="ignore"):  # overflow is checked right below
+        out = a.astype(np.float32)
     if not np.isfinite(out).all():
         raise ValueError(f"{name} does not fit in float32 (values up to {np.abs(a).max():.3g})")
     return out
@@ -54,9 +55,10 @@ def orthonormal(rows, name: str, *, n_embd: int | None = None) -> np.ndarray:
 
 def scaled(v: np.ndarray, alpha: float, name: str) -> np.ndarray:
     """``alpha * v`` in float32, refused when it overflows."""
-    if not np.isfinite(alpha):
-        raise ValueError(f"alpha must be finite, not {alpha}")
-    out = (float(alpha) * np.asarray(v, np.float64)).astype(np.float32)
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float, np.integer, np.floating)) or not np.isfinite(alpha):
+        raise ValueError(f"alpha must be a finite number, not {alpha!r}")
+    with np.errstate(over="ignore"):  # overflow is checked right below
+        out = (float(alpha) * np.asarray(v, np.float64)).astype(np.float32)
     if not np.isfinite(out).all():
         raise ValueError(f"{name} times alpha={alpha:g} does not fit in float32")
     return out

@@ -171,15 +171,15 @@ def test_capture_needs_hook(tiny_dir):
 
 
 def test_bad_context_sizes(tiny_dir):
-    with pytest.raises(ValueError, match="n_ctx must be a positive int"):
+    with pytest.raises(ValueError, match=r"n_ctx must be in \[1, 16777216\], not 0"):
         pysteer.load(tiny_dir / "tiny-llama.gguf", n_ctx=0)
     with pytest.raises(ValueError, match="n_seq_max must be at most 256"):
         pysteer.load(tiny_dir / "tiny-llama.gguf", n_seq_max=1000)
 
 
 def _core_hook(n_embd=8):
-    """The extension's Hook itself (tests of the C++ boundary)."""
-    return native.Hook(n_embd)._h
+    """A hook on no context: its calls go straight through to the extension (tests of the C++ boundary)."""
+    return native.Hook(n_embd)
 
 
 def test_core_rejects_bad_plans():
@@ -187,9 +187,9 @@ def test_core_rejects_bad_plans():
     out = np.zeros(10, np.float32)
     i64 = lambda *v: np.array(v, np.int64)  # noqa: E731
     with pytest.raises(ValueError, match="increasing and inside the batch"):
-        hook.begin_decode(4, 512, i64(3, 1), i64(), i64(), out)
+        hook.start(4, 512, i64(3, 1), i64(), i64(), out)
     with pytest.raises(ValueError, match="outside the buffer"):
-        hook.begin_decode(4, 512, i64(3), i64(3), i64(5), out)
+        hook.start(4, 512, i64(3), i64(3), i64(5), out)
     with pytest.raises(ValueError, match="missing ggml function"):
         _core.Hook({}, 8)
 
@@ -199,17 +199,17 @@ def test_core_checks_capture_slots_against_the_buffer():
     hook = _core_hook()
     i64 = lambda *v: np.array(v, np.int64)  # noqa: E731
     with pytest.raises(ValueError, match="non-negative multiples of n_embd"):
-        hook.set_capture(["l_out-0"], [[-8]], "embd")
+        hook.watch(["l_out-0"], [[-8]], "embd")
     with pytest.raises(ValueError, match="non-negative multiples of n_embd"):
-        hook.set_capture(["l_out-0"], [[3]], "embd")
-    hook.set_capture(["l_out-0"], [[0, 1 << 40]], "embd")  # a huge slot: no buffer can hold it
+        hook.watch(["l_out-0"], [[3]], "embd")
+    hook.watch(["l_out-0"], [[0, 1 << 40]], "embd")  # a huge slot: no buffer can hold it
     with pytest.raises(ValueError, match="outside the buffer"):
-        hook.begin_decode(4, 512, i64(3), i64(3), i64(0), np.zeros(64, np.float32))
-    hook.set_capture(["l_out-0"], [[0, 8]], "embd")
-    hook.begin_decode(4, 512, i64(3), i64(3), i64(0), np.zeros(16, np.float32))  # fits exactly
-    assert hook.end_decode() == ""
+        hook.start(4, 512, i64(3), i64(3), i64(0), np.zeros(64, np.float32))
+    hook.watch(["l_out-0"], [[0, 8]], "embd")
+    hook.start(4, 512, i64(3), i64(3), i64(0), np.zeros(16, np.float32))  # fits exactly
+    assert hook.finish() == ""
     with pytest.raises(ValueError, match="outside the buffer"):
-        hook.begin_decode(4, 512, i64(3), i64(3), i64(1), np.zeros(16, np.float32))
+        hook.start(4, 512, i64(3), i64(3), i64(1), np.zeros(16, np.float32))
 
 
 def test_core_rejects_bad_ops():
@@ -224,9 +224,9 @@ def test_core_rejects_bad_ops():
     with pytest.raises(ValueError, match="rotate 2"):
         hook.set_ops([("l_out-0", native.ROTATE, ok, 1.0, 0.0, False)])
     hook.set_ops([("l_out-0", native.ADD, ok, 1.0, 0.0, False), ("l_out-1", native.ABLATE, ok, 1.0, 0.0, False)])
-    assert hook.n_ops == 2
+    assert hook.stats["ops"] == 2
     hook.set_ops([])
-    assert hook.n_ops == 0
+    assert hook.stats["ops"] == 0
 
 
 def test_core_writes_only_into_the_callers_array():
@@ -234,9 +234,9 @@ def test_core_writes_only_into_the_callers_array():
     hook = _core_hook()
     i64 = lambda *v: np.array(v, np.int64)  # noqa: E731
     with pytest.raises(TypeError):
-        hook.begin_decode(4, 512, i64(3), i64(3), i64(0), np.zeros(128, np.float64))
+        hook.start(4, 512, i64(3), i64(3), i64(0), np.zeros(128, np.float64))
     with pytest.raises(TypeError):
-        hook.begin_decode(4, 512, i64(3), i64(3), i64(0), np.zeros((128, 2), np.float32)[:, 0])
+        hook.start(4, 512, i64(3), i64(3), i64(0), np.zeros((128, 2), np.float32)[:, 0])
 
 
 def test_build_mismatch_is_detected(monkeypatch):

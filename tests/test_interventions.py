@@ -256,8 +256,10 @@ def test_bad_steering_requests(tiny_dir, rng):
 
 
 def _hook_and_lora(path, R, prompts):
-    """Logits with R ablated through the hook and through the LoRA path, and activations under the LoRA."""
-    with pysteer.load(path, n_ctx=512) as m:
+    """Logits with R ablated through the hook and through the LoRA path, and activations under the LoRA.
+    Flash attention off: its batch-dependent rounding is not what is compared (on SmolLM2 it took the largest
+    difference from 3.3% to 5.0% of the logit scale)."""
+    with pysteer.load(path, n_ctx=512, flash_attn=False) as m:
         with m.steer(pysteer.Ablate(R), path="hook"):
             want = m.logits_batch(prompts)
         with m.steer(pysteer.Ablate(R)) as s:

@@ -98,6 +98,7 @@ std::string check(cudaError_t e) { return e == cudaSuccess ? std::string() : std
 }  // namespace
 
 std::string apply(DeviceState * s, const OpView & op, float * x, int64_t n_rows, int64_t stride, int64_t n_embd) {
+    if (n_rows <= 0) return "";  // a grid of 0 blocks is a launch error: nothing to edit, nothing to launch
     if (op.kind == OpKind::Ablate && op.k > kMaxK) return "at most 16 ablation directions per tensor on CUDA";
     cudaPointerAttributes attr{};
     if (auto e = check(cudaPointerGetAttributes(&attr, x)); !e.empty()) return e;
