@@ -77,6 +77,39 @@ def test_distinct_ngrams_flag_the_looping_answers():
     assert judge.distinct_ngram_ratio("a b c d " * 10) == pytest.approx(4 / 37)
 
 
+def test_distinct_ngram_boundaries():
+    assert judge.distinct_ngram_ratio("a a a a a a a") == 0.25  # 4 grams, all the same: counted
+    assert judge.distinct_ngram_ratio("a a a a a a") == 1.0  # 3 grams: too short to call a loop
+    assert judge.distinct_ngram_ratio("x y " * 20, n=2) == pytest.approx(2 / 39)
+
+
+def test_judge_coherence_uses_perplexity(tiny_dir):
+    """Coherent = not empty, perplexity under the model at most max_perplexity, 4-grams mostly distinct."""
+    prompts = ["how to make it", "write the code", "the end", "I make", "abc"]
+    answers = ["the thing and the end", "I make it in the morning", "zq zq xv", "", "a b c d " * 10]
+    with pysteer.load(tiny_dir / "tiny-llama.gguf", n_ctx=512) as m:
+        ppl = judge.answer_perplexities(m, prompts, answers)
+        cut = sorted(ppl[:3])[1]  # between the answers' perplexities: one above, one at, one below
+        j = judge.judge(m, prompts, answers, max_perplexity=cut)
+        loose = judge.judge(m, prompts, answers, max_perplexity=math.inf, min_distinct4=0.0)
+    assert j.perplexity == ppl and j.distinct4 == [judge.distinct_ngram_ratio(a) for a in answers]
+    assert j.coherent[:3] == [x <= cut for x in ppl[:3]] and sum(j.coherent[:3]) == 2
+    assert j.coherent[3:] == [False, False]  # empty; looping
+    assert loose.coherent == [True, True, True, False, True]
+    assert j.summary()["median_perplexity"] == pytest.approx(float(np.nanmedian(ppl)))
+
+
+def test_judged_summary():
+    j = Judged(["a", "b", "c", "d"], [True, False, False, True], [True, True, False, False], [2.0, 4.0, 8.0, 1.0],
+               [1.0] * 4)
+    assert j.summary() == {"n": 4, "refused": 2, "coherent": 2, "complied": 1, "refusal_rate": 0.5,
+                           "coherence_rate": 0.5, "median_perplexity": 3.0}
+    empty = Judged([], [], [], [], []).summary()
+    assert empty["n"] == 0 and empty["refusal_rate"] == 0 and math.isnan(empty["median_perplexity"])
+    j1 = Judged(["a"], [True], [True], [math.nan], [1.0]).summary()
+    assert j1["refusal_rate"] == 1.0 and j1["coherence_rate"] == 1.0 and math.isnan(j1["median_perplexity"])
+
+
 def test_judge_counts(tiny_dir):
     """judge() on labelled answers without perplexity: refusals and coherence per answer, counted."""
     sample = _by_style("looping", "compliance-plain", "flat")

@@ -144,14 +144,26 @@ def test_threads_are_serialised(llama_path):
 
 
 def test_close_from_another_thread_waits_for_the_call(llama_path):
-    m = pysteer.load(llama_path, n_ctx=512)
-    out = {}
-    t = threading.Thread(target=lambda: out.setdefault("texts", m.generate_batch(PROMPTS[:3], max_tokens=30)))
-    t.start()
-    time.sleep(0.01)
-    m.close()
-    t.join()
-    assert m.closed and (len(out.get("texts", [])) == 3 or "texts" not in out)
+    r = run_py("""
+        import sys, threading, time, pysteer
+        m = pysteer.load(sys.argv[1], n_ctx=512)
+        out, errors = {}, []
+
+        def work():
+            try:
+                out["texts"] = m.generate_batch(["hello world", "write the code", "abc"], max_tokens=30)
+            except ValueError as e:  # closed before it began
+                errors.append(str(e))
+
+        t = threading.Thread(target=work)
+        t.start()
+        time.sleep(0.01)
+        m.close()
+        t.join()
+        assert m.closed and (len(out.get("texts", [])) == 3 or "closed" in errors[0]), (out, errors)
+        print("ok")
+    """, llama_path)
+    assert r.returncode == 0 and "ok" in r.stdout, (r.returncode, r.stderr[-2000:])
 
 
 # -- 4. layer counts llama.cpp asserts on ---------------------------------------------------------------------
