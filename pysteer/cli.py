@@ -178,7 +178,7 @@ def _ablate_test(args) -> None:
                                progress=not args.quiet)
     report.seconds["direction"] = seconds
     report.seconds["total"] = round(time.perf_counter() - t0, 3)  # ms: a tiny model finishes in < 0.05 s
-    print(_json(report.summary()) if args.json else format_report(report))
+    print(_json(report.summary(answers=True)) if args.json else format_report(report))
 
 
 def _interventions(args, m):

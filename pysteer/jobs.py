@@ -18,7 +18,7 @@ from .datasets import PromptSplits
 from .direction import Direction
 from .extraction import ExtractResult, extract
 from .interventions import Ablate
-from .judge import Judged, judge, kl_divergence
+from .judge import Damage, Judged, damage, judge, kl_divergence, spread
 from .metrics import class_mean_metrics
 from .selection import rotation_plane, select_direction
 
@@ -95,28 +95,51 @@ class AblationReport:
     steered_harmful: Judged
     base_harmless: Judged
     steered_harmless: Judged
-    harmless_kl: float
+    harmless_kl: float | Sequence[float]  # first-token KL per harmless prompt (or only its mean)
     seconds: dict = field(default_factory=dict)
     direction: dict = field(default_factory=dict)
+    damage: Damage | None = None  # teacher-forced along the unsteered harmless answers
 
-    def summary(self) -> dict:
+    def summary(self, *, answers: bool = False) -> dict:
+        """Counts, rates with 95% intervals, KL spreads; with ``answers``, every answer and its verdicts."""
         base_refused = [i for i, r in enumerate(self.base_harmful.refused) if r]
         still = [i for i in base_refused if self.steered_harmful.refused[i]]
-        return {
+        kl = np.atleast_1d(np.asarray(self.harmless_kl, np.float64))
+        harmless = {"base": self.base_harmless.summary(), "steered": self.steered_harmless.summary(),
+                    "first_token_kl": float(kl.mean()), "first_token_kl_spread": spread(kl, self.harmless)
+                    if kl.size == len(self.harmless) else None}
+        if self.damage is not None:
+            harmless["damage"] = self.damage.summary(self.harmless)
+        out = {
             "direction": self.direction,
             "harmful": {"base": self.base_harmful.summary(), "steered": self.steered_harmful.summary(),
                         "base_refused": len(base_refused), "still_refused_after_steering": len(still),
                         "refusal_rate_among_base_refused": len(still) / max(len(base_refused), 1)},
-            "harmless": {"base": self.base_harmless.summary(), "steered": self.steered_harmless.summary(),
-                         "first_token_kl": self.harmless_kl},
+            "harmless": harmless,
             "seconds": self.seconds,
         }
+        if answers:
+            out["answers"] = {
+                "harmful": [_verdicts(p, self.base_harmful, self.steered_harmful, i)
+                            for i, p in enumerate(self.harmful)],
+                "harmless": [dict(_verdicts(p, self.base_harmless, self.steered_harmless, i),
+                                  first_token_kl=float(kl[i]) if kl.size == len(self.harmless) else None,
+                                  token_kl=self.damage.kl[i] if self.damage else None)
+                             for i, p in enumerate(self.harmless)]}
+        return out
+
+
+def _verdicts(prompt, base: Judged, steered: Judged, i: int) -> dict:
+    return {"prompt": prompt, "base": base.answers[i], "steered": steered.answers[i],
+            "base_refused": base.refused[i], "steered_refused": steered.refused[i],
+            "steered_coherent": steered.coherent[i], "steered_perplexity": steered.perplexity[i]}
 
 
 def ablation_test(model, direction: Direction, harmful: Sequence[str], harmless: Sequence[str], *,
                   layers=None, max_tokens: int = 48, progress: bool = False) -> AblationReport:
     """Generate base and ablated answers for held-out prompts; judge them (perplexity under the unsteered
-    model); first-token KL on the harmless ones."""
+    model); on the harmless ones, first-token KL and the damage along the base answers (teacher-forced KL,
+    ablated perplexity)."""
     direction.check(model)
     t = {}
     t0 = time.perf_counter()
@@ -125,7 +148,8 @@ def ablation_test(model, direction: Direction, harmful: Sequence[str], harmless:
                                                 return_logits=True)
     t["generate_base"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    with model.steer(Ablate(direction.vector, layers=layers)) as s:
+    ablate = Ablate(direction.vector, layers=layers)
+    with model.steer(ablate) as s:
         ab_h = model.generate_batch(harmful, max_tokens=max_tokens, progress=progress)
         ab_hl, ab_logits = model.generate_batch(harmless, max_tokens=max_tokens, progress=progress,
                                                 return_logits=True)
@@ -136,19 +160,21 @@ def ablation_test(model, direction: Direction, harmful: Sequence[str], harmless:
     judged = [judge(model, harmful, base_h, perplexity=False), judge(model, harmful, ab_h),
               judge(model, harmless, base_hl, perplexity=False), judge(model, harmless, ab_hl)]
     t["judge"] = time.perf_counter() - t0
-    kl = float(np.mean(kl_divergence(base_logits, ab_logits)))
+    t0 = time.perf_counter()
+    cost = damage(model, harmless, base_hl, [ablate])
+    t["damage"] = time.perf_counter() - t0
+    kl = kl_divergence(base_logits, ab_logits).tolist()
     ablated = "all" if layers is None else list(hookpoints.check_layers(layers, model.n_layers))
     info = {"point": direction.point, "layer": direction.layer, "position": direction.position,
             "ablated_layers": ablated, "path": path}
     return AblationReport(list(harmful), list(harmless), *judged, harmless_kl=kl,
-                          seconds={k: round(v, 1) for k, v in t.items()}, direction=info)
+                          seconds={k: round(v, 1) for k, v in t.items()}, direction=info, damage=cost)
 
 
 def format_report(r: AblationReport, *, width: int = 46) -> str:
     """Side-by-side table of prompts and answers (truncated), then the counts."""
-    def cut(s):
-        s = " ".join(s.split())
-        return (s[: width - 1] + "\u2026") if len(s) > width else s
+    def cut(text):
+        return _cut(text, width)
 
     def mark(j, i):
         return ("R" if j.refused[i] else "-") + ("" if j.coherent[i] else "?")
@@ -174,6 +200,7 @@ def format_report(r: AblationReport, *, width: int = 46) -> str:
         f"harmless: base refused {hl['base']['refused']}/{hl['base']['n']}; ablated refused "
         f"{hl['steered']['refused']}/{hl['steered']['n']}; ablated coherent {hl['steered']['coherent']}/"
         f"{hl['steered']['n']}; first-token KL {hl['first_token_kl']:.3f}",
+        *_sureness_lines(s),
         "seconds: " + ", ".join(f"{k} {v}" for k, v in s["seconds"].items()),
     ]
     return "\n".join(lines)
@@ -201,3 +228,31 @@ def format_sweep(rows: list[dict], what: str) -> str:
         lines.append(f"| {r['value']:g} | {r['refused'] / r['n']:.2f} | {r['coherent'] / r['n']:.2f} | "
                      f"{r['refused']} | {r['coherent']} | {r['n']} |")
     return "\n".join(lines)
+
+
+def _sureness_lines(s: dict) -> list[str]:
+    """The report's intervals and spreads, one line each."""
+    h, hl = s["harmful"], s["harmless"]
+
+    def ci(part):
+        lo, hi = part["refusal_rate_ci95"]
+        return f"{part['refusal_rate']:.0%} [{lo:.0%}, {hi:.0%}]"
+
+    lines = [f"refusal rate (95% interval): harmful base {ci(h['base'])}, ablated {ci(h['steered'])}; "
+             f"harmless base {ci(hl['base'])}, ablated {ci(hl['steered'])}"]
+    sp = hl.get("first_token_kl_spread")
+    if sp:
+        lines.append(f"first-token KL over harmless prompts: median {sp['median']:.3f}, p90 {sp['p90']:.3f}, "
+                     f"max {sp['max']:.3f} ({_cut(sp.get('max_prompt', ''), 50)!r})")
+    d = hl.get("damage")
+    if d:
+        t = d["token_kl"]
+        lines.append(f"damage along the base harmless answers ({d['tokens']} tokens, teacher-forced): per-token KL "
+                     f"mean {t['mean']:.3f}, median {t['median']:.3f}, p90 {t['p90']:.3f}, max {t['max']:.3f}; "
+                     f"ablated perplexity median {d['perplexity_median']:.2f}")
+    return lines
+
+
+def _cut(text: str, width: int) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= width else text[: width - 1] + "\u2026"

@@ -52,34 +52,122 @@ def distinct_ngram_ratio(text: str, n: int = 4) -> float:
     return len(set(grams)) / len(grams) if len(grams) >= 4 else 1.0
 
 
-def answer_perplexities(model, prompts: Sequence, answers: Sequence[str], *, chat_template=True,
-                        max_tokens: int = 32) -> list[float]:
-    """exp(mean NLL) of the first ``max_tokens`` tokens of each answer after its templated prompt, under the
-    model's current steering (call it outside any steer() block to judge with the unsteered model). Pairs are
-    decoded together; every scored token costs a full-vocabulary logit row, hence the cap."""
+def _answer_pairs(model, prompts, answers, chat_template, max_tokens) -> list[tuple[list[int], list[int]]]:
+    """(prompt tokens, the first ``max_tokens`` answer tokens that fit the context) per pair."""
+    if len(prompts) != len(answers):
+        raise ValueError(f"{len(prompts)} prompts but {len(answers)} answers")
     pairs = []
     for prompt, answer in zip(prompts, answers):
         p = model.encode(prompt, chat_template=chat_template)
         a = model.tokenize(answer, add_special=False, parse_special=False)[: max(0, min(max_tokens, model.n_ctx - len(p)))]
         pairs.append((p, a))
+    return pairs
+
+
+def _packs(model, pairs) -> tuple[list[list[int]], int]:
+    """Packs of the pairs that have answer tokens (indices into ``pairs``), and their shared prefix length."""
+    todo = [i for i, (p, a) in enumerate(pairs) if a]
+    # the last prompt token predicts the first answer token, so it stays out of the shared prefix
+    c = shared_prefix([pairs[i][0] + pairs[i][1] for i in todo], [len(pairs[i][1]) + 1 for i in todo])
+    packs = pack_shared(model, [len(pairs[i][0]) + len(pairs[i][1]) for i in todo], c, model.n_batch)
+    return [[todo[j] for j in pack] for pack in packs], c
+
+
+def _answer_log_probs(model, pairs, idx: list[int], prefix: int) -> dict[int, np.ndarray]:
+    """Teacher-forced next-token log-probabilities ``[answer tokens, n_vocab]`` of the pairs ``idx`` (one pack,
+    one decode) under the model's current steering: row t predicts answer token t."""
+    seqs, start = decode_shared(model, [pairs[i][0] + pairs[i][1] for i in idx], prefix)
+    rows, end = [], 0
+    for i, s in zip(idx, seqs):
+        end += len(s)
+        rows.append(np.arange(end - len(pairs[i][1]) - 1, end - 1))
+    model.decode(seqs, np.concatenate(rows), start=start)
+    return {i: log_softmax(np.stack([model.logits_row(int(k)) for k in r])) for i, r in zip(idx, rows)}
+
+
+def _nll(lp: np.ndarray, target: Sequence[int]) -> float:
+    return float(-lp[np.arange(len(target)), np.asarray(target)].mean())
+
+
+def answer_perplexities(model, prompts: Sequence, answers: Sequence[str], *, chat_template=True,
+                        max_tokens: int = 32) -> list[float]:
+    """exp(mean NLL) of the first ``max_tokens`` tokens of each answer after its templated prompt, under the
+    model's current steering (call it outside any steer() block to judge with the unsteered model); inf for an
+    empty answer. Pairs are decoded together; every scored token costs a full-vocabulary logit row, hence the
+    cap."""
+    pairs = _answer_pairs(model, prompts, answers, chat_template, max_tokens)
     out = [math.inf] * len(pairs)
     with model.exclusive():
-        todo = [i for i, (p, a) in enumerate(pairs) if a]
-        # the last prompt token predicts the first answer token, so it stays out of the shared prefix
-        c = shared_prefix([pairs[i][0] + pairs[i][1] for i in todo], [len(pairs[i][1]) + 1 for i in todo])
-        for batch in pack_shared(model, [len(pairs[i][0]) + len(pairs[i][1]) for i in todo], c, model.n_batch):
-            idx = [todo[j] for j in batch]
-            seqs, start = decode_shared(model, [pairs[i][0] + pairs[i][1] for i in idx], c)
-            rows, end = [], 0
-            for i, s in zip(idx, seqs):
-                n_a = len(pairs[i][1])
-                end += len(s)
-                rows.append(np.arange(end - n_a - 1, end - 1))
-            model.decode(seqs, np.concatenate(rows), start=start)
-            for i, r in zip(idx, rows):
-                lp = log_softmax(np.stack([model.logits_row(int(k)) for k in r]))
-                target = np.asarray(pairs[i][1])
-                out[i] = float(math.exp(-lp[np.arange(len(target)), target].mean()))
+        packs, prefix = _packs(model, pairs)
+        for idx in packs:
+            for i, lp in _answer_log_probs(model, pairs, idx, prefix).items():
+                out[i] = math.exp(_nll(lp, pairs[i][1]))
+    return out
+
+
+@dataclass
+class Damage:
+    """What steering costs along the unsteered model's own answers, teacher-forced (no generation): per answer,
+    the mean over its tokens of KL(unsteered || steered) of the next-token distributions, and the steered
+    model's perplexity of the answer. NaN for an empty answer."""
+    kl: list[float]
+    perplexity: list[float]
+    n_tokens: list[int]
+
+    def summary(self, prompts: Sequence | None = None) -> dict:
+        return {"token_kl": spread(self.kl, prompts), "perplexity_median": _nanmedian(self.perplexity),
+                "tokens": int(sum(self.n_tokens))}
+
+
+def damage(model, prompts: Sequence, answers: Sequence[str], interventions: Sequence, *, path: str = "auto",
+           chat_template=True, max_tokens: int = 32) -> Damage:
+    """:class:`Damage` of ``interventions`` along ``answers`` (the unsteered model's, typically), each pack of
+    answers decoded once unsteered and once steered."""
+    pairs = _answer_pairs(model, prompts, answers, chat_template, max_tokens)
+    kl, ppl = [math.nan] * len(pairs), [math.nan] * len(pairs)
+    with model.exclusive():
+        packs, prefix = _packs(model, pairs)
+        for idx in packs:
+            with model.steer():
+                base = _answer_log_probs(model, pairs, idx, prefix)
+            with model.steer(*interventions, path=path):
+                steered = _answer_log_probs(model, pairs, idx, prefix)
+            for i in idx:
+                p, q = base[i], steered[i]
+                kl[i] = float((np.exp(p) * (p - q)).sum(-1).mean())
+                ppl[i] = math.exp(_nll(q, pairs[i][1]))
+    return Damage(kl, ppl, [len(a) for _, a in pairs])
+
+
+# -- how sure ----------------------------------------------------------------------------------------------
+
+def wilson(k: int, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """95% Wilson score interval of a rate of ``k`` in ``n`` ((0, 1) when n is 0)."""
+    if n <= 0:
+        return 0.0, 1.0
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def _nanmedian(x) -> float:
+    x = np.asarray(x, np.float64)
+    return float(np.median(x[~np.isnan(x)])) if (~np.isnan(x)).any() else math.nan
+
+
+def spread(values: Sequence[float], prompts: Sequence | None = None) -> dict:
+    """Mean, median, 90th percentile and max of a per-prompt measure (NaNs left out), and the prompt with the
+    max: heavy-tailed measures like KL are often carried by one prompt."""
+    x = np.asarray(values, np.float64)
+    ok = ~np.isnan(x)
+    if not ok.any():
+        return {"mean": math.nan, "median": math.nan, "p90": math.nan, "max": math.nan, "argmax": None}
+    i = int(np.nanargmax(x))
+    out = {"mean": float(x[ok].mean()), "median": float(np.median(x[ok])), "p90": float(np.percentile(x[ok], 90)),
+           "max": float(x[i]), "argmax": i}
+    if prompts is not None:
+        out["max_prompt"] = prompts[i] if isinstance(prompts[i], str) else str(prompts[i])
     return out
 
 
@@ -110,9 +198,9 @@ class Judged:
 
     def summary(self) -> dict:
         return {"n": self.n, "refused": self.n_refused, "coherent": self.n_coherent, "complied": self.n_complied,
-                "refusal_rate": self.n_refused / max(self.n, 1), "coherence_rate": self.n_coherent / max(self.n, 1),
-                "median_perplexity": float(np.nanmedian(self.perplexity)) if not np.isnan(self.perplexity).all()
-                else math.nan}
+                "refusal_rate": self.n_refused / max(self.n, 1), "refusal_rate_ci95": wilson(self.n_refused, self.n),
+                "coherence_rate": self.n_coherent / max(self.n, 1),
+                "median_perplexity": _nanmedian(self.perplexity)}
 
 
 def judge(model, prompts: Sequence, answers: Sequence[str], *, max_perplexity: float = 30.0,

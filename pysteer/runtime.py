@@ -66,10 +66,21 @@ def _count(name: str, value, lo: int, hi: int | None = None) -> int:
 
 
 def _exclusive(method):
-    """Run a Model method holding the model (see :meth:`Model.exclusive`)."""
+    """Run a Model method that decodes holding the model (see :meth:`Model.exclusive`)."""
     @functools.wraps(method)
     def locked(self, *args, **kwargs):
         with self.exclusive():
+            return method(self, *args, **kwargs)
+    return locked
+
+
+def _locked(method):
+    """Run a Model method that only reads the vocabulary: under the lock (so close() cannot race it) and open,
+    but allowed while a stream is live."""
+    @functools.wraps(method)
+    def locked(self, *args, **kwargs):
+        with self._lock:
+            self._open()
             return method(self, *args, **kwargs)
     return locked
 
@@ -353,7 +364,7 @@ class Model:
         self._hook.use_cuda_kernels(on)
 
     # -- text -------------------------------------------------------------------------------------------------
-    @_exclusive
+    @_locked
     def tokenize(self, text: str, *, add_special: bool = True, parse_special: bool = False) -> list[int]:
         if not isinstance(text, str):
             raise TypeError(f"text must be a str, not {type(text).__name__}")
@@ -370,7 +381,7 @@ class Model:
                 raise RuntimeError(f"llama_tokenize failed ({got})")
             n = -got
 
-    @_exclusive
+    @_locked
     def token_bytes(self, token: int, *, special: bool = False) -> bytes:
         """The bytes of one token (llama-cpp-python's LlamaModel.token_to_piece returns a padded buffer)."""
         buf = ctypes.create_string_buffer(64)
@@ -380,11 +391,11 @@ class Model:
             n = llama_cpp.llama_token_to_piece(self._model.vocab, token, buf, len(buf), 0, special)
         return buf.raw[:n]
 
-    @_exclusive
+    @_locked
     def detokenize(self, tokens: Sequence[int]) -> str:
         return self._model.detokenize(list(tokens)).decode("utf-8", errors="replace")
 
-    @_exclusive
+    @_locked
     def is_end_of_generation(self, token: int) -> bool:
         return bool(llama_cpp.llama_vocab_is_eog(self._model.vocab, token))
 
@@ -392,7 +403,7 @@ class Model:
     def chat_template(self) -> str | None:
         return self.metadata.get("tokenizer.chat_template")
 
-    @_exclusive
+    @_locked
     def apply_chat_template(self, prompt: Prompt, *, template: str | None = None) -> str:
         """The prompt rendered with the GGUF's chat template (or a Jinja ``template``), ending with the
         assistant's turn opening."""
@@ -414,7 +425,7 @@ class Model:
         return Jinja2ChatFormatter(template, eos_token=text(llama_cpp.llama_vocab_eos(vocab)),
                                    bos_token=text(llama_cpp.llama_vocab_bos(vocab)))
 
-    @_exclusive
+    @_locked
     def encode(self, prompt: Prompt, *, chat_template: Template = True) -> list[int]:
         """Tokens for one prompt under the template vocabulary (:data:`Template`): templated (special tokens
         parsed, BOS from the template) or raw text (BOS added)."""
@@ -427,6 +438,7 @@ class Model:
         text = self.apply_chat_template(prompt, template=None if template == "chat" else template)
         return self.tokenize(text, add_special=False, parse_special=True)
 
+    @_locked
     def encode_prompts(self, prompts, *, chat_template: Template = True, min_tokens: int = 1,
                        room: int = 0) -> list[list[int]]:
         """Token lists for a list of prompts, each at least ``min_tokens`` long and leaving ``room`` tokens of

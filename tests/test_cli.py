@@ -83,6 +83,13 @@ def test_ablate_test_json(setup):
     assert s["harmful"]["base_refused"] == len(base_refused)
     assert s["harmful"]["still_refused_after_steering"] == sum(is_refusal(ab_h[i]) for i in base_refused)
     assert s["seconds"]["total"] > 0
+    per_prompt = [a["first_token_kl"] for a in s["answers"]["harmless"]]
+    assert np.mean(per_prompt) == pytest.approx(s["harmless"]["first_token_kl"])
+    assert [a["steered"] for a in s["answers"]["harmful"]] == ab_h  # each answer and its verdicts
+    assert [a["steered_refused"] for a in s["answers"]["harmful"]] == [is_refusal(a) for a in ab_h]
+    dmg = s["harmless"]["damage"]
+    assert dmg["tokens"] > 0 and dmg["token_kl"]["max"] >= dmg["token_kl"]["median"] >= 0
+    assert s["harmful"]["base"]["refusal_rate_ci95"][0] <= s["harmful"]["base"]["refusal_rate"]
     r = run("ablate-test", model, "--direction", d / "dir.gguf", *sets, "--n", 2, "--max-tokens", 6,
             "--layers", "1:3")
     assert r.returncode == 0 and "ablated on [1, 2] layers" in r.stdout and "| base answer" in r.stdout

@@ -102,8 +102,9 @@ def test_judge_coherence_uses_perplexity(tiny_dir):
 def test_judged_summary():
     j = Judged(["a", "b", "c", "d"], [True, False, False, True], [True, True, False, False], [2.0, 4.0, 8.0, 1.0],
                [1.0] * 4)
+    lo, hi = judge.wilson(2, 4)
     assert j.summary() == {"n": 4, "refused": 2, "coherent": 2, "complied": 1, "refusal_rate": 0.5,
-                           "coherence_rate": 0.5, "median_perplexity": 3.0}
+                           "refusal_rate_ci95": (lo, hi), "coherence_rate": 0.5, "median_perplexity": 3.0}
     empty = Judged([], [], [], [], []).summary()
     assert empty["n"] == 0 and empty["refusal_rate"] == 0 and math.isnan(empty["median_perplexity"])
     j1 = Judged(["a"], [True], [True], [math.nan], [1.0]).summary()
@@ -140,6 +141,56 @@ def test_perplexity_matches_numpy_forward(tiny_dir):
         assert judge.answer_perplexities(m, ["x"], [""]) == [math.inf]
     np.testing.assert_allclose(got, want, rtol=2e-3)
     assert got[0] != got[1]
+
+
+def test_wilson_interval():
+    """Against values computed by hand from the formula (and its known properties)."""
+    lo, hi = judge.wilson(5, 10)
+    assert (round(lo, 4), round(hi, 4)) == (0.2366, 0.7634)
+    lo, hi = judge.wilson(0, 10)
+    assert lo == 0.0 and round(hi, 4) == 0.2775
+    lo, hi = judge.wilson(10, 10)
+    assert round(lo, 4) == 0.7225 and hi == pytest.approx(1.0)
+    assert judge.wilson(0, 0) == (0.0, 1.0)
+    assert judge.wilson(30, 100)[1] - judge.wilson(30, 100)[0] < judge.wilson(3, 10)[1] - judge.wilson(3, 10)[0]
+
+
+def test_spread_names_the_worst_prompt():
+    s = judge.spread([0.1, float("nan"), 0.5, 0.2], ["a", "b", "c", "d"])
+    assert s["max"] == 0.5 and s["argmax"] == 2 and s["max_prompt"] == "c"
+    assert s["median"] == pytest.approx(0.2) and s["mean"] == pytest.approx(0.8 / 3)
+    assert s["p90"] == pytest.approx(np.percentile([0.1, 0.5, 0.2], 90))
+
+
+def test_damage_matches_numpy_forward(tiny_dir):
+    """Teacher-forced per-token KL(unsteered || ablated) and the ablated perplexity along given answers,
+    against the float64 forward pass with the direction projected out at every point."""
+    path = tiny_dir / "tiny-llama.gguf"
+    w = Weights(path)
+    R = np.linalg.qr(np.random.default_rng(3).standard_normal((64, 8)))[0].T  # 8 orthonormal directions
+    prompts = ["how to make it", "write the code", "abc"]
+    answers = ["the thing and the end", "I make it in the morning", ""]
+
+    def lsm(z):
+        z = z - z.max(-1, keepdims=True)
+        return z - np.log(np.exp(z).sum(-1, keepdims=True))
+
+    with pysteer.load(path, n_ctx=512, flash_attn=False) as m:
+        got = judge.damage(m, prompts, answers, [pysteer.Ablate(R)], path="hook")
+        toks = [(m.encode(p), m.tokenize(a, add_special=False)) for p, a in zip(prompts, answers)]
+        assert not m.steering.interventions
+    ablate = lambda point, layer, x: x - (x @ R.T) @ R  # noqa: E731
+    for i, (pt, at) in enumerate(toks[:2]):
+        base = lsm(logits_from_last_post(w, forward(w, pt + at)["post"][-1])[len(pt) - 1:-1])
+        abl = lsm(logits_from_last_post(w, forward(w, pt + at, edit=ablate)["post"][-1])[len(pt) - 1:-1])
+        kl = (np.exp(base) * (base - abl)).sum(-1).mean()
+        ppl = math.exp(-abl[np.arange(len(at)), at].mean())
+        assert got.kl[i] == pytest.approx(kl, rel=2e-3) and got.kl[i] > 1e-3
+        assert got.perplexity[i] == pytest.approx(ppl, rel=2e-3)
+        assert got.n_tokens[i] == len(at)
+    assert math.isnan(got.kl[2]) and got.n_tokens[2] == 0
+    s = got.summary(prompts)
+    assert s["token_kl"]["max"] == max(got.kl[:2]) and s["tokens"] == sum(got.n_tokens)
 
 
 # -- from logits -------------------------------------------------------------------------------------------
@@ -245,9 +296,12 @@ def test_ablation_report_counts():
                        steered_harmful=_judged([False, True, False, True, True], [True, False, True, True, True]),
                        base_harmless=_judged([False, True, False]), steered_harmless=_judged([False, False, False]),
                        harmless_kl=0.25)
-    s = r.summary()
+    s = r.summary(answers=True)
     assert s["harmful"]["base_refused"] == 4
     assert s["harmful"]["still_refused_after_steering"] == 2  # prompts 1 and 4; prompt 3 is newly refused
     assert s["harmful"]["refusal_rate_among_base_refused"] == 0.5
     assert s["harmful"]["steered"]["refused"] == 3 and s["harmful"]["steered"]["coherent"] == 4
     assert s["harmless"]["base"]["refused"] == 1 and s["harmless"]["first_token_kl"] == 0.25
+    assert s["harmful"]["steered"]["refusal_rate_ci95"] == judge.wilson(3, 5)
+    assert [a["steered_refused"] for a in s["answers"]["harmful"]] == [False, True, False, True, True]
+    assert s["answers"]["harmless"][1]["base_refused"] is True

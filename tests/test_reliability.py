@@ -318,6 +318,7 @@ def test_a_second_live_stream_is_refused(llama_path):
             next(m.generate(q, max_tokens=20, stream=True))
         with pytest.raises(ValueError, match="streaming generation is live"):
             m.capture([q])
+        assert m.tokenize(q) and m.encode(q)  # reading the vocabulary is fine meanwhile
         assert first + "".join(s1) == want_p
         assert m.generate(q, max_tokens=20) == want_q  # the stream is over: the model is free
         s2 = m.generate(p, max_tokens=20, stream=True)
