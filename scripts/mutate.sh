@@ -15,7 +15,7 @@ pth=$(ls "$venv"/lib/python*/site-packages/_editable_skbc_pysteer.pth)
 cp "$so" pysteer/
 mv "$pth" "$pth.off"
 trap 'mv "$pth.off" "$pth"; rm -f pysteer/_core.*.so' EXIT
-"$venv/bin/mutmut" run --max-children "${MUTATE_JOBS:-2}" "$@" || true
+PYSTEER_TEST_THREADS=1 "$venv/bin/mutmut" run --max-children "${MUTATE_JOBS:-2}" "$@" || true
 "$venv/bin/mutmut" results --all true > mutants/results.txt || true
 "$venv/bin/python" - <<'PY'
 import collections, re

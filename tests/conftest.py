@@ -1,9 +1,22 @@
+import functools
+import os
 import pathlib
 
 import pytest
 
 import pysteer
 from pysteer import tiny
+
+# scripts/mutate.sh sets this to 1: mutmut forks the test process for every mutant, and llama.cpp's OpenMP
+# worker threads do not survive a fork (the child waits for them forever). One thread never starts them.
+if os.environ.get("PYSTEER_TEST_THREADS"):
+    _init = pysteer.Model.__init__
+
+    @functools.wraps(_init)
+    def _init_with_threads(self, *args, n_threads=None, **kwargs):
+        _init(self, *args, n_threads=n_threads or int(os.environ["PYSTEER_TEST_THREADS"]), **kwargs)
+
+    pysteer.Model.__init__ = _init_with_threads
 
 
 ROOT = pathlib.Path(__file__).parent.parent

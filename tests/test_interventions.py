@@ -208,7 +208,7 @@ def test_steering_switches_between_generations(tiny_dir, rng):
     (lambda: pysteer.Ablate(np.full(E, np.nan)), "non-finite"),
     (lambda: pysteer.Ablate(np.ones((2, E))), "linearly dependent"),
     (lambda: pysteer.Ablate(np.ones((E, 2, 2))), "must be"),
-    (lambda: pysteer.Add(np.ones(E), alpha=np.inf), "alpha must be finite"),
+    (lambda: pysteer.Add(np.ones(E), alpha=np.inf), "alpha must be a finite number"),
     (lambda: pysteer.Rotate(np.ones(E), 2 * np.ones(E), 10), "parallel"),
     (lambda: pysteer.Rotate(np.zeros(E), np.ones(E), 10), "b1 is zero"),
     (lambda: pysteer.Rotate(np.ones(E), np.ones(E + 1), 10), "differ in size"),
