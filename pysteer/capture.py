@@ -9,6 +9,10 @@ from . import hookpoints
 from .batching import decode_shared, pack_shared, shared_prefix
 from .native import HookError
 
+# Fills the capture buffer: a NaN with a payload no computation produces, so rows the hook never wrote are told
+# apart from activations that are NaN themselves (a broken model's).
+_UNWRITTEN = np.uint32(0x7FC0FFEE)
+
 
 def _check_positions(positions) -> int:
     if not isinstance(positions, (int, np.integer)) or isinstance(positions, bool) or positions < 1:
@@ -76,11 +80,11 @@ def capture(model, prompts, *, layers=None, points=("pre", "mid", "post"), posit
     last = model.n_layers - 1
     k_outputs = return_logits or (last in layers and any(p in ("mid", "post") for p in points))
 
-    out = np.full((N, P, L, K, E), np.nan, dtype=np.float32)
+    out = np.full((N, P, L, K, E), _UNWRITTEN, dtype=np.uint32).view(np.float32)
     logits_out = np.empty((N, K, model.n_vocab), dtype=np.float32) if return_logits else None
     with model.watch(points, layers, K * E):
         run(model, tokens, positions=K, n_out=K if k_outputs else 1, logits=logits_out, capture_out=out,
             progress=progress)
-    if np.isnan(out).any():
+    if (out.view(np.uint32) == _UNWRITTEN).any():
         raise HookError("some activations were not captured (a watched tensor never reached the hook)")
     return (out, logits_out) if return_logits else out

@@ -114,13 +114,18 @@ def _summary(args) -> None:
     print(_json(s) if args.json else format_summary(s))
 
 
-def _output_gguf(path: str | None, flag: str) -> pathlib.Path | None:
-    """A .gguf path to write at the end, checked before any work."""
+def _output_gguf(path: str | None, flag: str, *, inputs=()) -> pathlib.Path | None:
+    """A .gguf path to write at the end, checked before any work: not a directory, and none of ``inputs``
+    (the model and direction files the command reads)."""
     if path is None:
         return None
     out = pathlib.Path(path)
     if out.suffix != ".gguf" or out.is_dir():
         raise UsageError(f"{flag} must name a .gguf file, got {out}")
+    for f in inputs:
+        f = pathlib.Path(f)
+        if f.is_file() and out.exists() and out.samefile(f):
+            raise UsageError(f"{flag} {out} is a file this command reads; write to another path")
     out.parent.mkdir(parents=True, exist_ok=True)
     return out
 
@@ -270,6 +275,13 @@ def _export(args) -> None:
 
     if not (args.cvec or args.abliterate):
         raise UsageError("export needs --cvec OUT.gguf and/or --abliterate OUT.gguf")
+    from .runtime import resolve_path
+
+    model_path = resolve_path(args.model)
+    cvec = _output_gguf(args.cvec, "--cvec", inputs=(model_path, args.direction))
+    abliterated = _output_gguf(args.abliterate, "--abliterate", inputs=(model_path, args.direction))
+    if cvec and abliterated and cvec.resolve() == abliterated.resolve():
+        raise UsageError("--cvec and --abliterate name the same file")
     with _load(args) as m:
         d = _direction(m, args.direction)
         if args.cvec:

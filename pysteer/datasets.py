@@ -234,6 +234,8 @@ class PromptSplits:
     def load(cls, harmful: str = "harmful", harmless: str = "harmless", *, n_train: int = 64, n_val: int = 16,
              n_val_harmless: int | None = 32, n_test: int = 32, seed: int = 0) -> "PromptSplits":
         """``n_val_harmless`` (default 32; None: ``n_val``) is larger because the KL criterion is estimated there."""
+        if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+            raise ValueError(f"seed must be a non-negative int, not {seed!r}")
         for name, n in (("n_train", n_train), ("n_val", n_val), ("n_val_harmless", n_val_harmless),
                         ("n_test", n_test)):
             if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 1):

@@ -88,24 +88,30 @@ class Direction:
         """Read a direction file (or any llama.cpp control vector: its first direction is taken)."""
         tensors, keys = read_control_vector(path)
 
-        def get(key, default=None):
-            return keys.get(key, default)
+        def get(key, kind, default):
+            v = keys.get(key, default)
+            if kind is int and isinstance(v, float) and v.is_integer():
+                v = int(v)
+            if kind is float and isinstance(v, int) and not isinstance(v, bool):
+                v = float(v)
+            if not isinstance(v, kind) or isinstance(v, bool) and kind is not bool:
+                raise ValueError(f"key {key} holds {v!r}, not a {kind.__name__}")
+            return v
 
-        layer = get("pysteer.layer")
-        vec = tensors.get(int(layer)) if layer is not None else None
-        if vec is None:
-            vec = tensors[min(tensors)]
         try:
-            return cls(vector=vec, layer=int(layer if layer is not None else -1), point=get("pysteer.point", "post"),
-                       position=int(get("pysteer.position", -1)), norm=float(get("pysteer.norm", 1.0)),
-                       arch=get("pysteer.arch", get("controlvector.model_hint", "")),
-                       n_embd=int(get("pysteer.n_embd", vec.size)), n_layers=int(get("pysteer.n_layers", 0)),
-                       model_file=get("pysteer.model_file", ""), model_sha256=get("pysteer.model_sha256", ""),
-                       operation=get("pysteer.operation", "ablate"),
-                       prompt_sets=json.loads(get("pysteer.prompt_sets", "{}")),
-                       scores=json.loads(get("pysteer.scores", "{}")), date=get("pysteer.date", ""),
-                       b2=None if get("pysteer.plane_b2") is None else np.asarray(get("pysteer.plane_b2"), np.float32))
-        except (TypeError, ValueError) as e:
+            layer = get("pysteer.layer", int, -1)
+            vec = tensors.get(layer) if layer in tensors else tensors[min(tensors)]
+            plane = keys.get("pysteer.plane_b2")
+            return cls(vector=vec, layer=layer, point=get("pysteer.point", str, "post"),
+                       position=get("pysteer.position", int, -1), norm=get("pysteer.norm", float, 1.0),
+                       arch=get("pysteer.arch", str, keys.get("controlvector.model_hint", "")),
+                       n_embd=get("pysteer.n_embd", int, vec.size), n_layers=get("pysteer.n_layers", int, 0),
+                       model_file=get("pysteer.model_file", str, ""), model_sha256=get("pysteer.model_sha256", str, ""),
+                       operation=get("pysteer.operation", str, "ablate"),
+                       prompt_sets=json.loads(get("pysteer.prompt_sets", str, "{}")),
+                       scores=json.loads(get("pysteer.scores", str, "{}")), date=get("pysteer.date", str, ""),
+                       b2=None if plane is None else plane)
+        except (TypeError, ValueError, OverflowError) as e:
             raise ValueError(f"{path}: not a usable direction file ({e})") from None
 
 

@@ -30,6 +30,9 @@ from .gguf_io import write_control_vector as write_control_vector_file
 def write_control_vector(model, vector: np.ndarray, path, *, alpha: float = 1.0, layers=None) -> pathlib.Path:
     """llama.cpp's control-vector GGUF: ``alpha * vector`` as ``direction.{il}`` for each layer of the layer
     spec ``layers`` (default all of 1..n_layers-1; llama.cpp has no control vector for layer 0)."""
+    path = pathlib.Path(path)
+    if path.exists() and path.samefile(model.path):
+        raise ValueError(f"{path} is the model being read; write the control vector to another path")
     v = vectors.scaled(vectors.checked(vector, "control vector", n_embd=model.n_embd), alpha, "control vector")
     layers = hookpoints.check_layers(layers, model.n_layers, first=1)
     return write_control_vector_file(path, {il: v for il in layers}, model_hint=model.arch)

@@ -194,6 +194,8 @@ def read_control_vector(path: str | os.PathLike) -> tuple[dict[int, np.ndarray],
     for t in r.tensors:
         m = re.fullmatch(r"direction\.(\d+)", t.name)
         if m:
+            if t.tensor_type not in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
+                raise ValueError(f"{path}: {t.name} is {t.tensor_type.name}; control vectors are F32 (or F16)")
             vectors[int(m.group(1))] = np.asarray(t.data, dtype=np.float32).reshape(-1)
     if not vectors:
         raise ValueError(f"{path} holds no direction.N tensors")

@@ -80,6 +80,8 @@ def check_layer_spec(spec):
         raise ValueError(f"layers must be ints, not {spec!r}")
     if isinstance(spec, (int, np.integer)):
         return int(spec)
+    if isinstance(spec, (set, frozenset, dict)):
+        raise ValueError("layers must be ordered (a list, tuple, range or spec string), not a set")
     try:
         items = list(spec)
     except TypeError:

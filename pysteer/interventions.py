@@ -82,12 +82,12 @@ class Add(Intervention):
 
     def __init__(self, vector, alpha: float = 1.0, layers=None, points: Sequence[str] = ("post",)):
         v = np.asarray(vector)
-        if v.ndim == 2:
+        if v.ndim == 2 and v.dtype.kind in "iuf":
             self.vector = np.stack([vectors.checked(row, f"vector[{i}]") for i, row in enumerate(v)])
         else:
             self.vector = vectors.checked(vector, "vector")
+        vectors.scaled(self.vector, alpha, "vector")  # overflow is an error now, not NaN logits later
         self.alpha = float(alpha)
-        vectors.scaled(self.vector, self.alpha, "vector")  # overflow is an error now, not NaN logits later
         self.layers = hookpoints.check_layer_spec(layers)
         self.points = hookpoints.check_points(points)
 
@@ -117,8 +117,9 @@ class Rotate(Intervention):
 
     def __init__(self, b1, b2, degrees: float, adaptive: bool = False, layers=None,
                  points: Sequence[str] = ("pre", "mid", "post")):
-        if not np.isfinite(degrees):
-            raise ValueError(f"degrees must be finite, not {degrees}")
+        if isinstance(degrees, bool) or not isinstance(degrees, (int, float, np.integer, np.floating)) \
+                or not np.isfinite(degrees):
+            raise ValueError(f"degrees must be a finite number, not {degrees!r}")
         b1, b2 = vectors.checked(b1, "b1", unit=True), vectors.checked(b2, "b2")
         if b1.size != b2.size:
             raise ValueError(f"b1 and b2 differ in size ({b1.size} vs {b2.size})")

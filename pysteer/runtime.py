@@ -9,13 +9,17 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
+import math
 import os
 import pathlib
+import subprocess
+import sys
 import threading
 import weakref
 from contextlib import contextmanager
 from typing import Iterator, Sequence, Union
 
+import jinja2
 import llama_cpp
 import numpy as np
 from llama_cpp._internals import LlamaModel
@@ -32,6 +36,18 @@ Prompt = Union[str, Sequence[Message]]
 #: the raw text; "newline" the raw text and a newline; any other string a Jinja chat template.
 Template = Union[bool, str]
 TEMPLATE_NAMES = ("chat", "none", "newline")
+
+
+def _messages(prompt) -> list[dict]:
+    """A prompt as chat messages: a str is one user message; otherwise a list of {"role": str, "content": str}."""
+    if isinstance(prompt, str):
+        return [{"role": "user", "content": prompt}]
+    if isinstance(prompt, (list, tuple)) and prompt and all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+            for m in prompt):
+        return list(prompt)
+    raise ValueError(f"a prompt is a str or a non-empty list of {{'role': str, 'content': str}} messages, not "
+                     f"{prompt!r:.80}")
 
 
 def check_template(template: Template) -> Template:
@@ -102,6 +118,9 @@ def _read_header(path: pathlib.Path) -> Header:
         n_layers = header.kv.get(f"{arch}.block_count")
         if isinstance(n_layers, bool) or not isinstance(n_layers, int) or not 1 <= n_layers <= MAX_LAYERS:
             raise ModelLoadError(f"{path} declares {arch}.block_count = {n_layers!r}; a model has 1..{MAX_LAYERS}")
+        bad = [k for k, v in header.kv.items() if isinstance(v, float) and not math.isfinite(v)]
+        if bad:  # e.g. a NaN norm epsilon: llama.cpp asserts on it at the first decode
+            raise ModelLoadError(f"{path} has non-finite values in {', '.join(bad)}")
         end = header.data_end()
     except (ModelLoadError, hookpoints.UnsupportedArchitectureError):
         raise
@@ -109,7 +128,50 @@ def _read_header(path: pathlib.Path) -> Header:
         raise ModelLoadError(f"{path} is not a readable GGUF file (truncated or corrupt?): {e}") from None
     if end > path.stat().st_size:
         raise ModelLoadError(f"{path} is truncated: tensor data ends at byte {end}, file has {path.stat().st_size}")
+    _probe(path)
     return header
+
+
+_PROBE = """
+import sys, llama_cpp
+quiet = llama_cpp.llama_log_callback(lambda *a: None)  # kept referenced: llama.cpp calls it later
+llama_cpp.llama_log_set(quiet, None)
+mp = llama_cpp.llama_model_default_params()
+mp.n_gpu_layers, mp.use_extra_bufts = 0, False
+model = llama_cpp.llama_model_load_from_file(sys.argv[1].encode(), mp)
+if not model:
+    sys.exit(3)
+cp = llama_cpp.llama_context_default_params()
+cp.n_ctx = cp.n_batch = cp.n_ubatch = 16
+cp.n_seq_max, cp.n_threads, cp.n_threads_batch = 1, 1, 1
+ctx = llama_cpp.llama_init_from_model(model, cp)
+if not ctx:
+    sys.exit(3)
+batch = llama_cpp.llama_batch_get_one((llama_cpp.llama_token * 1)(0), 1)
+sys.exit(0 if llama_cpp.llama_decode(ctx, batch) == 0 else 3)
+"""
+
+
+def _probe(path: pathlib.Path) -> None:
+    """Let llama.cpp load the model, build a context and decode one token in a child process first: on metadata
+    it cannot accept (an expert count without experts, an unknown rope scaling or tokenizer, ...) it aborts the
+    whole process instead of returning an error, and that must not be ours. Done once per file (path, size,
+    mtime), remembered under $PYSTEER_CACHE/probed; about 0.5 s on a tiny model, a few seconds on a large one."""
+    st = path.stat()
+    key = hashlib.sha256(f"v1|{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:32]
+    stamp = models.cache_root() / "probed" / key
+    if stamp.is_file():
+        return
+    r = subprocess.run([sys.executable, "-c", _PROBE, str(path)], capture_output=True, text=True)
+    if r.returncode not in (0, 3):  # 3: an ordinary load error, which the real load reports
+        last = [line for line in r.stderr.strip().splitlines() if line.strip()]
+        raise ModelLoadError(f"llama.cpp cannot use {path}: it aborted the process that tried "
+                             f"({last[-1] if last else f'exit status {r.returncode}'})")
+    try:
+        stamp.parent.mkdir(parents=True, exist_ok=True)
+        stamp.touch()
+    except OSError:  # a read-only cache only costs the probe next time
+        pass
 
 
 def resolve_path(model: str | os.PathLike) -> pathlib.Path:
@@ -207,7 +269,8 @@ class Model:
         # Token budget when packing prompts into one llama_decode: every prompt attends over the whole unified
         # cache (masked), so small packs waste less (0.5B capture: 139 tok/s at 4096, 207 at 512).
         self.n_batch = min(n_batch, n_ctx)
-        self.n_seq_max = n_seq_max
+        # llama.cpp asserts when a context has more sequences than cells (n_ctx < n_seq_max aborted the process)
+        self.n_seq_max = n_seq_max = min(n_seq_max, n_ctx)
         self.n_threads = n_threads or os.cpu_count() or 1
         try:
             self.metadata = self._model.metadata()
@@ -216,6 +279,8 @@ class Model:
             raise ModelLoadError(f"{self.path} has metadata that is not UTF-8 ({e})") from None
         self._formatters: dict[str, Jinja2ChatFormatter] = {}
         self._steering = steering.Steering()
+        self._steer_stack: list[tuple[object, steering.Steering]] = []  # open steer() blocks, innermost last
+        self._installed = True
         self._cvec_active = False
         self._adapters = lora.Adapters(m, verbose=verbose)
 
@@ -381,9 +446,17 @@ class Model:
                 raise RuntimeError(f"llama_tokenize failed ({got})")
             n = -got
 
+    def _check_tokens(self, tokens) -> np.ndarray:
+        """Token ids as int32, each in [0, n_vocab) (llama.cpp's vocabulary lookups throw, ending the process)."""
+        t = np.asarray(tokens)
+        if t.size and (t.dtype.kind not in "iu" or t.min() < 0 or t.max() >= self.n_vocab):
+            raise ValueError(f"token ids must be ints in [0, {self.n_vocab}), got {np.asarray(tokens).ravel()[:8]}")
+        return t.astype(np.int32)
+
     @_locked
     def token_bytes(self, token: int, *, special: bool = False) -> bytes:
         """The bytes of one token (llama-cpp-python's LlamaModel.token_to_piece returns a padded buffer)."""
+        token = int(self._check_tokens([token])[0])
         buf = ctypes.create_string_buffer(64)
         n = llama_cpp.llama_token_to_piece(self._model.vocab, token, buf, len(buf), 0, special)
         if n < 0:
@@ -393,7 +466,7 @@ class Model:
 
     @_locked
     def detokenize(self, tokens: Sequence[int]) -> str:
-        return self._model.detokenize(list(tokens)).decode("utf-8", errors="replace")
+        return self._model.detokenize(self._check_tokens(list(tokens)).tolist()).decode("utf-8", errors="replace")
 
     @_locked
     def is_end_of_generation(self, token: int) -> bool:
@@ -407,14 +480,18 @@ class Model:
     def apply_chat_template(self, prompt: Prompt, *, template: str | None = None) -> str:
         """The prompt rendered with the GGUF's chat template (or a Jinja ``template``), ending with the
         assistant's turn opening."""
-        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+        messages = _messages(prompt)
         if template is None:
             if not self.chat_template:
                 raise ValueError(f"{self.path.name} has no chat template; pass chat_template=False")
             template = self.chat_template
-        if template not in self._formatters:
-            self._formatters[template] = self._make_formatter(template)
-        return self._formatters[template](messages=messages).prompt
+        try:
+            if template not in self._formatters:
+                self._formatters[template] = self._make_formatter(template)
+            return self._formatters[template](messages=messages).prompt
+        except jinja2.TemplateError as e:
+            raise ValueError(f"the chat template cannot render this prompt ({type(e).__name__}: {e}); pass "
+                             "chat_template=False for raw text, or a working Jinja template") from None
 
     def _make_formatter(self, template: str) -> Jinja2ChatFormatter:
         vocab = self._model.vocab
@@ -432,7 +509,8 @@ class Model:
         template = check_template(chat_template)
         if template in ("none", "newline"):
             if not isinstance(prompt, str):
-                raise ValueError("chat messages need a chat template (chat_template=True)")
+                raise ValueError(f"a raw-text prompt is a str, not {type(prompt).__name__} (chat messages need "
+                                 "chat_template=True)")
             return self.tokenize(prompt + ("\n" if template == "newline" else ""), add_special=True,
                                  parse_special=False)
         text = self.apply_chat_template(prompt, template=None if template == "chat" else template)
@@ -476,7 +554,7 @@ class Model:
         pos = np.ctypeslib.as_array(b.pos, shape=(n,))
         nsid = np.ctypeslib.as_array(b.n_seq_id, shape=(n,))
         logits = np.ctypeslib.as_array(ctypes.cast(b.logits, ctypes.POINTER(ctypes.c_int8)), shape=(n,))
-        tok[:] = np.concatenate([np.asarray(s, dtype=np.int32) for s in seqs])
+        tok[:] = self._check_tokens(np.concatenate([np.asarray(s, dtype=np.int64) for s in seqs]))
         pos[:] = np.concatenate([np.arange(start, start + len(s), dtype=np.int32) for s in seqs])
         nsid[:] = 1
         logits[:] = 0
@@ -498,6 +576,8 @@ class Model:
 
         Chat-templated prompts begin with the same system block (24 of a harmful prompt's 42 tokens on Qwen2.5),
         so this saves that much of every prompt evaluation. The cells are shared, not copied (unified cache)."""
+        if not 1 <= n_seqs <= self.n_seq_max:
+            raise ValueError(f"n_seqs must be in [1, n_seq_max={self.n_seq_max}], not {n_seqs}")
         self.decode([prefix], np.array([len(prefix) - 1]))
         mem = llama_cpp.llama_get_memory(self._ctx)
         for k in range(1, n_seqs):
@@ -509,6 +589,7 @@ class Model:
         n = len(tokens)
         if not 0 < n <= self.n_ctx:
             raise ValueError(f"a decode takes 1..n_ctx={self.n_ctx} tokens, not {n}")
+        tokens = self._check_tokens(tokens)
         b = self._batch
         b.n_tokens = n
         for i in range(n):
@@ -591,31 +672,43 @@ class Model:
 
         ``path``: "auto" runs each intervention natively where that is exact (see pysteer.steering),
         "hook" forces the eval callback, "native" raises where no native path exists. The yielded
-        :class:`~pysteer.steering.Steering` says which path each intervention took. On exit the previous
-        steering is restored.
+        :class:`~pysteer.steering.Steering` says which path each intervention took. On exit the steering
+        of the innermost block still open is restored (none once every block has exited, in whatever order).
+        Refused while a stream is live (it would change the stream's answer midway).
         """
-        with self._lock:
-            self._open()
+        with self.exclusive():
             new = steering.plan(self, interventions, path)  # validates everything before changing anything
-            previous = self._steering
-            self._swap(new, previous)
+            entry = (object(), new)
+            self._steer_stack.append(entry)
+            try:
+                self._settle()
+            except BaseException:
+                self._steer_stack.remove(entry)
+                self._settle()
+                raise
         try:
             yield new
         finally:
             with self._lock:
-                if not self.closed and self._steering is new:
-                    self._swap(previous, new)
+                self._steer_stack.remove(entry)
+                if not self.closed:
+                    self._settle()
 
-    def _swap(self, new: steering.Steering, old: steering.Steering) -> None:
-        """Install ``new`` whole or, on any error or interrupt, put ``old`` back exactly."""
+    def _settle(self) -> None:
+        """Install the steering of the innermost open steer() block (or none), whole: an interrupt in the middle
+        of installing is answered by installing it again."""
+        target = self._steer_stack[-1][1] if self._steer_stack else steering.Steering()
+        if target is self._steering and self._installed:
+            return
         try:
-            self._install(new)
+            self._install(target)
         except BaseException:
-            self._install(old)
+            self._install(target)
             raise
 
     def _install(self, s: steering.Steering) -> None:
         """Make ``s`` the steering of the context: hook ops, control vector and LoRA replaced as a whole."""
+        self._installed = False  # until the end: an install cut short is redone, never trusted
         if self._hook is not None:
             self._hook.set_ops([(op.name, op.kind, op.dirs, op.cos, op.sin, op.adaptive) for op in s.hook_ops])
         if s.cvec is not None:
@@ -632,6 +725,7 @@ class Model:
         adapter = self._adapters.get(self, s.lora) if s.lora is not None else None
         self._adapters.activate(self._ctx, adapter)
         self._steering = s
+        self._installed = True
 
     @property
     def steering(self) -> steering.Steering:

@@ -9,13 +9,18 @@ from __future__ import annotations
 import numpy as np
 
 
+def _real(v, name: str) -> np.ndarray:
+    """``v`` as float64, refusing what is not real numbers (strings, objects, complex, bools)."""
+    raw = np.asarray(v)
+    if raw.dtype.kind not in "iuf":
+        raise ValueError(f"{name} must hold real numbers, not {raw.dtype} values")
+    return raw.astype(np.float64)
+
+
 def checked(v, name: str, *, n_embd: int | None = None, unit: bool = False) -> np.ndarray:
     """``v`` as a finite float32 1-D vector (of ``n_embd`` values when given); with ``unit``, scaled to length 1
     (computed in float64)."""
-    try:
-        a = np.asarray(v, dtype=np.float64)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a vector of numbers") from None
+    a = _real(v, name)
     if a.ndim != 1 or a.size == 0:
         raise ValueError(f"{name} must be a non-empty 1-D vector, got shape {a.shape}")
     if not np.isfinite(a).all():
@@ -36,10 +41,7 @@ def checked(v, name: str, *, n_embd: int | None = None, unit: bool = False) -> n
 
 def orthonormal(rows, name: str, *, n_embd: int | None = None) -> np.ndarray:
     """Rows ``[k, n]`` (or one vector) replaced by orthonormal rows spanning the same space, float32."""
-    try:
-        d = np.asarray(rows, dtype=np.float64)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be an array of numbers") from None
+    d = _real(rows, name)
     if d.ndim == 1:
         d = d[None, :]
     if d.ndim != 2 or d.shape[0] == 0 or d.shape[1] == 0:

@@ -212,7 +212,7 @@ def test_steering_switches_between_generations(tiny_dir, rng):
     (lambda: pysteer.Rotate(np.ones(E), 2 * np.ones(E), 10), "parallel"),
     (lambda: pysteer.Rotate(np.zeros(E), np.ones(E), 10), "b1 is zero"),
     (lambda: pysteer.Rotate(np.ones(E), np.ones(E + 1), 10), "differ in size"),
-    (lambda: pysteer.Rotate(np.ones(E), np.arange(E), np.nan), "degrees must be finite"),
+    (lambda: pysteer.Rotate(np.ones(E), np.arange(E), np.nan), "degrees must be a finite number"),
     (lambda: pysteer.Ablate(np.ones(E), points=["top"]), "unknown point"),
 ])
 def test_bad_intervention_arguments(make, match):

@@ -27,7 +27,7 @@ ROOT = pathlib.Path(__file__).parent.parent
 def run_py(code: str, *args, timeout=120) -> subprocess.CompletedProcess:
     """Run ``code`` in a fresh interpreter (a crash is a return code, not a dead test session)."""
     return subprocess.run([sys.executable, "-c", textwrap.dedent(code), *map(str, args)], capture_output=True,
-                          text=True, timeout=timeout, cwd=ROOT / "tests")
+                          text=True, timeout=timeout, cwd=ROOT)
 
 
 def cli(*args, timeout=120) -> subprocess.CompletedProcess:
@@ -566,3 +566,189 @@ def test_zero_row_tensors_are_skipped(llama_path):
                 stats = m.hook_stats
         assert (stats["empty_calls"] > 0) == (n_ubatch == 8)
     np.testing.assert_allclose(out[8], out[512], rtol=0, atol=1e-4 * np.abs(out[512]).max())
+
+
+# -- found by trying to break the above on purpose ---------------------------------------------------------
+
+def _with_keys(src: pathlib.Path, dst: pathlib.Path, **keys) -> pathlib.Path:
+    """Copy of a GGUF with keys added or replaced (values typed by gguf's writer: int -> UINT32)."""
+    r = gguf.GGUFReader(src)
+    w = gguf.GGUFWriter(dst, r.get_field("general.architecture").contents())
+    for f in r.fields.values():
+        if f.name.startswith("GGUF.") or f.name == "general.architecture" or f.name in keys:
+            continue
+        sub = f.types[-1] if f.types[0] == gguf.GGUFValueType.ARRAY else None
+        w.add_key_value(f.name, f.contents(), f.types[0], sub_type=sub)
+    for k, v in keys.items():
+        if isinstance(v, str):
+            w.add_string(k, v)
+        elif isinstance(v, float):
+            w.add_float32(k, v)
+        else:
+            w.add_uint32(k, v)
+    for t in r.tensors:
+        w.add_tensor(t.name, np.asarray(t.data))
+    w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
+    return dst
+
+
+@pytest.mark.parametrize("keys", [{"llama.expert_count": 4}, {"llama.expert_used_count": 1},
+                                  {"llama.rope.scaling.type": "bogus"}, {"tokenizer.ggml.model": "bert"},
+                                  {"llama.attention.layer_norm_rms_epsilon": float("nan")},
+                                  {"llama.rope.freq_base": float("nan")}])
+def test_metadata_llama_cpp_aborts_on_is_a_load_error(llama_path, tmp_path, keys):
+    bad = _with_keys(llama_path, tmp_path / "bad.gguf", **keys)
+    r = run_py("""
+        import sys, pysteer
+        try:
+            m = pysteer.load(sys.argv[1], n_ctx=256)
+            m.generate("hi", max_tokens=2)
+            print("loaded")
+        except pysteer.ModelLoadError as e:
+            print("load error:", e)
+    """, bad)
+    assert r.returncode == 0 and "load error:" in r.stdout, (r.returncode, r.stdout, r.stderr[-1500:])
+
+
+def test_small_contexts_and_token_ids(llama_path):
+    r = run_py("""
+        import sys, numpy as np, pysteer
+        for n_ctx in (8, 32, 63):
+            m = pysteer.load(sys.argv[1], n_ctx=n_ctx)
+            assert m.n_seq_max <= n_ctx
+            m.logits("a", chat_template=False)
+        m = pysteer.load(sys.argv[1], n_ctx=200, n_seq_max=256)
+        m.logits_batch(["a", "b"], chat_template=False)
+        for call in (lambda: m.token_bytes(10**6), lambda: m.token_bytes(-5), lambda: m.detokenize([10**6]),
+                     lambda: m.detokenize([-1]), lambda: m.decode([[10**6]], np.array([0])),
+                     lambda: m.decode_prefix([1, 2], 300)):
+            try:
+                call()
+                raise SystemExit("accepted")
+            except ValueError as e:
+                pass
+        print("ok")
+    """, llama_path)
+    assert r.returncode == 0 and "ok" in r.stdout, (r.returncode, r.stderr[-1500:])
+
+
+def test_steer_blocks_exited_out_of_order_end_unsteered(llama_path):
+    v = np.random.default_rng(0).standard_normal(64)
+    with pysteer.load(llama_path, n_ctx=256) as m:
+        base = m.logits_batch(PROMPTS)
+        a, b = m.steer(pysteer.Add(v, 4.0)), m.steer(pysteer.Add(-v, 3.0, points=("mid",)))
+        a.__enter__()
+        with_a = m.logits_batch(PROMPTS)
+        b.__enter__()
+        a.__exit__(None, None, None)  # the outer block leaves first: the inner one stays in force
+        assert [type(i) for i in m.steering.interventions] == [pysteer.Add]
+        assert m.steering.interventions[0].alpha == 3.0
+        b.__exit__(None, None, None)
+        assert m.steering.interventions == ()
+        assert np.array_equal(m.logits_batch(PROMPTS), base)
+        with m.steer(pysteer.Add(v, 4.0)):
+            assert np.array_equal(m.logits_batch(PROMPTS), with_a)
+
+
+def test_steer_is_refused_during_a_live_stream(llama_path):
+    v = np.random.default_rng(0).standard_normal(64)
+    with pysteer.load(llama_path, n_ctx=256) as m:
+        want = m.generate("hello world", max_tokens=12)
+        s = m.generate("hello world", max_tokens=12, stream=True)
+        first = next(s)
+        with pytest.raises(ValueError, match="streaming generation is live"):
+            with m.steer(pysteer.Add(v, 50.0)):
+                pass
+        assert first + "".join(s) == want
+
+
+def test_interrupted_restore_still_ends_unsteered(llama_path, monkeypatch):
+    v = np.random.default_rng(0).standard_normal(64)
+    with pysteer.load(llama_path, n_ctx=256) as m:
+        base = m.logits_batch(PROMPTS)
+        real, calls = llama_cpp.llama_set_adapter_cvec, {"n": 0}
+
+        def flaky(*a):
+            calls["n"] += 1
+            if calls["n"] == 2:  # the restore on leaving the block
+                raise KeyboardInterrupt
+            return real(*a)
+
+        monkeypatch.setattr(llama_cpp, "llama_set_adapter_cvec", flaky)
+        with pytest.raises(KeyboardInterrupt):
+            with m.steer(pysteer.Add(v, 4.0, layers="1:4")) as s:
+                assert s.paths == ["cvec"]
+        monkeypatch.setattr(llama_cpp, "llama_set_adapter_cvec", real)
+        assert m.steering.interventions == ()
+        assert np.array_equal(m.logits_batch(PROMPTS), base)
+
+
+@pytest.mark.parametrize("prompt", [{"role": "user", "content": "secret"}, [["a"]], [{"rolex": "user"}],
+                                    [{"content": "x"}], b"abc", [], None, 123])
+def test_malformed_prompts_are_refused(llama_path, prompt):
+    with pysteer.load(llama_path, n_ctx=256) as m:
+        with pytest.raises(ValueError, match="prompt"):
+            m.encode(prompt)
+        with pytest.raises(ValueError):
+            m.capture([prompt])
+
+
+def test_broken_chat_template_is_a_value_error(llama_path, tmp_path):
+    bad = _with_keys(llama_path, tmp_path / "tpl.gguf", **{"tokenizer.chat_template": "{{"})
+    with pysteer.load(bad, n_ctx=256) as m:
+        with pytest.raises(ValueError, match="chat template cannot render"):
+            m.encode("hi")
+        with pytest.raises(ValueError, match="chat template cannot render"):
+            m.encode("hi", chat_template="{{ x.y.z }}")
+        assert m.encode("hi", chat_template=False)
+    assert_one_line_error(cli("generate", "hi", "--model", bad, "--max-tokens", 2), "chat template")
+
+
+def test_vectors_must_be_real_and_alpha_a_number():
+    v = np.ones(64)
+    for bad in (v + 1j, v.astype(bool), np.array(["1"] * 64), np.array([object()] * 64)):
+        with pytest.raises(ValueError, match="real numbers"):
+            pysteer.Add(bad)
+    for alpha in (True, "2", 2 + 0j):
+        with pytest.raises(ValueError, match="alpha must be a finite number"):
+            pysteer.Add(v, alpha)
+    with pytest.raises(ValueError, match="ordered"):
+        pysteer.Add(v, layers={2, 1})
+
+
+def test_selection_thresholds_are_checked(llama_path, tmp_path):
+    with pysteer.load(llama_path, n_ctx=256) as m:
+        res = pysteer.extract(m, ["a b", "c d"], ["e f", "g h"], positions=1, points=["post"])
+        for kw in ({"kl_max": float("nan")}, {"kl_max": -1.0}, {"ablate_max": float("nan")}):
+            with pytest.raises(ValueError, match="_max must be"):
+                pysteer.select_direction(m, res, ["a b", "c d"], ["e f", "g h"], verbose=False, **kw)
+
+
+def test_direction_files_with_bad_keys_are_value_errors(llama_path, tmp_path):
+    good = tmp_path / "d.gguf"
+    pysteer.Direction(np.ones(64), layer=1, point="post", position=-1, arch="llama", n_layers=4).save(good)
+    for key, value in (("pysteer.layer", float("inf")), ("pysteer.position", float("inf")),
+                       ("pysteer.model_sha256", 7)):
+        bad = _with_keys(good, tmp_path / "bad.gguf", **{key: value})
+        with pytest.raises(ValueError, match="not a usable direction file"):
+            pysteer.load_direction(bad)
+        assert_one_line_error(cli("generate", "hi", "--model", llama_path, "--add", f"{bad}:1", "--max-tokens", 2),
+                              "not a usable direction file")
+
+
+def test_exports_never_overwrite_their_inputs(llama_path, tmp_path):
+    model = tmp_path / "model.gguf"
+    model.write_bytes(llama_path.read_bytes())
+    direction = tmp_path / "d.gguf"
+    pysteer.Direction(np.ones(64), layer=1, point="post", position=-1, arch="llama", n_layers=4).save(direction)
+    before = model.read_bytes(), direction.read_bytes()
+    assert_one_line_error(cli("export", model, "--direction", direction, "--cvec", model), "a file this command reads")
+    assert_one_line_error(cli("export", model, "--direction", direction, "--cvec", direction), "a file this command reads")
+    (tmp_path / "dir.gguf").mkdir()
+    assert_one_line_error(cli("export", model, "--direction", direction, "--cvec", tmp_path / "cv.gguf",
+                              "--abliterate", tmp_path / "dir.gguf"), "must name a .gguf file")
+    assert not (tmp_path / "cv.gguf").exists()  # refused before any work
+    assert (model.read_bytes(), direction.read_bytes()) == before
+    with pysteer.load(model, n_ctx=256) as m, pytest.raises(ValueError, match="the model being read"):
+        export.write_control_vector(m, np.ones(64), model)
+    assert model.read_bytes() == before[0]
