@@ -14,7 +14,8 @@ if os.environ.get("PYSTEER_TEST_THREADS"):
 
     @functools.wraps(_init)
     def _init_with_threads(self, *args, n_threads=None, **kwargs):
-        _init(self, *args, n_threads=n_threads or int(os.environ["PYSTEER_TEST_THREADS"]), **kwargs)
+        threads = int(os.environ["PYSTEER_TEST_THREADS"]) if n_threads is None else n_threads
+        _init(self, *args, n_threads=threads, **kwargs)
 
     pysteer.Model.__init__ = _init_with_threads
 
