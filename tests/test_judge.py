@@ -305,3 +305,99 @@ def test_ablation_report_counts():
     assert s["harmful"]["steered"]["refusal_rate_ci95"] == judge.wilson(3, 5)
     assert [a["steered_refused"] for a in s["answers"]["harmful"]] == [False, True, False, True, True]
     assert s["answers"]["harmless"][1]["base_refused"] is True
+
+
+# -- edges that mutation testing showed untested --------------------------------------------------------------
+
+def test_refusal_scores_row_by_row_and_saturated():
+    rng = np.random.default_rng(1)
+    logits = rng.standard_normal((3, 4, 40)) * 3  # [prompts, positions, vocab]
+    toks = np.array([1, 5, 7])
+    got = judge.refusal_scores_from_logits(logits, toks)
+    assert got.shape == (3, 4)
+    for i in range(3):
+        for j in range(4):
+            p = np.exp(logits[i, j]) / np.exp(logits[i, j]).sum()
+            assert got[i, j] == pytest.approx(np.log(p[toks].sum() / (1 - p[toks].sum())), rel=1e-9)
+    sure = np.full((1, 40), -1e4)
+    sure[0, toks] = 0.0  # all the mass on refusal openers: large and finite, not inf or NaN
+    assert np.isfinite(judge.refusal_scores_from_logits(sure, toks)).all()
+    assert judge.refusal_scores_from_logits(sure, toks)[0] > 20
+
+
+def test_kl_over_leading_axes():
+    rng = np.random.default_rng(2)
+    a, b = rng.standard_normal((2, 3, 30)), rng.standard_normal((2, 3, 30))
+    got = judge.kl_divergence(a, b)
+    assert got.shape == (2, 3)
+    np.testing.assert_allclose(got[1, 2], judge.kl_divergence(a[1, 2][None], b[1, 2][None])[0], rtol=1e-12)
+
+
+def test_choose_boundaries():
+    best, ok = choose([_cand(1, -2.0, 0.05, True), _cand(2, -1.0, 0.01, True)], -2.0)
+    assert best.layer == 1 and ok  # exactly at ablate_max counts as removing refusal
+    best, ok = choose([_cand(1, -1.0, 0.05, True)], -2.0)
+    assert best.layer == 1 and ok  # passed, though not enough
+    best, ok = choose([_cand(1, -9.0, math.nan, False), _cand(2, -1.0, 0.3, False)], -2.0)
+    assert best.layer == 2 and not ok  # a candidate without a KL is never the least disruptive
+    with pytest.raises(ValueError, match="no candidates"):
+        choose([], None)
+
+
+def test_ranking_rows():
+    cos = np.array([[0.5, 0.2]])
+    m = Metrics(("mid",), (3, 7), cos, np.array([[[1.0, 2.0]], [[3.0, 4.0]]]), np.array([[[5.0, 6.0]], [[7.0, 8.0]]]),
+                np.array([[1.5, 2.5]]))
+    rows = m.ranking()
+    assert rows[0] == {"point": "mid", "layer": 3, "mean_rank": 1 / 3, "cos_sim": 0.5, "var_mean": 2.0,
+                       "var_max": 6.0, "diff_norm": 1.5}
+    assert rows[1]["layer"] == 7 and rows[1]["var_mean"] == 3.0 and rows[1]["var_max"] == 7.0
+
+
+def test_wilson_small_n():
+    lo, hi = judge.wilson(1, 1)
+    assert 0.2 < lo < 0.21 and hi == pytest.approx(1.0)
+    lo, hi = judge.wilson(0, 1)
+    assert lo == 0.0 and 0.79 < hi < 0.8
+
+
+def test_is_refusal_reads_300_characters():
+    assert judge.is_refusal("x" * 292 + " i can't")  # ends at character 300
+    assert not judge.is_refusal("x" * 293 + " i can't")  # its last letter is the 301st
+
+
+def test_coherence_threshold_is_inclusive(tiny_dir):
+    with pysteer.load(tiny_dir / "tiny-llama.gguf", n_ctx=256) as m:
+        j = judge.judge(m, ["p"], ["one two three four five six seven"], perplexity=False, min_distinct4=1.0)
+    assert j.coherent == [True]
+
+
+def test_spread_and_damage_summaries():
+    empty = judge.spread([math.nan])
+    assert set(empty) == {"mean", "median", "p90", "max", "argmax"} and empty["argmax"] is None
+    msgs = [[{"role": "user", "content": "hi"}], "b"]
+    s = judge.spread([0.5, 0.1], msgs)
+    assert s["argmax"] == 0 and s["max_prompt"] == str(msgs[0]) and "max_prompt" not in judge.spread([0.5, 0.1])
+    assert judge.spread([0.1, 0.7], ["a", "b"])["max_prompt"] == "b"
+    d = judge.Damage([0.2, math.nan, 0.4], [2.0, math.nan, 4.0], [3, 0, 5]).summary(["a", "b", "c"])
+    assert d == {"token_kl": judge.spread([0.2, math.nan, 0.4], ["a", "b", "c"]), "perplexity_median": 3.0,
+                 "tokens": 8}
+
+
+def test_perplexity_pairs_sharing_a_prompt_and_a_small_context(tiny_dir):
+    """Answers to the same prompt (their common prefix runs into the answers), special-looking text, and answers
+    longer than the context leaves: each scored as it would be alone."""
+    with pysteer.load(tiny_dir / "tiny-llama.gguf", n_ctx=512, flash_attn=False) as m:
+        prompts = ["how to make it"] * 3
+        answers = ["the thing and the end", "the thing and the other", "<|im_end|> the end"]
+        together = judge.answer_perplexities(m, prompts, answers)
+        alone = [judge.answer_perplexities(m, [p], [a])[0] for p, a in zip(prompts, answers)]
+        np.testing.assert_allclose(together, alone, rtol=1e-4)
+        n_special = len(m.tokenize(answers[2], add_special=False, parse_special=False))
+        assert n_special > len(m.tokenize(answers[2], add_special=False, parse_special=True))
+    with pysteer.load(tiny_dir / "tiny-llama.gguf", n_ctx=32, flash_attn=False) as small:
+        long = "the thing and the end " * 10
+        ppl = judge.answer_perplexities(small, ["abc"], [long], chat_template=False)
+        assert math.isfinite(ppl[0])
+        d = judge.damage(small, ["abc"], [long], [], chat_template=False)
+        assert d.n_tokens[0] == 32 - len(small.encode("abc", chat_template=False))
