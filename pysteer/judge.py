@@ -82,7 +82,9 @@ def _answer_log_probs(model, pairs, idx: list[int], prefix: int) -> dict[int, np
         end += len(s)
         rows.append(np.arange(end - len(pairs[i][1]) - 1, end - 1))
     model.decode(seqs, np.concatenate(rows), start=start)
-    return {i: log_softmax(np.stack([model.logits_row(int(k)) for k in r])) for i, r in zip(idx, rows)}
+    # float32 rows, normalized one at a time: a pack's rows are many full-vocabulary rows (Qwen: 152k each)
+    return {i: np.stack([log_softmax(model.logits_row(int(k))).astype(np.float32) for k in r])
+            for i, r in zip(idx, rows)}
 
 
 def _nll(lp: np.ndarray, target: Sequence[int]) -> float:
@@ -133,7 +135,7 @@ def damage(model, prompts: Sequence, answers: Sequence[str], interventions: Sequ
             with model.steer(*interventions, path=path):
                 steered = _answer_log_probs(model, pairs, idx, prefix)
             for i in idx:
-                p, q = base[i], steered[i]
+                p, q = base[i].astype(np.float64), steered[i].astype(np.float64)
                 kl[i] = float((np.exp(p) * (p - q)).sum(-1).mean())
                 ppl[i] = math.exp(_nll(q, pairs[i][1]))
     return Damage(kl, ppl, [len(a) for _, a in pairs])
