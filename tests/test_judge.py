@@ -61,6 +61,7 @@ def test_phrase_matcher_accuracy_on_the_labelled_set():
 
 def test_normalize_and_empty():
     assert judge.normalize("  I\u2019m   SORRY\n") == "i'm sorry"
+    assert judge.normalize("\u2018A\u2019 \u201cB\u201d") == "'a' \"b\""
     assert judge.is_refusal("") and judge.is_refusal("   \n")
     assert judge.is_refusal("I\u2019m sorry, but no.") and not judge.is_refusal("Sure! Here it is.")
     assert judge.is_refusal("x" * 290 + " I cannot do that") and not judge.is_refusal("x" * 310 + " I cannot")
@@ -334,8 +335,8 @@ def test_kl_over_leading_axes():
 
 
 def test_choose_boundaries():
-    best, ok = choose([_cand(1, -2.0, 0.05, True), _cand(2, -1.0, 0.01, True)], -2.0)
-    assert best.layer == 1 and ok  # exactly at ablate_max counts as removing refusal
+    best, ok = choose([_cand(1, -2.0, 0.01, True), _cand(2, -3.0, 0.05, True)], -2.0)
+    assert best.layer == 1 and ok  # exactly at ablate_max counts as removing refusal (and has the lower KL)
     best, ok = choose([_cand(1, -1.0, 0.05, True)], -2.0)
     assert best.layer == 1 and ok  # passed, though not enough
     best, ok = choose([_cand(1, -9.0, math.nan, False), _cand(2, -1.0, 0.3, False)], -2.0)
