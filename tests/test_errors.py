@@ -6,6 +6,7 @@ import pytest
 
 import pysteer
 from pysteer import _core, native, tiny
+from gguf_edit import rewrite
 
 
 @pytest.fixture(scope="module")
@@ -59,18 +60,7 @@ def test_unsupported_architecture(tmp_path):
 
 def test_gguf_llama_cpp_rejects(tiny_dir, tmp_path):
     """A well-formed GGUF that misses a required tensor: llama.cpp's own load error becomes ModelLoadError."""
-    src = gguf.GGUFReader(tiny_dir / "tiny-llama.gguf")
-    p = tmp_path / "missing.gguf"
-    w = gguf.GGUFWriter(p, "llama")
-    for f in src.fields.values():
-        if f.name.startswith("GGUF.") or f.name == "general.architecture":
-            continue
-        sub = f.types[-1] if f.types[0] == gguf.GGUFValueType.ARRAY else None
-        w.add_key_value(f.name, f.contents(), f.types[0], sub_type=sub)
-    for t in src.tensors:
-        if t.name != "blk.1.ffn_down.weight":
-            w.add_tensor(t.name, np.asarray(t.data))
-    w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
+    p = rewrite(tiny_dir / "tiny-llama.gguf", tmp_path / "missing.gguf", drop={"blk.1.ffn_down.weight"})
     with pytest.raises(pysteer.ModelLoadError, match="llama.cpp could not load"):
         pysteer.load(p)
 

@@ -9,17 +9,16 @@ import struct
 import subprocess
 import sys
 import textwrap
-import threading
 import time
 
-import gguf
 import llama_cpp
 import numpy as np
 import pytest
 
 import pysteer
-from pysteer import export, lora, tiny
+from pysteer import export, lora
 from conftest import PROMPTS
+from gguf_edit import rewrite
 
 ROOT = pathlib.Path(__file__).parent.parent
 
@@ -406,8 +405,7 @@ def test_sigterm_during_export_leaves_no_files(llama_path, tmp_path):
     d = tmp_path / "out"
     d.mkdir()
     direction = tmp_path / "dir.gguf"
-    with pysteer.load(llama_path, n_ctx=256) as m:
-        pysteer.Direction(np.ones(64), layer=1, point="post", position=-1, arch="llama", n_layers=4).save(direction)
+    pysteer.Direction(np.ones(64), layer=1, point="post", position=-1, arch="llama", n_layers=4).save(direction)
     p = subprocess.Popen([sys.executable, "-c", textwrap.dedent(code), "export", str(llama_path), "--direction",
                           str(direction), "--abliterate", str(d / "abl.gguf"), "-q"], stderr=subprocess.PIPE,
                          text=True)
@@ -443,18 +441,7 @@ def test_prompt_files_with_bad_bytes_and_long_fields(tmp_path):
 
 
 def test_non_utf8_metadata_is_a_load_error(tiny_dir, tmp_path):
-    src = gguf.GGUFReader(tiny_dir / "tiny-llama.gguf")
-    p = tmp_path / "meta.gguf"
-    w = gguf.GGUFWriter(p, "llama")
-    for f in src.fields.values():
-        if f.name.startswith("GGUF.") or f.name == "general.architecture":
-            continue
-        sub = f.types[-1] if f.types[0] == gguf.GGUFValueType.ARRAY else None
-        w.add_key_value(f.name, f.contents(), f.types[0], sub_type=sub)
-    w.add_string("general.description", "ABCD")
-    for t in src.tensors:
-        w.add_tensor(t.name, np.asarray(t.data))
-    w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
+    p = rewrite(tiny_dir / "tiny-llama.gguf", tmp_path / "meta.gguf", keys={"general.description": "ABCD"})
     patch_kv(p, p, "general.description", struct.pack("<Q", 4) + b"\xff\xfe\xfd\xfc")
     r = run_py("""
         import sys, pysteer
@@ -571,25 +558,7 @@ def test_zero_row_tensors_are_skipped(llama_path):
 # -- found by trying to break the above on purpose ---------------------------------------------------------
 
 def _with_keys(src: pathlib.Path, dst: pathlib.Path, **keys) -> pathlib.Path:
-    """Copy of a GGUF with keys added or replaced (values typed by gguf's writer: int -> UINT32)."""
-    r = gguf.GGUFReader(src)
-    w = gguf.GGUFWriter(dst, r.get_field("general.architecture").contents())
-    for f in r.fields.values():
-        if f.name.startswith("GGUF.") or f.name == "general.architecture" or f.name in keys:
-            continue
-        sub = f.types[-1] if f.types[0] == gguf.GGUFValueType.ARRAY else None
-        w.add_key_value(f.name, f.contents(), f.types[0], sub_type=sub)
-    for k, v in keys.items():
-        if isinstance(v, str):
-            w.add_string(k, v)
-        elif isinstance(v, float):
-            w.add_float32(k, v)
-        else:
-            w.add_uint32(k, v)
-    for t in r.tensors:
-        w.add_tensor(t.name, np.asarray(t.data))
-    w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
-    return dst
+    return rewrite(src, dst, keys=keys)
 
 
 @pytest.mark.parametrize("keys", [{"llama.expert_count": 4}, {"llama.expert_used_count": 1},
