@@ -190,6 +190,8 @@ def _interventions(args, m):
     from .interventions import Ablate, Add, Rotate
 
     layers = args.layers
+    if layers is not None and not (args.ablate or args.add or args.rotate):
+        raise UsageError("--layers applies to --ablate, --add or --rotate; give one of them")
     ivs = []
     for path in args.ablate or []:
         ivs.append(Ablate(_direction(m, path).vector, layers=layers))

@@ -128,6 +128,8 @@ def test_generate_chat_sweep_export_metrics(setup):
     (("generate", "hi", "--model", "OTHER", "--ablate", "DIR"), "does not fit"),
     (("export", "MODEL", "--direction", "DIR", "--cvec", "OUT", "--layers", "0:2"), "no control vector for layer 0"),
     (("sweep", "MODEL", "--add", "DIR", "--alpha", "1:2:0"), "bad --alpha"),
+    (("generate", "hi", "--model", "MODEL", "--layers", "1:3"), "--layers applies to"),
+    (("export", "MODEL", "--direction", "DIR", "--cvec", "out.txt"), "must name a .gguf"),
     (("extract", "MODEL", "-o", "out.txt"), "must name a .gguf"),
     (("export", "MODEL", "--direction", "DIR", "--abliterate", "OUT", "--abliterate-type", "IQ2_XS"),
      "needs an importance matrix"),
