@@ -119,15 +119,9 @@ def _output_gguf(path: str | None, flag: str, *, inputs=()) -> pathlib.Path | No
     (the model and direction files the command reads)."""
     if path is None:
         return None
-    out = pathlib.Path(path)
-    if out.suffix != ".gguf" or out.is_dir():
-        raise UsageError(f"{flag} must name a .gguf file, got {out}")
-    for f in inputs:
-        f = pathlib.Path(f)
-        if f.is_file() and out.exists() and out.samefile(f):
-            raise UsageError(f"{flag} {out} is a file this command reads; write to another path")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    return out
+    if pathlib.Path(path).suffix != ".gguf" or pathlib.Path(path).is_dir():
+        raise UsageError(f"{flag} must name a .gguf file, got {path}")
+    return _output_path(path, flag, inputs=inputs)
 
 
 def _find(args, m, **kw):
@@ -294,6 +288,51 @@ def _export(args) -> None:
                                     progress=not args.quiet))
 
 
+def _judge(args) -> None:
+    from .files import atomic_output
+    from .judge import is_refusal
+
+    src = pathlib.Path(args.answers)
+    if not src.is_file():
+        raise FileNotFoundError(f"no answers file {src}")
+    out = _output_path(args.output, "-o", inputs=(src,)) if args.output else None
+    rows = []
+    try:
+        lines = src.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise UsageError(f"{src} is not UTF-8 text") from None
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except ValueError as e:
+            raise UsageError(f"{src}:{i}: not JSON ({e})") from None
+        if not isinstance(obj, dict) or not isinstance(obj.get("answer"), str) or not isinstance(obj.get("prompt"), str):
+            raise UsageError(f"{src}:{i}: each line needs string fields \"prompt\" and \"answer\"")
+        rows.append(dict(obj, refusal=is_refusal(obj["answer"])))
+    text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    if out is not None:
+        with atomic_output(out) as tmp:
+            tmp.write_text(text, encoding="utf-8")
+    else:
+        sys.stdout.write(text)
+    n = sum(r["refusal"] for r in rows)
+    print(f"pysteer judge: {n} of {len(rows)} answers are refusals (phrase matcher)", file=sys.stderr)
+
+
+def _output_path(path: str, flag: str, *, inputs=()) -> pathlib.Path:
+    """An output file path, checked before any work: not a directory, and none of ``inputs``."""
+    out = pathlib.Path(path)
+    if out.is_dir():
+        raise UsageError(f"{flag} {out} is a directory; name a file")
+    for f in inputs:
+        if pathlib.Path(f).is_file() and out.exists() and out.samefile(f):
+            raise UsageError(f"{flag} {out} is a file this command reads; write to another path")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return out
+
+
 def _info(args) -> None:
     from . import build_info
 
@@ -416,6 +455,14 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(sp)
     sp.add_argument("--json", action="store_true", help="print the summary as JSON")
     sp.set_defaults(func=_summary)
+
+    p = sub.add_parser("judge", help="refusal verdicts for any answers (JSONL with prompt and answer)",
+                       description="Reads one JSON object per line with string fields prompt and answer (other "
+                       "fields are kept) and writes each object again with refusal (true/false) added, by pysteer's "
+                       "phrase matcher.")
+    p.add_argument("answers", help="JSONL file of {\"prompt\": ..., \"answer\": ...}")
+    p.add_argument("-o", "--output", help="JSONL to write (default: standard output)")
+    p.set_defaults(func=_judge)
 
     sub.add_parser("info", help="the llama.cpp build pysteer found and was built against").set_defaults(func=_info)
     return ap

@@ -31,7 +31,7 @@ def setup(tiny_dir, tmp_path_factory):
 
 def test_help_lists_every_command():
     r = run("--help")
-    for cmd in ("ablate-test", "extract", "metrics", "generate", "chat", "sweep", "export", "models", "summary"):
+    for cmd in ("ablate-test", "extract", "metrics", "generate", "chat", "sweep", "export", "models", "summary", "judge"):
         assert cmd in r.stdout
         assert run(cmd, "--help").returncode == 0
 
@@ -142,3 +142,32 @@ def test_user_errors_are_one_line(setup, tiny_dir, args, match):
     assert r.returncode == 2, r.stderr
     assert r.stdout == "" and len(r.stderr.strip().splitlines()) == 1 and match in r.stderr
     assert not (d / "x.gguf").exists()
+
+
+def test_judge_command(tmp_path):
+    """`pysteer judge` adds the phrase matcher's verdict to any answers, keeping every other field."""
+    import pathlib
+
+    from pysteer.judge import is_refusal
+
+    labelled = [json.loads(line) for line in
+                (pathlib.Path(__file__).parent / "data" / "labelled_answers.jsonl").read_text().splitlines()][:40]
+    labelled = [{k: v for k, v in e.items() if k not in ("refusal", "coherent")} for e in labelled]
+    src = tmp_path / "answers.jsonl"
+    src.write_text("\n".join(json.dumps(e) for e in labelled) + "\n\n")
+    r = run("judge", src, "-o", tmp_path / "out.jsonl")
+    assert r.returncode == 0, r.stderr
+    out = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert [o["refusal"] for o in out] == [is_refusal(e["answer"]) for e in labelled]
+    assert all({k: v for k, v in o.items() if k != "refusal"} == e for o, e in zip(out, labelled))
+    assert f"{sum(o['refusal'] for o in out)} of 40 answers are refusals" in r.stderr
+    r = run("judge", src)  # to standard output
+    assert [json.loads(line)["refusal"] for line in r.stdout.splitlines()] == [o["refusal"] for o in out]
+    for bad, match in (('{"prompt": "p"}', "needs string fields"), ("not json", "not JSON"),
+                       ('{"prompt": 1, "answer": "a"}', "needs string fields")):
+        src.write_text('{"prompt": "p", "answer": "a"}\n' + bad + "\n")
+        r = run("judge", src, "-o", tmp_path / "bad.jsonl")
+        assert r.returncode == 2 and match in r.stderr and ":2:" in r.stderr and len(r.stderr.splitlines()) == 1
+        assert not (tmp_path / "bad.jsonl").exists()
+    r = run("judge", src, "-o", src)
+    assert r.returncode == 2 and "a file this command reads" in r.stderr
