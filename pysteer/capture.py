@@ -5,19 +5,13 @@ from __future__ import annotations
 import numpy as np
 from tqdm.auto import tqdm
 
-from . import hookpoints
+from . import hookpoints, params
 from .batching import decode_shared, pack_shared, shared_prefix
 from .native import HookError
 
 # Fills the capture buffer: a NaN with a payload no computation produces, so rows the hook never wrote are told
 # apart from activations that are NaN themselves (a broken model's).
 _UNWRITTEN = np.uint32(0x7FC0FFEE)
-
-
-def _check_positions(positions) -> int:
-    if not isinstance(positions, (int, np.integer)) or isinstance(positions, bool) or positions < 1:
-        raise ValueError(f"positions must be a positive int, not {positions!r}")
-    return int(positions)
 
 
 def run(model, tokens: list[list[int]], *, positions: int, n_out: int, logits: np.ndarray | None = None,
@@ -53,7 +47,7 @@ def run(model, tokens: list[list[int]], *, positions: int, n_out: int, logits: n
 
 def logits(model, prompts, *, positions: int = 1, chat_template=True, progress: bool = False) -> np.ndarray:
     """Logits at the last ``positions`` tokens of each prompt, ``[len(prompts), positions, n_vocab]``."""
-    positions = _check_positions(positions)
+    positions = params.integer("positions", positions, 1)
     tokens = model.encode_prompts(prompts, chat_template=chat_template, min_tokens=positions)
     out = np.empty((len(tokens), positions, model.n_vocab), dtype=np.float32)
     run(model, tokens, positions=positions, n_out=positions, logits=out, progress=progress)
@@ -72,7 +66,7 @@ def capture(model, prompts, *, layers=None, points=("pre", "mid", "post"), posit
         raise ValueError("this Model was created with hook=False and cannot capture")
     points = hookpoints.check_points(points)
     layers = hookpoints.check_layers(layers, model.n_layers)
-    positions = _check_positions(positions)
+    positions = params.integer("positions", positions, 1)
     tokens = model.encode_prompts(prompts, chat_template=chat_template, min_tokens=positions)
 
     N, P, L, K, E = len(tokens), len(points), len(layers), positions, model.n_embd

@@ -289,7 +289,7 @@ def _export(args) -> None:
 
 
 def _judge(args) -> None:
-    from .files import atomic_output
+    from .files import atomic_output, read_jsonl
     from .judge import is_refusal
 
     src = pathlib.Path(args.answers)
@@ -297,17 +297,7 @@ def _judge(args) -> None:
         raise FileNotFoundError(f"no answers file {src}")
     out = _output_path(args.output, "-o", inputs=(src,)) if args.output else None
     rows = []
-    try:
-        lines = src.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError:
-        raise UsageError(f"{src} is not UTF-8 text") from None
-    for i, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except ValueError as e:
-            raise UsageError(f"{src}:{i}: not JSON ({e})") from None
+    for i, obj in read_jsonl(src):
         if not isinstance(obj, dict) or not isinstance(obj.get("answer"), str) or not isinstance(obj.get("prompt"), str):
             raise UsageError(f"{src}:{i}: each line needs string fields \"prompt\" and \"answer\"")
         rows.append(dict(obj, refusal=is_refusal(obj["answer"])))

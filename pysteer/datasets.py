@@ -22,7 +22,10 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from . import params
+
 from ._pypi import FetchError, cache_root, download_wheel
+from .files import read_jsonl, read_text
 
 SPLITS = ("train", "val", "test")
 DEFAULT_FRACTIONS = (0.6, 0.2, 0.2)
@@ -119,25 +122,14 @@ def load_file(path: str | os.PathLike, column: str | None = None) -> list[str]:
     path = pathlib.Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no prompt file {path}")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path} is not UTF-8 text (byte {e.start}); prompt files are .txt, .jsonl or .csv") from None
+    text = read_text(path, "; prompt files are .txt, .jsonl or .csv")
     if "\0" in text:
         raise ValueError(f"{path} holds NUL bytes: not a text prompt file")
     suffix = path.suffix.lower()
     if suffix in (".txt", ""):
         return _lines(text.encode())
     if suffix == ".jsonl":
-        out = []
-        for i, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except ValueError as e:
-                raise ValueError(f"{path}:{i}: not JSON ({e})") from None
-            out.append(_pick(obj, column, f"{path}:{i}"))
+        out = [_pick(obj, column, f"{path}:{i}") for i, obj in read_jsonl(path, text)]
         return [s for s in out if s]
     if suffix == ".csv":
         csv.field_size_limit(1 << 30)  # the default 128 KiB per field would fail on a long prompt
@@ -234,12 +226,11 @@ class PromptSplits:
     def load(cls, harmful: str = "harmful", harmless: str = "harmless", *, n_train: int = 64, n_val: int = 16,
              n_val_harmless: int | None = 32, n_test: int = 32, seed: int = 0) -> "PromptSplits":
         """``n_val_harmless`` (default 32; None: ``n_val``) is larger because the KL criterion is estimated there."""
-        if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
-            raise ValueError(f"seed must be a non-negative int, not {seed!r}")
+        params.integer("seed", seed, 0)
         for name, n in (("n_train", n_train), ("n_val", n_val), ("n_val_harmless", n_val_harmless),
                         ("n_test", n_test)):
-            if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 1):
-                raise ValueError(f"{name} must be a positive int, not {n!r}")
+            if n is not None:
+                params.integer(name, n, 1)
 
         def part(split, n, n_hl=None):
             return (load(harmful, split, seed=seed)[:n],

@@ -22,7 +22,7 @@ from typing import Sequence
 
 import numpy as np
 
-from . import hookpoints
+from . import hookpoints, params
 from .metrics import Metrics, from_moments
 from .runtime import Template, check_template
 
@@ -122,8 +122,7 @@ def extract(model, harmful: Sequence[str], harmless: Sequence[str], positions: i
         positions = suffix_length(model)
     if len(harmful) < 2 or len(harmless) < 2:
         raise ValueError(f"need at least 2 prompts per class (got {len(harmful)} harmful, {len(harmless)} harmless)")
-    if not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive int, not {chunk_size!r}")
+    params.integer("chunk_size", chunk_size, 1)
     moments = []
     for prompts in (list(harmful), list(harmless)):
         acc = RunningMoments()

@@ -1,15 +1,40 @@
-"""Writing files so that an interruption never leaves a half-written one: a temporary file in the same
-directory, renamed into place only when complete."""
+"""Files pysteer reads and writes as text: reading names the file in its errors; writing goes to a temporary
+file in the same directory, renamed into place only when complete, so an interruption never leaves a
+half-written one."""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import pathlib
 import tempfile
 from typing import Iterator
 
 import gguf
+
+
+def read_text(path: str | os.PathLike, hint: str = "") -> str:
+    """A UTF-8 text file; ValueError naming the file (and ``hint``) for anything else."""
+    path = pathlib.Path(path)
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not UTF-8 text (byte {e.start}){hint}") from None
+
+
+def read_jsonl(path: str | os.PathLike, text: str | None = None) -> list[tuple[int, object]]:
+    """(line number, value) for each non-blank line of a JSON Lines file (or of its ``text``, already read);
+    ValueError naming the file and line for one that is not JSON."""
+    out = []
+    for i, line in enumerate((read_text(path) if text is None else text).splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            out.append((i, json.loads(line)))
+        except ValueError as e:
+            raise ValueError(f"{path}:{i}: not JSON ({e})") from None
+    return out
 
 
 def _fsync(path, *, directory: bool = False) -> None:

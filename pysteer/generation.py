@@ -8,6 +8,7 @@ from typing import Iterator, Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
+from . import params
 from .batching import decode_shared, pack_shared, shared_prefix
 
 
@@ -55,22 +56,14 @@ class _Sequence:
         return new
 
 
-def _number(name: str, x) -> float:
-    if isinstance(x, bool) or not isinstance(x, (int, float, np.integer, np.floating)) or not np.isfinite(x):
-        raise ValueError(f"{name} must be a finite number, not {x!r}")
-    return float(x)
-
-
 def _check(max_tokens, temperature, top_p, seed, stop) -> tuple[str, ...]:
     """The sampling options checked once; returns the stop strings (a lone string is one stop)."""
-    if not isinstance(max_tokens, (int, np.integer)) or isinstance(max_tokens, bool) or max_tokens < 1:
-        raise ValueError(f"max_tokens must be a positive int, not {max_tokens!r}")
-    if not _number("temperature", temperature) >= 0:
+    params.integer("max_tokens", max_tokens, 1)
+    if not params.number("temperature", temperature) >= 0:
         raise ValueError(f"temperature must be >= 0, not {temperature!r}")
-    if not 0 < _number("top_p", top_p) <= 1:
+    if not 0 < params.number("top_p", top_p) <= 1:
         raise ValueError(f"top_p must be in (0, 1], not {top_p!r}")
-    if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or seed < 0:
-        raise ValueError(f"seed must be a non-negative int, not {seed!r}")
+    params.integer("seed", seed, 0)
     stop = (stop,) if isinstance(stop, str) else tuple(stop)
     if not all(isinstance(x, str) for x in stop):
         raise ValueError(f"stop must be a string or strings, not {stop!r}")

@@ -17,7 +17,7 @@ from typing import Sequence
 
 import numpy as np
 
-from . import hookpoints, vectors
+from . import hookpoints, params, vectors
 from .native import ABLATE, ADD, ROTATE
 
 
@@ -117,9 +117,7 @@ class Rotate(Intervention):
 
     def __init__(self, b1, b2, degrees: float, adaptive: bool = False, layers=None,
                  points: Sequence[str] = ("pre", "mid", "post")):
-        if isinstance(degrees, bool) or not isinstance(degrees, (int, float, np.integer, np.floating)) \
-                or not np.isfinite(degrees):
-            raise ValueError(f"degrees must be a finite number, not {degrees!r}")
+        degrees = params.number("degrees", degrees)
         b1, b2 = vectors.checked(b1, "b1", unit=True), vectors.checked(b2, "b2")
         if b1.size != b2.size:
             raise ValueError(f"b1 and b2 differ in size ({b1.size} vs {b2.size})")

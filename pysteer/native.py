@@ -91,7 +91,6 @@ class Hook:
         lib = llama_cpp.llama_cpp._lib
         table = {name: ctypes.cast(getattr(lib, name), ctypes.c_void_p).value for name in _HOOK_FUNCTIONS}
         self._h = _core.Hook(table, n_embd)
-        self._watching = False
 
     def context_params(self, cparams) -> None:
         """Point a context's eval and abort callbacks at this hook (the context must not outlive it)."""
@@ -110,11 +109,9 @@ class Hook:
         """Copy rows of tensors ``names`` into capture slots (element offsets per name) during decodes that
         :meth:`start` a capture; ``marker`` is the first residual tensor of every ubatch."""
         self._h.set_capture(list(names), [list(map(int, s)) for s in slots], marker)
-        self._watching = True
 
     def unwatch(self) -> None:
         self._h.clear_capture()
-        self._watching = False
 
     def start(self, n_tokens: int, n_ubatch: int, outputs, cap_tok, cap_dst, out: np.ndarray) -> None:
         """Before a capturing decode: which batch rows are outputs, which are captured, and where they go."""

@@ -26,7 +26,8 @@ from llama_cpp._internals import LlamaModel
 from llama_cpp._utils import suppress_stdout_stderr
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
-from . import generation, hookpoints, lora, models, native, steering
+from . import generation, hookpoints, lora, models, native, params, steering
+from ._pypi import cache_root
 from .gguf_io import Header, read_header
 from .native import HookError
 
@@ -71,16 +72,6 @@ MAX_LAYERS = 512
 MAX_CTX = 1 << 24
 
 
-def _count(name: str, value, lo: int, hi: int | None = None) -> int:
-    """An int parameter in [lo, hi]: bools, floats and strings are refused, not converted."""
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise ValueError(f"{name} must be an int, not {value!r}")
-    if value < lo or (hi is not None and value > hi):
-        raise ValueError(f"{name} must be in [{lo}, {hi}], not {value}" if hi is not None
-                         else f"{name} must be at least {lo}, not {value}")
-    return int(value)
-
-
 def _exclusive(method):
     """Run a Model method that decodes holding the model (see :meth:`Model.exclusive`)."""
     @functools.wraps(method)
@@ -101,9 +92,9 @@ def _locked(method):
     return locked
 
 
-def _read_header(path: pathlib.Path) -> Header:
+def _read_header(path: pathlib.Path, *, probe: bool = True) -> Header:
     """Keys and tensor infos of a GGUF model file, with clear errors for files that are not (whole) GGUF models
-    or name no architecture."""
+    or name no architecture; with ``probe``, llama.cpp tries the file in a child process first."""
     with open(path, "rb") as f:
         magic = f.read(4)
     if magic != b"GGUF":
@@ -128,7 +119,8 @@ def _read_header(path: pathlib.Path) -> Header:
         raise ModelLoadError(f"{path} is not a readable GGUF file (truncated or corrupt?): {e}") from None
     if end > path.stat().st_size:
         raise ModelLoadError(f"{path} is truncated: tensor data ends at byte {end}, file has {path.stat().st_size}")
-    _probe(path)
+    if probe:
+        _probe(path)
     return header
 
 
@@ -159,7 +151,7 @@ def _probe(path: pathlib.Path) -> None:
     mtime), remembered under $PYSTEER_CACHE/probed; about 0.5 s on a tiny model, a few seconds on a large one."""
     st = path.stat()
     key = hashlib.sha256(f"v1|{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:32]
-    stamp = models.cache_root() / "probed" / key
+    stamp = cache_root() / "probed" / key
     if stamp.is_file():
         return
     r = subprocess.run([sys.executable, "-c", _PROBE, str(path)], capture_output=True, text=True)
@@ -221,20 +213,18 @@ class Model:
     ):
         self._lock = threading.RLock()
         self._stream = self._inside = None  # the live stream's token, and the one whose step is running
-        n_ctx = _count("n_ctx", n_ctx, 1, MAX_CTX)
-        for name, value in (("n_ubatch", n_ubatch), ("n_batch", n_batch)):
-            _count(name, value, 1)
-        if not isinstance(n_seq_max, int) or isinstance(n_seq_max, bool) or n_seq_max < 1:
-            raise ValueError(f"n_seq_max must be a positive int, not {n_seq_max!r}")
+        n_ctx = params.integer("n_ctx", n_ctx, 1, MAX_CTX)
+        for name, value in (("n_ubatch", n_ubatch), ("n_batch", n_batch), ("n_seq_max", n_seq_max)):
+            params.integer(name, value, 1)
         if n_seq_max > 256:
             raise ValueError("n_seq_max must be at most 256 (llama.cpp's LLAMA_MAX_SEQ)")
         if n_threads is not None:
-            _count("n_threads", n_threads, 1, 1024)
-        _count("n_gpu_layers", n_gpu_layers, -1)
+            params.integer("n_threads", n_threads, 1, 1024)
+        params.integer("n_gpu_layers", n_gpu_layers, -1)
         self.path = pathlib.Path(path)
-        self._header = _read_header(self.path)  # tensor layout, also for building LoRA adapters
+        # tensor layout, also for building LoRA adapters; a Llama given has already loaded the file: no probe
+        self._header = _read_header(self.path, probe=llama is None)
         self.arch = self._header.kv["general.architecture"]
-        hookpoints.check_arch(self.arch)
         native.set_verbose(verbose)
         self.verbose = verbose
         self._sha256: str | None = None
@@ -626,11 +616,6 @@ class Model:
         """Within the block (which holds the model), capturing decodes copy ``points`` x ``layers`` rows: (point
         p, layer l) of a token goes to element offset ``(p * len(layers) + l) * sample`` of its slot (one tensor
         may serve several)."""
-        with self.exclusive(), self._watching(points, layers, sample):
-            yield
-
-    @contextmanager
-    def _watching(self, points, layers, sample) -> Iterator[None]:
         if self._hook is None:
             raise ValueError("this Model was created with hook=False and cannot capture")
         slots: dict[str, list[int]] = {}
@@ -638,11 +623,12 @@ class Model:
             for l, layer in enumerate(layers):
                 slots.setdefault(hookpoints.tensor_name(self.arch, point, layer), []).append(
                     (p * len(layers) + l) * sample)
-        self._hook.watch(list(slots), list(slots.values()), hookpoints.embedding_name(self.arch))
-        try:
-            yield
-        finally:
-            self._hook.unwatch()
+        with self.exclusive():
+            self._hook.watch(list(slots), list(slots.values()), hookpoints.embedding_name(self.arch))
+            try:
+                yield
+            finally:
+                self._hook.unwatch()
 
     def capture(self, prompts, layers=None, points=("pre", "mid", "post"), positions: int = 1,
                 chat_template: Template = True, *, return_logits: bool = False, progress: bool = False):

@@ -27,7 +27,7 @@ import numpy as np
 
 from tqdm.auto import tqdm
 
-from . import hookpoints
+from . import hookpoints, params
 from .direction import Direction
 from .extraction import ExtractResult, extract
 from .interventions import Ablate, Add
@@ -99,10 +99,10 @@ def select_direction(model, res: ExtractResult, val_harmful: Sequence[str], val_
     ``direction.scores``."""
     if len(val_harmful) < 2 or len(val_harmless) < 2:
         raise ValueError("need at least 2 validation prompts per class")
-    if not (isinstance(kl_max, (int, float)) and not isinstance(kl_max, bool) and 0 <= kl_max < math.inf):
-        raise ValueError(f"kl_max must be a finite number >= 0, not {kl_max!r}")
-    if ablate_max is not None and not (isinstance(ablate_max, (int, float)) and math.isfinite(ablate_max)):
-        raise ValueError(f"ablate_max must be a finite number or None, not {ablate_max!r}")
+    if params.number("kl_max", kl_max) < 0:
+        raise ValueError(f"kl_max must be >= 0, not {kl_max!r}")
+    if ablate_max is not None:
+        params.number("ablate_max", ablate_max)
     points = tuple(res.points) if points is None else hookpoints.check_points(points)
     n_keep = max(1, int(math.ceil(model.n_layers * (1 - skip_last))))
     layers = tuple(layer for layer in res.layers if layer < n_keep)[::max(1, layer_step)]

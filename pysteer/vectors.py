@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from . import params
+
 
 def _real(v, name: str) -> np.ndarray:
     """``v`` as float64, refusing what is not real numbers (strings, objects, complex, bools)."""
@@ -57,8 +59,7 @@ def orthonormal(rows, name: str, *, n_embd: int | None = None) -> np.ndarray:
 
 def scaled(v: np.ndarray, alpha: float, name: str) -> np.ndarray:
     """``alpha * v`` in float32, refused when it overflows."""
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float, np.integer, np.floating)) or not np.isfinite(alpha):
-        raise ValueError(f"alpha must be a finite number, not {alpha!r}")
+    alpha = params.number("alpha", alpha)
     with np.errstate(over="ignore"):  # overflow is checked right below
         out = (float(alpha) * np.asarray(v, np.float64)).astype(np.float32)
     if not np.isfinite(out).all():
