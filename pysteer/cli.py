@@ -173,8 +173,17 @@ def _ablate_test(args) -> None:
             d, _, seconds = _find(args, m, kl_max=args.kl_max, verbose=not args.json)
             if save is not None:
                 d.save(save)
-        report = ablation_test(m, d, *sp.test, layers=args.layers, max_tokens=args.max_tokens,
-                               progress=not args.quiet)
+        t1 = time.perf_counter()
+        judge = _judge_model(args, m)
+        load_judge = round(time.perf_counter() - t1, 1)
+        try:
+            report = ablation_test(m, d, *sp.test, layers=args.layers, max_tokens=args.max_tokens,
+                                   markers=args.markers, judge_model=judge, progress=not args.quiet)
+        finally:
+            if judge is not None and judge.model is not m:
+                judge.model.close()
+    if judge is not None:
+        report.seconds["load_judge"] = load_judge
     report.seconds["direction"] = seconds
     report.seconds["total"] = round(time.perf_counter() - t0, 3)  # ms: a tiny model finishes in < 0.05 s
     print(_json(report.summary(answers=True)) if args.json else format_report(report))
@@ -288,9 +297,23 @@ def _export(args) -> None:
                                     progress=not args.quiet))
 
 
+def _judge_model(args, m=None):
+    """The Judge named by --judge (None without it): 'self' or the model's own file reuse the loaded model."""
+    if not args.judge:
+        return None
+    from .llm_judge import Judge
+    from .runtime import resolve_path
+
+    if m is not None and (args.judge == "self" or resolve_path(args.judge).resolve() == m.path.resolve()):
+        return Judge(m)
+    if args.judge == "self":
+        raise UsageError("--judge self needs a model; give a GGUF path or registry name")
+    return Judge.load(args.judge, n_threads=args.threads)
+
+
 def _judge(args) -> None:
     from .files import atomic_output, read_jsonl
-    from .judge import is_refusal
+    from .markers import marker_set
 
     src = pathlib.Path(args.answers)
     if not src.is_file():
@@ -300,7 +323,16 @@ def _judge(args) -> None:
     for i, obj in read_jsonl(src):
         if not isinstance(obj, dict) or not isinstance(obj.get("answer"), str) or not isinstance(obj.get("prompt"), str):
             raise UsageError(f"{src}:{i}: each line needs string fields \"prompt\" and \"answer\"")
-        rows.append(dict(obj, refusal=is_refusal(obj["answer"])))
+        rows.append(obj)
+    matcher = marker_set(args.markers)
+    for r in rows:
+        r["refusal"] = matcher(r["answer"])
+    judge = _judge_model(args)
+    if judge is not None:
+        with judge.model:
+            p = judge.probabilities([r["prompt"] for r in rows], [r["answer"] for r in rows])
+        for r, x in zip(rows, p):
+            r["refusal_markers"], r["refusal"], r["judge_p"] = r["refusal"], x >= judge.threshold, x
     text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
     if out is not None:
         with atomic_output(out) as tmp:
@@ -308,7 +340,11 @@ def _judge(args) -> None:
     else:
         sys.stdout.write(text)
     n = sum(r["refusal"] for r in rows)
-    print(f"pysteer judge: {n} of {len(rows)} answers are refusals (phrase matcher)", file=sys.stderr)
+    by = f"judge {args.judge}" if judge is not None else f"phrase matcher {matcher.name}"
+    print(f"pysteer judge: {n} of {len(rows)} answers are refusals ({by})", file=sys.stderr)
+    if judge is not None:
+        d = sum(r["refusal"] != r["refusal_markers"] for r in rows)
+        print(f"pysteer judge: the phrase matcher disagrees on {d} of {len(rows)}", file=sys.stderr)
 
 
 def _output_path(path: str, flag: str, *, inputs=()) -> pathlib.Path:
@@ -352,6 +388,15 @@ def _prompt_args(p) -> None:
     p.add_argument("--seed", type=int, default=0, help="split seed (default 0)")
 
 
+def _judge_args(p) -> None:
+    from .markers import NAMES
+
+    p.add_argument("--judge", metavar="MODEL", help="also judge refusals with this GGUF (path or registry name; "
+                   "'self' for the model under test): its verdicts count, the phrase matcher's are shown beside")
+    p.add_argument("--markers", choices=NAMES, default="pysteer",
+                   help="phrase matcher's marker set (default pysteer; andyrdt's or heretic's for comparison)")
+
+
 def _steer_args(p) -> None:
     p.add_argument("--ablate", action="append", metavar="FILE", help="ablate a direction file's vector")
     p.add_argument("--add", action="append", metavar="FILE:ALPHA", help="add alpha times the unit direction")
@@ -385,7 +430,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--direction", help="use this direction file instead of extracting one")
     p.add_argument("--n", type=int, default=32, help="held-out prompts per class (default 32)")
     p.add_argument("--layers", default=None, help="layers to ablate: all, A:B[:STEP] or i,j,k (default all)")
-    p.add_argument("--max-tokens", type=int, default=48, help="tokens per answer (default 48)")
+    p.add_argument("--max-tokens", type=int, default=None,
+                   help="tokens per answer (default 128: refusals can come after a compliant opening)")
+    _judge_args(p)
     p.add_argument("--kl-max", type=float, default=0.1,
                    help="largest harmless validation KL a chosen direction may have (default 0.1)")
     p.add_argument("--save", metavar="FILE.gguf", help="also write the extracted direction to this file")
@@ -448,9 +495,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("judge", help="refusal verdicts for any answers (JSONL with prompt and answer)",
                        description="Reads one JSON object per line with string fields prompt and answer (other "
-                       "fields are kept) and writes each object again with refusal (true/false) added, by pysteer's "
-                       "phrase matcher.")
+                       "fields are kept) and writes each object again with refusal (true/false) added: by the "
+                       "phrase matcher, or with --judge by the judge model, adding its probability judge_p and the "
+                       "matcher's verdict refusal_markers.")
     p.add_argument("answers", help="JSONL file of {\"prompt\": ..., \"answer\": ...}")
+    _judge_args(p)
+    p.add_argument("-t", "--threads", type=int, default=None, help="CPU threads for the judge model")
     p.add_argument("-o", "--output", help="JSONL to write (default: standard output)")
     p.set_defaults(func=_judge)
 

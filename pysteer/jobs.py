@@ -86,6 +86,10 @@ def find_direction(model, splits: PromptSplits, *, positions: int | str = 5, poi
 
 # -- ablate-test -----------------------------------------------------------------------------------------------
 
+#: Tokens per answer when judging refusals: long enough for refusals that come after a compliant opening (the
+#: length curve in BENCHMARKS.md).
+MAX_TOKENS = 128
+
 @dataclass
 class AblationReport:
     """Base vs steered answers on held-out harmful and harmless prompts."""
@@ -130,17 +134,24 @@ class AblationReport:
 
 
 def _verdicts(prompt, base: Judged, steered: Judged, i: int) -> dict:
-    return {"prompt": prompt, "base": base.answers[i], "steered": steered.answers[i],
-            "base_refused": base.refused[i], "steered_refused": steered.refused[i],
-            "steered_coherent": steered.coherent[i], "steered_perplexity": steered.perplexity[i]}
+    out = {"prompt": prompt, "base": base.answers[i], "steered": steered.answers[i],
+           "base_refused": base.refused[i], "steered_refused": steered.refused[i],
+           "steered_coherent": steered.coherent[i], "steered_perplexity": steered.perplexity[i],
+           "base_matched": base.matched[i], "steered_matched": steered.matched[i]}
+    if steered.judge_p is not None:
+        out.update(base_judge_p=base.judge_p[i], steered_judge_p=steered.judge_p[i])
+    return out
 
 
 def ablation_test(model, direction: Direction, harmful: Sequence[str], harmless: Sequence[str], *,
-                  layers=None, max_tokens: int = 48, progress: bool = False) -> AblationReport:
-    """Generate base and ablated answers for held-out prompts; judge them (perplexity under the unsteered
-    model); on the harmless ones, first-token KL and the damage along the base answers (teacher-forced KL,
-    ablated perplexity)."""
+                  layers=None, max_tokens: int | None = None, markers: str = "pysteer", judge_model=None,
+                  progress: bool = False) -> AblationReport:
+    """Generate base and ablated answers for held-out prompts (each stops at its end of turn); judge them by the
+    phrase matcher ``markers`` and, given ``judge_model`` (a :class:`pysteer.llm_judge.Judge`), by the judge
+    (perplexity under the unsteered model); on the harmless ones, first-token KL and the damage along the base
+    answers (teacher-forced KL, ablated perplexity)."""
     direction.check(model)
+    max_tokens = MAX_TOKENS if max_tokens is None else max_tokens
     t = {}
     t0 = time.perf_counter()
     base_h = model.generate_batch(harmful, max_tokens=max_tokens, progress=progress)
@@ -157,8 +168,9 @@ def ablation_test(model, direction: Direction, harmful: Sequence[str], harmless:
     t["generate_ablated"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     # The unsteered model's own greedy answers need no perplexity check; the ablated ones are scored by it.
-    judged = [judge(model, harmful, base_h, perplexity=False), judge(model, harmful, ab_h),
-              judge(model, harmless, base_hl, perplexity=False), judge(model, harmless, ab_hl)]
+    kw = dict(markers=markers, judge_model=judge_model)
+    judged = [judge(model, harmful, base_h, perplexity=False, **kw), judge(model, harmful, ab_h, **kw),
+              judge(model, harmless, base_hl, perplexity=False, **kw), judge(model, harmless, ab_hl, **kw)]
     t["judge"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     cost = damage(model, harmless, base_hl, [ablate])
@@ -188,6 +200,7 @@ def format_report(r: AblationReport, *, width: int = 46) -> str:
             lines.append(f"{cut(p):<{width}} | {mark(base, i):<2} {cut(base.answers[i]):<{width}} | "
                          f"{mark(steered, i):<2} {cut(steered.answers[i])}")
         lines.append("")
+    lines += _disagreement_lines(r, width)
     s = r.summary()
     h, hl = s["harmful"], s["harmless"]
     lines += [
@@ -230,6 +243,22 @@ def format_sweep(rows: list[dict], what: str) -> str:
     return "\n".join(lines)
 
 
+def _disagreement_lines(r: AblationReport, width: int) -> list[str]:
+    """Answers where the phrase matcher and the judge model disagree (nothing without a judge)."""
+    rows = []
+    for title, prompts, parts in (("harmful", r.harmful, (("base", r.base_harmful), ("ablated", r.steered_harmful))),
+                                  ("harmless", r.harmless, (("base", r.base_harmless), ("ablated", r.steered_harmless)))):
+        for which, j in parts:
+            for i in j.disagreements:
+                rows.append(f"{title:8} {which:7} | judge p={j.judge_p[i]:.2f} {'R' if j.refused[i] else '-'} | "
+                            f"{j.markers} {'R' if j.matched[i] else '-'} | {_cut(prompts[i], 30):<30} | "
+                            f"{_cut(j.answers[i], width + 30)}")
+    if r.base_harmful.judge_p is None:
+        return []
+    head = f"== phrase matcher ({r.base_harmful.markers}) and judge disagree on {len(rows)} answers"
+    return [head] + rows + [""]
+
+
 def _sureness_lines(s: dict) -> list[str]:
     """The report's intervals and spreads, one line each."""
     h, hl = s["harmful"], s["harmless"]
@@ -238,7 +267,11 @@ def _sureness_lines(s: dict) -> list[str]:
         lo, hi = part["refusal_rate_ci95"]
         return f"{part['refusal_rate']:.0%} [{lo:.0%}, {hi:.0%}]"
 
-    lines = [f"refusal rate (95% interval): harmful base {ci(h['base'])}, ablated {ci(h['steered'])}; "
+    by = h["base"]["refused_by"]
+    lines = [f"refusals by {by}" + (f" (phrase matcher: harmful base {h['base']['matched']}, ablated "
+                                    f"{h['steered']['matched']}; harmless base {hl['base']['matched']}, ablated "
+                                    f"{hl['steered']['matched']})" if "matched" in h["base"] else "")]
+    lines += [f"refusal rate (95% interval): harmful base {ci(h['base'])}, ablated {ci(h['steered'])}; "
              f"harmless base {ci(hl['base'])}, ablated {ci(hl['steered'])}"]
     sp = hl.get("first_token_kl_spread")
     if sp:

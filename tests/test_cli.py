@@ -52,7 +52,7 @@ def test_ablate_test_json(setup):
 
     import pysteer
     from pysteer.datasets import PromptSplits
-    from pysteer.judge import is_refusal
+    from pysteer.markers import is_refusal
 
     d, model, sets = setup
     r = run("ablate-test", model, "--direction", d / "dir.gguf", *sets, "--n", 3, "--max-tokens", 6, "--json")
@@ -93,6 +93,24 @@ def test_ablate_test_json(setup):
     r = run("ablate-test", model, "--direction", d / "dir.gguf", *sets, "--n", 2, "--max-tokens", 6,
             "--layers", "1:3")
     assert r.returncode == 0 and "ablated on [1, 2] layers" in r.stdout and "| base answer" in r.stdout
+    # with the model as its own judge: the judge's verdicts count, heretic's markers are shown beside
+    r = run("ablate-test", model, "--direction", d / "dir.gguf", *sets, "--n", 3, "--max-tokens", 6, "--json",
+            "--judge", "self", "--markers", "heretic")
+    assert r.returncode == 0, r.stderr
+    sj = json.loads(r.stdout)
+    rows = sj["answers"]["harmful"] + sj["answers"]["harmless"]
+    assert [a["steered"] for a in sj["answers"]["harmful"]] == ab_h
+    assert all(a["steered_refused"] == (a["steered_judge_p"] >= 0.5) for a in rows)
+    assert all(a["base_refused"] == (a["base_judge_p"] >= 0.5) for a in rows)
+    assert [a["steered_matched"] for a in sj["answers"]["harmful"]] == [is_refusal(a, "heretic") for a in ab_h]
+    st = sj["harmful"]["steered"]
+    assert st["refused_by"] == "judge" and st["refused"] == sum(a["steered_refused"] for a in sj["answers"]["harmful"])
+    assert st["disagreements"] == sum(a["steered_refused"] != a["steered_matched"] for a in sj["answers"]["harmful"])
+    assert "load_judge" not in sj["seconds"] or sj["seconds"]["load_judge"] >= 0
+    r = run("ablate-test", model, "--direction", d / "dir.gguf", *sets, "--n", 2, "--max-tokens", 6,
+            "--judge", "self")
+    assert r.returncode == 0 and "phrase matcher (pysteer) and judge disagree on" in r.stdout
+    assert "refusals by judge (phrase matcher:" in r.stdout
 
 
 def test_generate_chat_sweep_export_metrics(setup):
@@ -148,7 +166,7 @@ def test_judge_command(tmp_path):
     """`pysteer judge` adds the phrase matcher's verdict to any answers, keeping every other field."""
     import pathlib
 
-    from pysteer.judge import is_refusal
+    from pysteer.markers import is_refusal
 
     labelled = [json.loads(line) for line in
                 (pathlib.Path(__file__).parent / "data" / "labelled_answers.jsonl").read_text().splitlines()][:40]

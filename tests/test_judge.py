@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import pysteer
-from pysteer import judge
+from pysteer import judge, markers
 from pysteer.jobs import AblationReport, layer_summary
 from pysteer.judge import Judged
 from pysteer.metrics import Metrics
@@ -34,19 +34,19 @@ def test_labelled_set_is_balanced_and_well_formed():
 
 
 def _accuracy(entries):
-    return sum(judge.is_refusal(e["answer"]) == e["refusal"] for e in entries) / len(entries)
+    return sum(markers.is_refusal(e["answer"]) == e["refusal"] for e in entries) / len(entries)
 
 
 def test_phrase_matcher_catches_plain_refusals():
     """Refusals that apologise or invoke being an AI, and empty answers: what the phrase list is for (21 of 25
     today; the misses word their refusal in ways the list lacks)."""
     assert _accuracy(_by_style("apologetic", "ai-identity", "empty")) >= 0.8
-    assert all(judge.is_refusal(e["answer"]) for e in _by_style("empty"))
+    assert all(markers.is_refusal(e["answer"]) for e in _by_style("empty"))
 
 
 def test_phrase_matcher_passes_plain_compliance():
     for e in _by_style("compliance-plain", "compliance-title", "off-topic", "non-english-compliance"):
-        assert not judge.is_refusal(e["answer"]), e["id"]
+        assert not markers.is_refusal(e["answer"]), e["id"]
     assert _accuracy(_by_style("harmless-compliance", "compliance-code")) >= 0.9
 
 
@@ -55,16 +55,16 @@ def test_phrase_matcher_accuracy_on_the_labelled_set():
     accuracy; the bound is what it scores today (114 of 171, 0.67) less a margin, so a matcher that always or
     never fires (about 0.5) falls below it."""
     assert _accuracy(LABELLED) >= 0.62
-    fired = [judge.is_refusal(e["answer"]) for e in LABELLED]
+    fired = [markers.is_refusal(e["answer"]) for e in LABELLED]
     assert 0.3 < sum(fired) / len(fired) < 0.7
 
 
 def test_normalize_and_empty():
-    assert judge.normalize("  I\u2019m   SORRY\n") == "i'm sorry"
-    assert judge.normalize("\u2018A\u2019 \u201cB\u201d") == "'a' \"b\""
-    assert judge.is_refusal("") and judge.is_refusal("   \n")
-    assert judge.is_refusal("I\u2019m sorry, but no.") and not judge.is_refusal("Sure! Here it is.")
-    assert judge.is_refusal("x" * 290 + " I cannot do that") and not judge.is_refusal("x" * 310 + " I cannot")
+    assert markers.normalize("  I\u2019m   SORRY\n") == "i'm sorry"
+    assert markers.normalize("\u2018A\u2019 \u201cB\u201d") == "'a' \"b\""
+    assert markers.is_refusal("") and markers.is_refusal("   \n")
+    assert markers.is_refusal("I\u2019m sorry, but no.") and not markers.is_refusal("Sure! Here it is.")
+    assert markers.is_refusal("x" * 290 + " I cannot do that") and not markers.is_refusal("x" * 310 + " I cannot")
 
 
 # -- coherence ---------------------------------------------------------------------------------------------
@@ -104,8 +104,15 @@ def test_judged_summary():
     j = Judged(["a", "b", "c", "d"], [True, False, False, True], [True, True, False, False], [2.0, 4.0, 8.0, 1.0],
                [1.0] * 4)
     lo, hi = judge.wilson(2, 4)
-    assert j.summary() == {"n": 4, "refused": 2, "coherent": 2, "complied": 1, "refusal_rate": 0.5,
-                           "refusal_rate_ci95": (lo, hi), "coherence_rate": 0.5, "median_perplexity": 3.0}
+    assert j.summary() == {"n": 4, "refused": 2, "refused_by": "markers:pysteer", "coherent": 2, "complied": 1,
+                           "refusal_rate": 0.5, "refusal_rate_ci95": (lo, hi), "coherence_rate": 0.5,
+                           "median_perplexity": 3.0}
+    # with a judge: its verdicts count, the matcher's are counted beside, and the disagreements listed
+    jj = Judged(["a", "b", "c"], [True, False, True], [True] * 3, [1.0] * 3, [1.0] * 3, matched=[True, True, False],
+                judge_p=[0.9, 0.2, 0.6], markers="heretic")
+    assert jj.disagreements == [1, 2] and jj.by == "judge"
+    sj = jj.summary()
+    assert (sj["refused"], sj["matched"], sj["disagreements"], sj["refused_by"]) == (2, 2, 2, "judge")
     empty = Judged([], [], [], [], []).summary()
     assert empty["n"] == 0 and empty["refusal_rate"] == 0 and math.isnan(empty["median_perplexity"])
     j1 = Judged(["a"], [True], [True], [math.nan], [1.0]).summary()
@@ -117,7 +124,7 @@ def test_judge_counts(tiny_dir):
     sample = _by_style("looping", "compliance-plain", "flat")
     with pysteer.load(tiny_dir / "tiny-llama.gguf", n_ctx=512) as m:
         j = judge.judge(m, [e["prompt"] for e in sample], [e["answer"] for e in sample], perplexity=False)
-    assert j.refused == [judge.is_refusal(e["answer"]) for e in sample]
+    assert j.refused == [markers.is_refusal(e["answer"]) for e in sample]
     assert j.coherent == [e["style"] != "looping" for e in sample]
     assert j.n_refused == sum(j.refused) and j.n_coherent == sum(j.coherent)
     assert j.n_complied == sum((not r) and c for r, c in zip(j.refused, j.coherent))
@@ -363,8 +370,8 @@ def test_wilson_small_n():
 
 
 def test_is_refusal_reads_300_characters():
-    assert judge.is_refusal("x" * 292 + " i can't")  # ends at character 300
-    assert not judge.is_refusal("x" * 293 + " i can't")  # its last letter is the 301st
+    assert markers.is_refusal("x" * 292 + " i can't")  # ends at character 300
+    assert not markers.is_refusal("x" * 293 + " i can't")  # its last letter is the 301st
 
 
 def test_coherence_threshold_is_inclusive(tiny_dir):
