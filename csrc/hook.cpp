@@ -9,9 +9,19 @@ namespace pysteer {
 
 Hook::Hook(const GgmlApi & api, int64_t n_embd) : api_(api), n_embd_(n_embd), cuda_(cuda::create_state()) {}
 
-void Hook::set_ops(std::vector<std::pair<std::string, Op>> ops) {
+void Hook::set_ops(std::vector<std::pair<std::string, Op>> ops, std::string row_marker) {
     cuda::clear_directions(cuda_.get());  // device copies are keyed by host address
     ops_ = std::move(ops);
+    row_marker_ = std::move(row_marker);
+    host_ops_ = false;
+    int64_t n_slots = 0;
+    for (const auto & [name, op] : ops_) {
+        if (op.kind == OpKind::Save || op.kind == OpKind::AblateDelta) {
+            host_ops_ = true;
+            n_slots = std::max(n_slots, op.slot + 1);
+        }
+    }
+    saved_.assign(static_cast<size_t>(n_slots), {});
     rebuild();
 }
 
@@ -35,6 +45,7 @@ void Hook::rebuild() {
     for (size_t i = 0; i < ops_.size(); ++i) watches_[ops_[i].first].ops.push_back(i);
     for (size_t i = 0; i < cap_names_.size(); ++i) watches_[cap_names_[i]].slot_offsets = cap_slots_[i];
     if (!marker_.empty()) watches_[marker_].marker = true;
+    if (!row_marker_.empty()) watches_[row_marker_].marker = true;
 }
 
 void Hook::begin_decode(DecodePlan plan) {
@@ -67,8 +78,10 @@ bool Hook::eval_callback(ggml_tensor * t, bool ask, void * user_data) {
     // Unselected graph branches carry no COMPUTE flag; only F32 rows of width n_embd are activations.
     if (!(t->flags & GGML_TENSOR_FLAG_COMPUTE) || t->type != GGML_TYPE_F32) return false;
     const Watch & w = it->second;
-    // Capture-only names matter only while capturing: generation watches just the edited tensors.
-    if (w.ops.empty() && !self->capturing()) return false;
+    // Capture-only names matter only while capturing: generation watches just the edited tensors (and the
+    // first tensor of each ubatch when an op needs to know its rows).
+    if (w.ops.empty() && !self->capturing() && !(w.marker && self->tracking() && !self->row_marker_.empty()))
+        return false;
     if (ask) return true;
     const auto t0 = std::chrono::steady_clock::now();
     ++self->n_data_calls_;
@@ -91,9 +104,7 @@ void Hook::on_eval(ggml_tensor * t, const Watch & w) {
         fail(std::string("tensor ") + t->name + " is not a [n_embd, n_tokens] F32 activation");
         return;
     }
-    if (!w.ops.empty()) apply_ops(t, w);
-    if (!capturing()) return;
-    if (w.marker) {
+    if (tracking() && w.marker) {
         ++ubatch_;
         u0_ = ubatch_ * plan_.n_ubatch;
         u1_ = std::min(u0_ + plan_.n_ubatch, plan_.n_tokens);
@@ -109,7 +120,9 @@ void Hook::on_eval(ggml_tensor * t, const Watch & w) {
         c0_ = std::lower_bound(c.begin(), c.end(), u0_) - c.begin();
         c1_ = std::lower_bound(c.begin(), c.end(), u1_) - c.begin();
     }
-    if (!w.slot_offsets.empty()) capture(t, w);
+    if (!error_.empty()) return;
+    if (!w.ops.empty()) apply_ops(t, w);
+    if (capturing() && !w.slot_offsets.empty()) capture(t, w);
 }
 
 void Hook::apply_ops(ggml_tensor * t, const Watch & w) {
@@ -123,10 +136,10 @@ void Hook::apply_ops(ggml_tensor * t, const Watch & w) {
     }
     n_edited_rows_ += n_rows;
     if (api_.buffer_is_host(t->buffer)) {
-        for (size_t i : w.ops) cpu::apply(ops_[i].second.view(), static_cast<float *>(t->data), n_rows, stride, n_embd_);
+        for (size_t i : w.ops) apply_host(ops_[i].second, t->name, static_cast<float *>(t->data), n_rows, stride);
         return;
     }
-    if (device_path_ == DevicePath::Cuda && cuda::built()) {
+    if (device_path_ == DevicePath::Cuda && cuda::built() && !host_ops_) {
         for (size_t i : w.ops) {
             std::string err =
                 cuda::apply(cuda_.get(), ops_[i].second.view(), static_cast<float *>(t->data), n_rows, stride, n_embd_);
@@ -140,8 +153,42 @@ void Hook::apply_ops(ggml_tensor * t, const Watch & w) {
     const size_t bytes = static_cast<size_t>(n_rows) * t->nb[1];
     scratch_.resize(bytes / sizeof(float));
     api_.tensor_get(t, scratch_.data(), 0, bytes);
-    for (size_t i : w.ops) cpu::apply(ops_[i].second.view(), scratch_.data(), n_rows, stride, n_embd_);
+    for (size_t i : w.ops) apply_host(ops_[i].second, t->name, scratch_.data(), n_rows, stride);
     api_.tensor_set(t, scratch_.data(), 0, bytes);
+}
+
+void Hook::apply_host(const Op & op, const char * name, float * x, int64_t n_rows, int64_t stride) {
+    if (op.kind != OpKind::Save && op.kind != OpKind::AblateDelta) {
+        cpu::apply(op.view(), x, n_rows, stride, n_embd_);
+        return;
+    }
+    const float * d = op.dirs.data();
+    auto dot = [&](const float * h) {
+        double s = 0.0;
+        for (int64_t i = 0; i < n_embd_; ++i) s += static_cast<double>(h[i]) * static_cast<double>(d[i]);
+        return s;
+    };
+    auto & saved = saved_[static_cast<size_t>(op.slot)];
+    if (op.kind == OpKind::Save) {
+        saved.resize(static_cast<size_t>(n_rows));
+        for (int64_t r = 0; r < n_rows; ++r) saved[r] = dot(x + r * stride);
+        return;
+    }
+    // The residual after the block has the rows of the one before it, or, in the last layer, only the
+    // output rows among them (llama.cpp prunes with inp_out_ids before the residual add).
+    const int64_t n_saved = static_cast<int64_t>(saved.size());
+    const bool pruned = n_rows != n_saved;
+    if (pruned && !(tracking() && ubatch_ >= 0 && n_saved == u1_ - u0_ && n_rows == o1_ - o0_)) {
+        fail(std::string("tensor ") + name + " has " + std::to_string(n_rows) + " rows and its block input " +
+             std::to_string(n_saved) + "; no row map for this decode");
+        return;
+    }
+    for (int64_t r = 0; r < n_rows; ++r) {
+        float * h = x + r * stride;
+        const double before = saved[pruned ? plan_.outputs[o0_ + r] - u0_ : r];
+        const auto c = static_cast<float>(dot(h) - before);
+        for (int64_t i = 0; i < n_embd_; ++i) h[i] -= c * d[i];
+    }
 }
 
 void Hook::capture(ggml_tensor * t, const Watch & w) {

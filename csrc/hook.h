@@ -19,6 +19,7 @@ struct Op {
     std::vector<float> dirs;  // k * n_embd
     float cos_t = 1.0f, sin_t = 0.0f;
     bool adaptive = false;
+    int64_t slot = -1;  // save / ablate_delta: which saved row values
 
     OpView view() const { return {kind, k, dirs.data(), cos_t, sin_t, adaptive}; }
 };
@@ -53,7 +54,9 @@ class Hook {
     Hook(const GgmlApi & api, int64_t n_embd);
 
     // Interventions (between decodes only): replaces all ops at once (one rebuild of the watch table).
-    void set_ops(std::vector<std::pair<std::string, Op>> ops);
+    // row_marker: the first residual tensor of every ubatch, watched when ops need the ubatch's rows
+    // (ablate_delta on the last layer, whose rows llama.cpp prunes to the outputs); "" when none do.
+    void set_ops(std::vector<std::pair<std::string, Op>> ops, std::string row_marker = "");
     size_t n_ops() const { return ops_.size(); }
     void set_device_path(DevicePath p) { device_path_ = p; }
 
@@ -63,6 +66,7 @@ class Hook {
     void clear_capture();
     void begin_decode(DecodePlan plan);
     bool capturing() const { return plan_.out != nullptr; }
+    bool tracking() const { return plan_.n_tokens > 0; }  // begin_decode gave this decode's rows
 
     // Ends a decode; returns the first error recorded in the callback ("" if none) and clears it.
     std::string end_decode();
@@ -79,6 +83,7 @@ class Hook {
     void rebuild();
     void on_eval(ggml_tensor * t, const Watch & w);
     void apply_ops(ggml_tensor * t, const Watch & w);
+    void apply_host(const Op & op, const char * name, float * x, int64_t n_rows, int64_t stride);
     void capture(ggml_tensor * t, const Watch & w);
     void fail(std::string msg);
 
@@ -88,6 +93,9 @@ class Hook {
     std::vector<std::string> cap_names_;
     std::vector<std::vector<int64_t>> cap_slots_;
     std::string marker_;
+    std::string row_marker_;
+    bool host_ops_ = false;                   // some op runs in the hook itself (save / ablate_delta)
+    std::vector<std::vector<double>> saved_;  // save: d.h per row of the last ubatch, by slot
     std::unordered_map<std::string, Watch> watches_;  // names fit std::string's small buffer: no allocation
     DevicePath device_path_ = DevicePath::Copy;
     std::unique_ptr<cuda::DeviceState, CudaStateDeleter> cuda_;

@@ -7,7 +7,11 @@
 
 namespace pysteer {
 
-enum class OpKind : int { Ablate = 0, Add = 1, Rotate = 2 };
+// save and ablate_delta are the two halves of a weighted edit of one block's write into the residual stream
+// (``y <- y - d (d.y)`` for the attention or FFN output y = after - before, d = sqrt(w) r): save keeps d.h of each
+// row of the residual before the block, ablate_delta subtracts d (d.h - saved) from the residual after it. They
+// run in the hook (host memory), not in these kernels.
+enum class OpKind : int { Ablate = 0, Add = 1, Rotate = 2, Save = 3, AblateDelta = 4 };
 
 // One intervention on one tensor. dirs holds k rows of n_embd floats: ablate: k orthonormal directions;
 // add: one vector (alpha already applied); rotate: orthonormal b1, b2.

@@ -103,7 +103,7 @@ struct PyHook {
             if (d < 0 || d > static_cast<int64_t>(out.size()) - max_slot - n_embd)
                 throw std::invalid_argument("capture offset outside the buffer");
         }
-        plan.out = out.mutable_data();
+        plan.out = out.size() ? out.mutable_data() : nullptr;  // empty: rows only (ops that need them), no capture
         out_ref = out;
         hook.begin_decode(std::move(plan));
     }
@@ -114,25 +114,37 @@ struct PyHook {
         return err;
     }
 
-    // ops: (tensor name, kind, dirs [k, n_embd], cos, sin, adaptive) in the order they apply.
-    void set_ops(const std::vector<std::tuple<std::string, int, FloatArray, double, double, bool>> & ops) {
+    // ops: (tensor name, kind, dirs [k, n_embd], cos, sin, adaptive, slot) in the order they apply.
+    void set_ops(const std::vector<std::tuple<std::string, int, FloatArray, double, double, bool, int64_t>> & ops,
+                 const std::string & row_marker) {
         std::vector<std::pair<std::string, Op>> built;
         built.reserve(ops.size());
-        for (const auto & [name, kind, dirs, cos_t, sin_t, adaptive] : ops) {
+        if (!row_marker.empty()) check_name(row_marker);
+        std::vector<bool> saved;  // slots a save fills before an ablate_delta reads them, in op order
+        for (const auto & [name, kind, dirs, cos_t, sin_t, adaptive, slot] : ops) {
             check_name(name);
-            if (kind < 0 || kind > static_cast<int>(OpKind::Rotate)) throw std::invalid_argument("unknown op kind");
+            if (kind < 0 || kind > static_cast<int>(OpKind::AblateDelta)) throw std::invalid_argument("unknown op kind");
             if (dirs.ndim() != 2 || dirs.shape(1) != n_embd || dirs.shape(0) < 1 || dirs.shape(0) > n_embd)
                 throw std::invalid_argument("op directions must have shape [k, n_embd] with 1 <= k <= n_embd");
             const auto op_kind = static_cast<OpKind>(kind);
             if ((op_kind == OpKind::Add && dirs.shape(0) != 1) || (op_kind == OpKind::Rotate && dirs.shape(0) != 2))
                 throw std::invalid_argument("add takes 1 vector, rotate 2");
+            if (op_kind == OpKind::Save || op_kind == OpKind::AblateDelta) {
+                if (dirs.shape(0) != 1) throw std::invalid_argument("save and ablate_delta take 1 vector");
+                if (slot < 0 || slot > (1 << 20)) throw std::invalid_argument("save and ablate_delta need a slot >= 0");
+                if (static_cast<size_t>(slot) >= saved.size()) saved.resize(static_cast<size_t>(slot) + 1, false);
+                if (op_kind == OpKind::Save) saved[slot] = true;
+                else if (!saved[slot]) throw std::invalid_argument("ablate_delta reads a slot no earlier save fills");
+                if (op_kind == OpKind::AblateDelta && row_marker.empty())
+                    throw std::invalid_argument("ablate_delta needs a row marker");
+            }
             const float * d = dirs.data();
             for (py::ssize_t i = 0; i < dirs.size(); ++i)
                 if (!std::isfinite(d[i])) throw std::invalid_argument("op directions must be finite");
             built.emplace_back(name, Op{op_kind, dirs.shape(0), std::vector<float>(d, d + dirs.size()),
-                                        static_cast<float>(cos_t), static_cast<float>(sin_t), adaptive});
+                                        static_cast<float>(cos_t), static_cast<float>(sin_t), adaptive, slot});
         }
-        hook.set_ops(std::move(built));
+        hook.set_ops(std::move(built), row_marker);
     }
 
     static void check_name(const std::string & n) {
@@ -152,12 +164,14 @@ PYBIND11_MODULE(_core, m) {
     m.attr("OP_ABLATE") = static_cast<int>(OpKind::Ablate);
     m.attr("OP_ADD") = static_cast<int>(OpKind::Add);
     m.attr("OP_ROTATE") = static_cast<int>(OpKind::Rotate);
+    m.attr("OP_SAVE") = static_cast<int>(OpKind::Save);
+    m.attr("OP_ABLATE_DELTA") = static_cast<int>(OpKind::AblateDelta);
 
     py::class_<PyHook>(m, "Hook")
         .def(py::init<const py::dict &, int64_t>(), py::arg("ggml_functions"), py::arg("n_embd"))
         .def("set_capture", &PyHook::set_capture, py::arg("names"), py::arg("slots"), py::arg("marker"))
         .def("clear_capture", &PyHook::clear_capture)
-        .def("set_ops", &PyHook::set_ops, py::arg("ops"))
+        .def("set_ops", &PyHook::set_ops, py::arg("ops"), py::arg("row_marker") = "")
         .def_property_readonly("n_ops", [](PyHook & h) { return h.hook.n_ops(); })
         .def_property_readonly("n_edited_rows", [](PyHook & h) { return h.hook.n_edited_rows(); },
                                "rows edited by interventions since the hook was made (a running count)")

@@ -4,6 +4,8 @@
     Add(v, alpha):     h <- h + alpha v
     Rotate(b1, b2, t): h <- h - P h + |P h| (cos t b1 + sin t b2),  P = b1 b1^T + b2 b2^T
                        (adaptive: only tokens with h . b1 > 0)
+    BlockAblate(r, wa, wf): each layer's attention output y <- y - wa_l r_l (r_l . y), FFN output likewise with
+                       wf_l: what the weight edit W <- W - w_l r_l r_l^T W of attn_output / ffn_down does
 
 Each applies at ``points`` of ``layers`` (None = all layers). ``pre`` of layer i+1 and ``post`` of layer i are
 one tensor in llama.cpp; an intervention that names both edits it once.
@@ -18,7 +20,7 @@ from typing import Sequence
 import numpy as np
 
 from . import hookpoints, params, vectors
-from .native import ABLATE, ADD, ROTATE
+from .native import ABLATE, ABLATE_DELTA, ADD, ROTATE, SAVE
 
 
 @dataclass(frozen=True)
@@ -30,6 +32,7 @@ class TensorOp:
     cos: float = 1.0
     sin: float = 0.0
     adaptive: bool = False
+    slot: int = -1  # SAVE / ABLATE_DELTA: the saved row values they share
 
 
 class Intervention:
@@ -142,3 +145,65 @@ class Rotate(Intervention):
     def __repr__(self):
         return (f"Rotate(degrees={self.degrees}, adaptive={self.adaptive}, layers={self.layers}, "
                 f"points={self.points})")
+
+
+#: Architectures whose residual stream is the plain sum of the embedding and each block's attention and FFN
+#: outputs, so that a block's write is ``after - before`` (gemma3 normalizes the writes first).
+BLOCK_ARCHS = ("llama", "qwen2", "qwen3")
+
+
+class BlockAblate(Intervention):
+    """Weighted ablation of what each layer's attention and FFN write into the residual stream:
+    ``y <- y - w_l r_l (r_l . y)`` for the attention output (weights ``attn``) and the FFN output (``ffn``) of
+    layer l, with the unit direction ``r_l`` (one row per layer, or one direction for all). This is exactly the
+    abliteration weight edit ``W <- W - w_l r_l r_l^T W`` of ``attn_output`` and ``ffn_down`` (no biases),
+    applied to the activations. The hook reads each write as the residual after the block minus the one before
+    it: it keeps ``r_l . before`` per row and subtracts ``w_l r_l (r_l . after - r_l . before)``."""
+
+    def __init__(self, directions, attn, ffn):
+        d = np.asarray(directions)
+        if d.ndim == 2 and d.dtype.kind in "iuf":
+            self.directions = np.stack([vectors.checked(row, f"directions[{i}]", unit=True) for i, row in enumerate(d)])
+        else:
+            self.directions = vectors.checked(directions, "directions", unit=True)[None, :]
+        self.attn, self.ffn = self._weights(attn, "attn"), self._weights(ffn, "ffn")
+        if len(self.attn) != len(self.ffn):
+            raise ValueError(f"attn has {len(self.attn)} layer weights, ffn {len(self.ffn)}")
+        if len(self.directions) not in (1, len(self.attn)):
+            raise ValueError(f"{len(self.directions)} directions for {len(self.attn)} layers: give one per layer or one")
+
+    @staticmethod
+    def _weights(w, name: str) -> np.ndarray:
+        a = np.asarray(w)
+        if a.ndim != 1 or a.dtype.kind not in "iuf" or a.dtype.kind == "b" or not a.size:
+            raise ValueError(f"{name} must be a non-empty 1-D array of per-layer weights, not {w!r:.60}")
+        a = a.astype(np.float64)
+        if not np.isfinite(a).all() or (a < 0).any():
+            raise ValueError(f"{name} weights must be finite and >= 0")
+        return a
+
+    def _width(self) -> int:
+        return self.directions.shape[1]
+
+    def _ops(self, model) -> list[TensorOp]:
+        if model.arch not in BLOCK_ARCHS:
+            raise ValueError(f"BlockAblate needs a residual stream that is the plain sum of block outputs "
+                             f"({', '.join(BLOCK_ARCHS)}); {model.arch} normalizes them first")
+        if len(self.attn) != model.n_layers:
+            raise ValueError(f"{len(self.attn)} layer weights for a model of {model.n_layers} layers")
+        ops = []
+        for layer in range(model.n_layers):
+            r = self.directions[layer if len(self.directions) > 1 else 0].astype(np.float64)
+            points = (("pre", "mid", self.attn[layer]), ("mid", "post", self.ffn[layer]))
+            for k, (before, after, w) in enumerate(points):
+                if w == 0:
+                    continue
+                d = (math.sqrt(w) * r).astype(np.float32)[None, :]
+                slot = 2 * layer + k
+                ops += [TensorOp(hookpoints.tensor_name(model.arch, before, layer), SAVE, d, slot=slot),
+                        TensorOp(hookpoints.tensor_name(model.arch, after, layer), ABLATE_DELTA, d, slot=slot)]
+        return ops
+
+    def __repr__(self):
+        return (f"BlockAblate({len(self.directions)} directions, attn layers {np.flatnonzero(self.attn).tolist()}, "
+                f"ffn layers {np.flatnonzero(self.ffn).tolist()})")

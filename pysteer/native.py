@@ -76,6 +76,7 @@ def check_build() -> None:
 CUDA_BUILT = bool(_core.CUDA_BUILT)
 #: Op kinds of :meth:`Hook.set_ops`, as the extension defines them.
 ABLATE, ADD, ROTATE = _core.OP_ABLATE, _core.OP_ADD, _core.OP_ROTATE
+SAVE, ABLATE_DELTA = _core.OP_SAVE, _core.OP_ABLATE_DELTA
 
 
 class HookError(RuntimeError):
@@ -99,11 +100,12 @@ class Hook:
         cparams.abort_callback = llama_cpp.ggml_abort_callback(self._h.abort_address)
         cparams.cb_eval_user_data = cparams.abort_callback_data = self._h.user_data
 
-    def set_ops(self, ops) -> None:
-        """Replace all interventions: ``(tensor name, kind, dirs [k, n_embd] float32, cos, sin, adaptive)``
-        applied in the given order."""
-        self._h.set_ops([(name, int(kind), np.ascontiguousarray(dirs, np.float32), float(c), float(s), bool(a))
-                            for name, kind, dirs, c, s, a in ops])
+    def set_ops(self, ops, row_marker: str = "") -> None:
+        """Replace all interventions: ``(tensor name, kind, dirs [k, n_embd] float32, cos, sin, adaptive, slot)``
+        applied in the given order. ``row_marker``: the first residual tensor of every ubatch, needed by
+        ABLATE_DELTA (decodes then :meth:`start` with their output rows)."""
+        self._h.set_ops([(name, int(kind), np.ascontiguousarray(dirs, np.float32), float(c), float(s), bool(a),
+                          int(slot)) for name, kind, dirs, c, s, a, slot in ops], row_marker)
 
     def watch(self, names, slots, marker: str) -> None:
         """Copy rows of tensors ``names`` into capture slots (element offsets per name) during decodes that

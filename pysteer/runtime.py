@@ -272,6 +272,7 @@ class Model:
         self._steer_stack: list[tuple[object, steering.Steering]] = []  # open steer() blocks, innermost last
         self._installed = True
         self._cvec_active = False
+        self._track_rows = False  # a hook op needs each decode's output rows (BlockAblate)
         self._adapters = lora.Adapters(m, verbose=verbose)
 
         self._hook = native.Hook(self.n_embd) if hook else None
@@ -558,7 +559,8 @@ class Model:
             raise ValueError("this Model was created with hook=False and cannot capture")
         if start == 0:
             llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(ctx), True)
-        self._run(b, capture=capture and (n, np.flatnonzero(logits).astype(np.int64), *capture))
+        outputs = np.flatnonzero(logits).astype(np.int64)
+        self._run(b, capture=(n, outputs, *capture) if capture else self._rows_only(n, outputs))
 
     @_exclusive
     def decode_prefix(self, prefix: Sequence[int], n_seqs: int) -> None:
@@ -585,7 +587,13 @@ class Model:
         for i in range(n):
             b.token[i], b.pos[i], b.n_seq_id[i], b.logits[i] = tokens[i], positions[i], 1, True
             b.seq_id[i][0] = seq_ids[i]
-        self._run(b)
+        self._run(b, capture=self._rows_only(n, np.arange(n, dtype=np.int64)))
+
+    def _rows_only(self, n: int, outputs: np.ndarray):
+        """The plan of a decode that captures nothing: its output rows when an op needs them, else None."""
+        if not self._track_rows:
+            return None
+        return (n, outputs, np.empty(0, np.int64), np.empty(0, np.int64), np.empty(0, np.float32))
 
     def _run(self, batch, capture=None) -> None:
         """llama_decode (with the hook's capture plan ``(n_tokens, outputs, cap_tok, cap_dst, out)``), then the
@@ -696,7 +704,10 @@ class Model:
         """Make ``s`` the steering of the context: hook ops, control vector and LoRA replaced as a whole."""
         self._installed = False  # until the end: an install cut short is redone, never trusted
         if self._hook is not None:
-            self._hook.set_ops([(op.name, op.kind, op.dirs, op.cos, op.sin, op.adaptive) for op in s.hook_ops])
+            rows = any(op.kind == native.ABLATE_DELTA for op in s.hook_ops)
+            self._hook.set_ops([(op.name, op.kind, op.dirs, op.cos, op.sin, op.adaptive, op.slot) for op in s.hook_ops],
+                               hookpoints.embedding_name(self.arch) if rows else "")
+            self._track_rows = rows
         if s.cvec is not None:
             used = np.nonzero(np.abs(s.cvec).sum(1))[0]
             lo, hi = (int(used.min()), int(used.max())) if used.size else (1, 1)

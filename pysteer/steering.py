@@ -73,7 +73,7 @@ def plan(model, interventions: Sequence[Intervention], path: str) -> Steering:
         raise ValueError(f"path must be one of {PATHS}, not {path!r}")
     for iv in interventions:
         if not isinstance(iv, Intervention):
-            raise TypeError(f"expected pysteer.Ablate, Add or Rotate, got {type(iv).__name__}")
+            raise TypeError(f"expected pysteer.Ablate, Add, Rotate or BlockAblate, got {type(iv).__name__}")
     s = Steering(tuple(interventions), path)
     hooked: set[str] = set()
     for iv in interventions:

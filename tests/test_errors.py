@@ -205,15 +205,30 @@ def test_core_checks_capture_slots_against_the_buffer():
 def test_core_rejects_bad_ops():
     hook = _core_hook()
     ok = np.ones((1, 8), np.float32)
+
+    def op(name, kind, dirs=ok, slot=-1):
+        return (name, kind, dirs, 1.0, 0.0, False, slot)
+
     with pytest.raises(ValueError, match="unknown op kind"):
-        hook.set_ops([("l_out-0", 7, ok, 1.0, 0.0, False)])
+        hook.set_ops([op("l_out-0", 7)])
     with pytest.raises(ValueError, match="shape"):
-        hook.set_ops([("l_out-0", native.ABLATE, np.ones((9, 8), np.float32), 1.0, 0.0, False)])
+        hook.set_ops([op("l_out-0", native.ABLATE, np.ones((9, 8), np.float32))])
     with pytest.raises(ValueError, match="finite"):
-        hook.set_ops([("l_out-0", native.ADD, np.full((1, 8), np.inf, np.float32), 1.0, 0.0, False)])
+        hook.set_ops([op("l_out-0", native.ADD, np.full((1, 8), np.inf, np.float32))])
     with pytest.raises(ValueError, match="rotate 2"):
-        hook.set_ops([("l_out-0", native.ROTATE, ok, 1.0, 0.0, False)])
-    hook.set_ops([("l_out-0", native.ADD, ok, 1.0, 0.0, False), ("l_out-1", native.ABLATE, ok, 1.0, 0.0, False)])
+        hook.set_ops([op("l_out-0", native.ROTATE)])
+    # save / ablate_delta: one vector, a slot, a save before the read, a row marker
+    with pytest.raises(ValueError, match="take 1 vector"):
+        hook.set_ops([op("embd", native.SAVE, np.ones((2, 8), np.float32), 0)])
+    with pytest.raises(ValueError, match="slot >= 0"):
+        hook.set_ops([op("embd", native.SAVE, ok, -1)])
+    with pytest.raises(ValueError, match="no earlier save"):
+        hook.set_ops([op("ffn_inp-0", native.ABLATE_DELTA, ok, 0), op("embd", native.SAVE, ok, 0)], "embd")
+    with pytest.raises(ValueError, match="row marker"):
+        hook.set_ops([op("embd", native.SAVE, ok, 0), op("ffn_inp-0", native.ABLATE_DELTA, ok, 0)])
+    hook.set_ops([op("embd", native.SAVE, ok, 0), op("ffn_inp-0", native.ABLATE_DELTA, ok, 0)], "embd")
+    assert hook.stats["ops"] == 2
+    hook.set_ops([op("l_out-0", native.ADD), op("l_out-1", native.ABLATE)])
     assert hook.stats["ops"] == 2
     hook.set_ops([])
     assert hook.stats["ops"] == 0

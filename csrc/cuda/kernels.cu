@@ -123,6 +123,7 @@ std::string apply(DeviceState * s, const OpView & op, float * x, int64_t n_rows,
         case OpKind::Rotate:
             rotate_kernel<<<grid, block, 0, stream>>>(x, stride, n_embd, dirs, op.cos_t, op.sin_t, op.adaptive);
             break;
+        default: return "op kind has no CUDA kernel (the hook runs it on the host)";
     }
     if (auto e = check(cudaGetLastError()); !e.empty()) return e;
     return check(cudaStreamSynchronize(stream));

@@ -1,0 +1,114 @@
+"""BlockAblate: the hook's weighted edit of each block's attention and FFN writes equals the abliteration
+weight edit ``W <- W - w r r^T W`` of attn_output / ffn_down, checked against a numpy forward pass of the edited
+weights; across ubatches, packed decodes, the pruned last layer and generation."""
+
+import numpy as np
+import pytest
+
+import pysteer
+from conftest import PROMPTS
+from reference import Weights, forward, logits_from_last_post
+
+E = 64
+
+
+class EditedWeights(Weights):
+    """The GGUF's weights with attn_output / ffn_down of each layer edited in float64."""
+
+    def __init__(self, path, R, attn, ffn):
+        super().__init__(path)
+        self.edit = {}
+        for l, (wa, wf) in enumerate(zip(attn, ffn)):
+            r = R[l] if R.ndim == 2 else R
+            for name, wt in (("attn_output", wa), ("ffn_down", wf)):
+                key = f"blk.{l}.{name}.weight"
+                W = super().__getitem__(key)  # (n_embd, n_in)
+                self.edit[key] = W - wt * np.outer(r, r @ W)
+
+    def __getitem__(self, name):
+        return self.edit[name] if name in self.edit else super().__getitem__(name)
+
+
+def _setting(rng, n_layers, per_layer):
+    R = rng.standard_normal((n_layers, E)) if per_layer else rng.standard_normal(E)
+    R = R / np.linalg.norm(R, axis=-1, keepdims=True)
+    attn = np.where(rng.random(n_layers) < 0.7, rng.uniform(0, 1.5, n_layers), 0.0)
+    ffn = np.where(rng.random(n_layers) < 0.7, rng.uniform(0, 1.5, n_layers), 0.0)
+    attn[-1] = ffn[-1] = 1.2  # the pruned last layer is always edited
+    return R, attn, ffn
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("per_layer", [False, True])
+def test_matches_edited_weights(tiny_dir, arch, per_layer):
+    path = tiny_dir / f"tiny-{arch}.gguf"
+    rng = np.random.default_rng(7 + per_layer)
+    with pysteer.load(path, n_ctx=1024, n_ubatch=16, flash_attn=False) as m:  # several ubatches per decode
+        R, attn, ffn = _setting(rng, m.n_layers, per_layer)
+        ref_w = EditedWeights(path, R, attn, ffn)
+        with m.steer(pysteer.BlockAblate(R, attn, ffn)) as s:
+            assert s.paths == ["hook"]
+            got = m.logits_batch(PROMPTS[:4])[:, -1].astype(np.float64)  # packed: 4 prompts per decode
+            acts = m.capture(PROMPTS[:2], positions=3)  # every point, with the pruned last layer
+        base = m.logits_batch(PROMPTS[:4])[:, -1].astype(np.float64)
+        for i, prompt in enumerate(PROMPTS[:4]):
+            tokens = m.encode(prompt)
+            ref = forward(ref_w, tokens)
+            want = logits_from_last_post(ref_w, ref["post"][-1][-1])
+            scale = np.abs(want).max()
+            np.testing.assert_allclose(got[i], want, rtol=0, atol=3e-4 * scale)
+            assert np.abs(base[i] - want).max() > 100 * 3e-4 * scale  # the edit changes the logits
+            if i < 2:
+                for p, point in enumerate(pysteer.POINTS):
+                    r = ref[point][:, -3:]
+                    np.testing.assert_allclose(acts[i, p], r, rtol=0, atol=3e-4 * np.abs(r).max())
+
+
+def test_generation_and_restoration(tiny_dir):
+    """Token-by-token decodes (every row an output) follow the same edit; leaving the block restores the model."""
+    path = tiny_dir / "tiny-qwen2.gguf"
+    rng = np.random.default_rng(3)
+    with pysteer.load(path, n_ctx=512) as m:
+        R, attn, ffn = _setting(rng, m.n_layers, True)
+        base = m.generate(PROMPTS[0], max_tokens=12)
+        with m.steer(pysteer.BlockAblate(R, attn, ffn)):
+            steered = m.generate(PROMPTS[0], max_tokens=12)
+            batch = m.generate_batch(PROMPTS[:3], max_tokens=12)
+        assert steered == batch[0] and steered != base
+        assert m.generate(PROMPTS[0], max_tokens=12) == base
+        # greedy steered tokens agree with the numpy forward of the edited weights, step by step
+        ref_w = EditedWeights(path, R, attn, ffn)
+        tokens = m.encode(PROMPTS[0])
+        want = []
+        for _ in range(4):
+            nxt = int(np.argmax(logits_from_last_post(ref_w, forward(ref_w, tokens)["post"][-1][-1])))
+            want.append(nxt)
+            tokens = tokens + [nxt]
+        assert steered.startswith(m.detokenize(want))
+
+
+def test_zero_weights_change_nothing_and_bad_input(tiny_dir):
+    with pysteer.load(tiny_dir / "tiny-llama.gguf", n_ctx=512) as m:
+        L = m.n_layers
+        r = np.ones(E) / 8
+        base = m.logits(PROMPTS[0])
+        with m.steer(pysteer.BlockAblate(r, np.zeros(L), np.zeros(L))):
+            assert np.array_equal(m.logits(PROMPTS[0]), base)
+        for kw, match in ((dict(attn=np.ones(L - 1), ffn=np.ones(L - 1)), "layer weights for a model"),
+                          (dict(attn=-np.ones(L), ffn=np.ones(L)), ">= 0"),
+                          (dict(attn=np.full(L, np.nan), ffn=np.ones(L)), "finite"),
+                          (dict(attn=np.ones(L), ffn=np.ones(L + 1)), "attn has"),
+                          (dict(attn=[True] * L, ffn=np.ones(L)), "1-D array")):
+            with pytest.raises(ValueError, match=match):
+                with m.steer(pysteer.BlockAblate(r, **kw)):
+                    pass
+        with pytest.raises(ValueError, match="directions for"):
+            pysteer.BlockAblate(np.eye(E)[:3], np.ones(L), np.ones(L))
+        assert np.linalg.norm(pysteer.BlockAblate(np.ones(E), np.ones(L), np.ones(L)).directions) == pytest.approx(1)
+        with pytest.raises(ValueError, match="zero"):
+            pysteer.BlockAblate(np.zeros(E), np.ones(L), np.ones(L))
+    with pysteer.load(tiny_dir / "tiny-gemma3.gguf", n_ctx=512) as m:
+        with pytest.raises(ValueError, match="gemma3 normalizes"):
+            with m.steer(pysteer.BlockAblate(np.ones(m.n_embd) / np.sqrt(m.n_embd), np.ones(m.n_layers),
+                                             np.ones(m.n_layers))):
+                pass
