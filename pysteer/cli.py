@@ -167,7 +167,14 @@ def _ablate_test(args) -> None:
     with _load(args) as m:
         sp = _splits(args)
         seconds = {}
-        if args.direction:
+        edit = None
+        if args.edit:
+            from .optimize import block_from_json
+
+            if args.direction or args.save:
+                raise UsageError("--edit tests an optimize result; it takes no --direction or --save")
+            d, edit = None, block_from_json(json.loads(pathlib.Path(args.edit).read_text(encoding="utf-8")))
+        elif args.direction:
             d = _direction(m, args.direction)
         else:
             d, _, seconds = _find(args, m, kl_max=args.kl_max, verbose=not args.json)
@@ -178,7 +185,8 @@ def _ablate_test(args) -> None:
         load_judge = round(time.perf_counter() - t1, 1)
         try:
             report = ablation_test(m, d, *sp.test, layers=args.layers, max_tokens=args.max_tokens,
-                                   markers=args.markers, judge_model=judge, progress=not args.quiet)
+                                   markers=args.markers, judge_model=judge, intervention=edit,
+                                   progress=not args.quiet)
         finally:
             if judge is not None and judge.model is not m:
                 judge.model.close()
@@ -295,6 +303,62 @@ def _export(args) -> None:
             print(export.abliterate(m, d.vector, args.abliterate, modified_type=args.abliterate_type,
                                     direction_info={"point": d.point, "layer": d.layer, "position": d.position},
                                     progress=not args.quiet))
+
+
+def _optimize(args) -> None:
+    from .figures import pareto_figure
+    from .files import atomic_output
+    from .optimize import format_front, search
+    from .runtime import resolve_path
+
+    model_path = resolve_path(args.model)
+    out = _output_gguf(args.output, "-o", inputs=(model_path,))
+    base = out.with_suffix("") if out is not None else pathlib.Path(f"pysteer-optimize-{model_path.stem}")
+    study = pathlib.Path(args.study) if args.study else base.with_name(base.name + ".study.db")
+    js = _output_path(args.json or str(base.with_name(base.name + ".json")), "--json", inputs=(model_path,))
+    png = _output_path(args.png or str(base.with_name(base.name + "-pareto.png")), "--png", inputs=(model_path,))
+    if study.is_dir():
+        raise UsageError(f"--study {study} is a directory; name a .db file")
+    budget = _duration(args.time_budget) if args.time_budget else None
+    with _load(args) as m:
+        try:
+            r = search(m, _splits(args), storage=f"sqlite:///{study.resolve()}", n_trials=args.trials,
+                       time_budget=budget, trial_tokens=args.trial_tokens, n_startup=args.startup,
+                       seed=args.seed, max_refusals=args.max_refusals, pick_trial=args.pick,
+                       progress=not args.quiet)
+        except KeyboardInterrupt:
+            print(f"pysteer optimize: interrupted; the finished trials are kept in {study}: run the same command "
+                  "again to resume", file=sys.stderr)
+            raise
+        print(format_front(r))
+        obj = r.to_json(m)
+        obj["study"]["storage"] = str(study)
+        with atomic_output(js) as tmp:
+            tmp.write_text(_json(obj))
+        all_trials = [{"refusals": t.values[0], "kl": t.values[1]} for t in r.study.trials if t.values]
+        pareto_figure({"pysteer": r.front}, png, trials={"pysteer": all_trials}, chosen=r.chosen,
+                      title=f"{m.path.name}: pysteer optimize, {r.seconds['trials']} trials")
+        print(f"study: {study}\nchosen point: {js} (test it: pysteer ablate-test {args.model} --edit {js})\n"
+              f"front: {png}")
+        if out is not None:
+            from .export import abliterate_blocks
+
+            t0 = time.perf_counter()
+            abliterate_blocks(m, r.block, out, info={"trial": r.chosen["number"]}, progress=not args.quiet)
+            print(f"abliterated model: {out} ({time.perf_counter() - t0:.0f} s)")
+    print("seconds: " + ", ".join(f"{k} {v}" for k, v in r.seconds.items()))
+
+
+def _duration(spec: str) -> float:
+    """'90', '90s', '30m' or '2h' -> seconds."""
+    units = {"s": 1, "m": 60, "h": 3600}
+    try:
+        value = float(spec[:-1]) * units[spec[-1]] if spec[-1:] in units else float(spec)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise UsageError(f"--time-budget takes seconds or a number with s, m or h (e.g. 30m), not {spec!r}")
+    return value
 
 
 def _judge_model(args, m=None):
@@ -428,6 +492,7 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(p)
     _prompt_args(p)
     p.add_argument("--direction", help="use this direction file instead of extracting one")
+    p.add_argument("--edit", metavar="FILE.json", help="test the point pysteer optimize chose (its JSON)")
     p.add_argument("--n", type=int, default=32, help="held-out prompts per class (default 32)")
     p.add_argument("--layers", default=None, help="layers to ablate: all, A:B[:STEP] or i,j,k (default all)")
     p.add_argument("--max-tokens", type=int, default=None,
@@ -438,6 +503,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save", metavar="FILE.gguf", help="also write the extracted direction to this file")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.set_defaults(func=_ablate_test)
+
+    p = sub.add_parser("optimize", help="search the abliteration that removes refusals at the least KL",
+                       description="Optuna TPE over heretic's parameters (direction index and scope, per-component "
+                       "weight kernels for attn_output and ffn_down) plus the residual point, each trial run at "
+                       "runtime on the loaded GGUF; prints the Pareto front (refusals, first-token KL on the "
+                       "validation split), writes it as JSON and PNG, and with -o the abliterated GGUF of the "
+                       "chosen point. The study lives in an SQLite file: run the same command again to resume.")
+    _model_args(p)
+    _prompt_args(p)
+    p.add_argument("-o", "--output", metavar="OUT.gguf", help="abliterated GGUF of the chosen point")
+    p.add_argument("--trials", type=int, default=40, help="finished trials the study should hold (default 40)")
+    p.add_argument("--time-budget", metavar="T", help="stop starting trials after T (seconds, or 30m, 2h)")
+    p.add_argument("--study", metavar="FILE.db", help="SQLite study file (default next to OUT or the JSON)")
+    p.add_argument("--startup", type=int, default=10, help="random trials before TPE (default 10)")
+    p.add_argument("--trial-tokens", type=int, default=32,
+                   help="tokens of each validation answer a trial judges (default 32)")
+    p.add_argument("--max-refusals", type=int, default=None,
+                   help="the chosen point: lowest KL with at most this many refusals (default 3%% of the prompts)")
+    p.add_argument("--pick", type=int, default=None, help="choose this trial number instead")
+    p.add_argument("--json", metavar="FILE", help="result JSON (default OUT.json or pysteer-optimize-MODEL.json)")
+    p.add_argument("--png", metavar="FILE", help="Pareto-front PNG (default OUT-pareto.png)")
+    p.set_defaults(func=_optimize)
 
     p = sub.add_parser("extract", help="find the refusal direction; writes the direction file and metrics PNG")
     _model_args(p)

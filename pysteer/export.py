@@ -57,12 +57,13 @@ def _feedback_order(energy: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _quantize_outputs_orthogonal(W: np.ndarray, r: np.ndarray, ty: int) -> np.ndarray:
-    """W (n_embd, n_in), already orthogonalized (``r^T W = 0``), outputs along the first axis.
+    """W (n_embd, n_in), already edited (``r^T W`` is what it should keep), outputs along the first axis.
 
     Rounding each row on its own would undo much of the edit (the rows were on a quantization grid; rounded
     again they fall back near it). Rows are quantized in order of growing ``|r_i|``, each aiming at
     ``W_i - r_i acc / sum_{j not done} r_j^2`` where ``acc = sum_{done} r_j (Q(W_j) - W_j)``: the error along r
-    the rows so far left is spread over the rows still to come, and ``r^T Q(W)`` ends near 0. Rows go in groups
+    the rows so far left is spread over the rows still to come, and ``r^T Q(W)`` ends near ``r^T W`` (0 for a
+    full ablation). Rows go in groups
     of 1/32 of those left (one row at a time at the end), so a matrix takes a few hundred quantizer calls."""
     order, left = _feedback_order(r ** 2)
     acc = np.zeros(W.shape[1])
@@ -99,8 +100,8 @@ def _quantize_rows_orthogonal(E: np.ndarray, r: np.ndarray, ty: int) -> np.ndarr
     return np.concatenate(cols, axis=1)
 
 
-def _ablated(t, r: np.ndarray, out_type: int, feedback: bool, scratch: pathlib.Path) -> np.ndarray:
-    """Tensor ``t`` with direction r removed, in ``out_type`` (float32 for F32, else raw bytes), in a
+def _ablated(t, r: np.ndarray, w: float, out_type: int, feedback: bool, scratch: pathlib.Path) -> np.ndarray:
+    """Tensor ``t`` with ``w`` times its component along r removed, in ``out_type`` (float32 for F32, else raw bytes), in a
     memory-mapped file under ``scratch``: the writer holds it until the end, and a model's edited tensors
     need not fit in RAM."""
     ty = int(t.tensor_type)
@@ -114,9 +115,9 @@ def _ablated(t, r: np.ndarray, out_type: int, feedback: bool, scratch: pathlib.P
     def store(rows: slice, x: np.ndarray, orthogonal) -> None:
         dst[rows] = x if f32 else orthogonal(x, r, out_type) if feedback else native.quantize(x, out_type)
 
-    if len(shape) == 1:  # a bias: b - r (r.b); one row, nothing to feed the error to
+    if len(shape) == 1:  # a bias: b - w r (r.b); one row, nothing to feed the error to
         b = _dequantize(t.data, ty, shape)
-        b -= r * (r @ b)
+        b -= w * r * (r @ b)
         dst[0] = b if f32 else native.quantize(b[None], out_type)[0]
         return dst[0]
     if t.name == "token_embd.weight":  # (n_vocab, n_embd): rows are embeddings, each edited on its own
@@ -125,11 +126,11 @@ def _ablated(t, r: np.ndarray, out_type: int, feedback: bool, scratch: pathlib.P
             rows = slice(i, min(i + _EMBD_CHUNK, n_rows))
             E = np.array(gguf.quants.dequantize(t.data[rows], gguf.GGMLQuantizationType(ty)), np.float32)
             E = E.reshape(-1, n_cols)
-            E -= np.outer(E @ r32, r32)
+            E -= np.float32(w) * np.outer(E @ r32, r32)
             store(rows, E, _quantize_rows_orthogonal)
         return dst
     W = _dequantize(t.data, ty, shape)  # (n_embd, n_in): outputs along the first axis
-    W -= np.outer(r, r @ W)
+    W -= w * np.outer(r, r @ W)
     store(slice(None), W, _quantize_outputs_orthogonal)
     return dst
 
@@ -144,6 +145,43 @@ def abliterate(model, vector: np.ndarray, out, *, direction_info: dict | None = 
     (``error_feedback=False``: each row rounded on its own, for comparison).
     """
     r = vectors.checked(vector, "direction", n_embd=model.n_embd, unit=True).astype(np.float64)
+    src = gguf.GGUFReader(_check_out(model, out))
+    edits = {t.name: (r, 1.0) for t in src.tensors if t.name == "token_embd.weight" or _WRITERS.fullmatch(t.name)}
+    keys = {"abliterated": "directional ablation of one unit vector", "abliterated_direction": [float(x) for x in r]}
+    keys.update({f"abliterated_{k}": str(v) for k, v in (direction_info or {}).items()})
+    return _write(model, src, out, edits, keys, modified_type, error_feedback, progress)
+
+
+def abliterate_blocks(model, block, out, *, info: dict | None = None, modified_type: str | None = None,
+                      error_feedback: bool = True, progress: bool = True) -> pathlib.Path:
+    """Write the GGUF that carries a :class:`pysteer.BlockAblate` in its weights: ``W <- W - w_l r_l r_l^T W``
+    for each layer's attn_output (weights ``block.attn``) and ffn_down (``block.ffn``), biases alike; the
+    embedding and every other tensor are copied. Re-quantized as :func:`abliterate` does."""
+    from .interventions import BLOCK_ARCHS
+
+    if model.arch not in BLOCK_ARCHS:
+        raise ValueError(f"{model.arch} normalizes block outputs; the weight edit would not be the runtime one")
+    if len(block.attn) != model.n_layers or block.directions.shape[1] != model.n_embd:
+        raise ValueError(f"the edit has {len(block.attn)} layers and width {block.directions.shape[1]}; the model "
+                         f"{model.n_layers} and {model.n_embd}")
+    src = gguf.GGUFReader(_check_out(model, out))
+    names = {t.name for t in src.tensors}
+    edits = {}
+    for layer in range(model.n_layers):
+        r = block.directions[layer if len(block.directions) > 1 else 0].astype(np.float64)
+        for comp, w in (("attn_output", block.attn[layer]), ("ffn_down", block.ffn[layer])):
+            for kind in ("weight", "bias"):
+                name = f"blk.{layer}.{comp}.{kind}"
+                if w > 0 and name in names:
+                    edits[name] = (r, float(w))
+    keys = {"abliterated": "weighted rank-1 edits of attn_output and ffn_down (pysteer optimize)",
+            "abliterated_attn_weights": [float(x) for x in block.attn],
+            "abliterated_ffn_weights": [float(x) for x in block.ffn]}
+    keys.update({f"abliterated_{k}": str(v) for k, v in (info or {}).items()})
+    return _write(model, src, out, edits, keys, modified_type, error_feedback, progress)
+
+
+def _check_out(model, out) -> pathlib.Path:
     out = pathlib.Path(out)
     if out.is_dir():
         raise IsADirectoryError(f"{out} is a directory; name the .gguf file to write")
@@ -151,22 +189,28 @@ def abliterate(model, vector: np.ndarray, out, *, direction_info: dict | None = 
         raise ValueError(f"{out} is the model being read; write the abliterated model to another path")
     if not out.parent.is_dir():
         raise FileNotFoundError(f"no directory {out.parent} to write {out.name} into")
-    src = gguf.GGUFReader(model.path)
-    modified = {t.name for t in src.tensors if t.name == "token_embd.weight" or _WRITERS.fullmatch(t.name)}
+    return model.path
+
+
+def _write(model, src, out, edits: dict, keys: dict, modified_type, error_feedback: bool,
+           progress: bool) -> pathlib.Path:
+    """A copy of ``src`` (the model's GGUF) with the tensors of ``edits`` (name -> (r, w)) edited and re-quantized,
+    and ``pysteer.*`` keys added."""
+    out = pathlib.Path(out)
     types = {t.name: int(t.tensor_type) for t in src.tensors}
     if modified_type is not None:
         try:
             qt = gguf.GGMLQuantizationType[modified_type.upper()]
         except KeyError:
             raise ValueError(f"unknown tensor type {modified_type!r}") from None
-        types.update({n: int(qt) for n in modified if not n.endswith(".bias")})
+        types.update({n: int(qt) for n in edits if not n.endswith(".bias")})
     widths = {t.name: int(t.shape[0]) for t in src.tensors}  # values per row (ggml ne0)
-    for n in sorted(modified):  # before anything is written
+    for n in sorted(edits):  # before anything is written
         if types[n] != gguf.GGMLQuantizationType.F32:
             native.check_quantizable(types[n], widths[n])
     if model.arch == "gemma3":
         warnings.warn("gemma3's post-norms rescale block outputs: the abliterated weights only approximate "
-                      "runtime ablation", stacklevel=2)
+                      "runtime ablation", stacklevel=3)
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=".abliterate-") as scratch, \
             gguf_output(out, model.arch) as w:
         for f in src.fields.values():
@@ -177,15 +221,17 @@ def abliterate(model, vector: np.ndarray, out, *, direction_info: dict | None = 
                 continue
             sub = f.types[-1] if f.types[0] == gguf.GGUFValueType.ARRAY else None
             w.add_key_value(f.name, f.contents(), f.types[0], sub_type=sub)
-        w.add_string("pysteer.abliterated", "directional ablation of one unit vector")
-        w.add_array("pysteer.abliterated_direction", [float(x) for x in r])
-        for k, v in (direction_info or {}).items():
-            w.add_string(f"pysteer.abliterated_{k}", str(v))
+        for k, v in keys.items():
+            if isinstance(v, list):
+                w.add_array(f"pysteer.{k}", v)
+            else:
+                w.add_string(f"pysteer.{k}", v)
         for t in tqdm(src.tensors, desc="abliterate", disable=not progress):
-            if t.name not in modified:
+            if t.name not in edits:
                 w.add_tensor(t.name, t.data, raw_dtype=t.tensor_type)
                 continue
-            data = _ablated(t, r, types[t.name], error_feedback, pathlib.Path(scratch))
+            r, wt = edits[t.name]
+            data = _ablated(t, r, wt, types[t.name], error_feedback, pathlib.Path(scratch))
             if data.dtype == np.uint8:
                 w.add_tensor(t.name, data, raw_dtype=gguf.GGMLQuantizationType(types[t.name]))
             else:

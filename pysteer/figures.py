@@ -80,3 +80,28 @@ def transfer_figure(scores_by_source: dict[int, dict[str, float]], n_layers: int
         ax.set_xlabel("ablated layer (single)")
         fig.colorbar(im, ax=ax, label="refusal score on val harmful")
     return path
+
+
+def pareto_figure(fronts: dict, path, *, trials: dict | None = None, chosen: dict | None = None,
+                  title: str | None = None) -> pathlib.Path:
+    """Refusals against first-token KL: each labelled front (lists of {"refusals", "kl"}) as a step line, all
+    trials of each label as faint dots, the chosen point starred."""
+    path = pathlib.Path(path)
+    with _figure(path, figsize=(7, 5)) as (fig, ax):
+        for i, (label, front) in enumerate(fronts.items()):
+            color = f"C{i}"
+            for t in (trials or {}).get(label, []):
+                ax.plot(t["kl"], t["refusals"], ".", color=color, alpha=0.25)
+            pts = sorted((t["kl"], t["refusals"]) for t in front)
+            if pts:
+                ax.step([p[0] for p in pts], [p[1] for p in pts], where="post", color=color, marker="o", label=label)
+        if chosen is not None:
+            ax.plot(chosen["kl"], chosen["refusals"], "*", color="k", ms=14, label="chosen")
+        ax.set_xscale("symlog", linthresh=1e-3)
+        ax.set_xlabel("first-token KL on harmless prompts (lower is better)")
+        ax.set_ylabel("refusals on harmful prompts (lower is better)")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        if title:
+            ax.set_title(title)
+    return path

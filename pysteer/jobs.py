@@ -143,14 +143,16 @@ def _verdicts(prompt, base: Judged, steered: Judged, i: int) -> dict:
     return out
 
 
-def ablation_test(model, direction: Direction, harmful: Sequence[str], harmless: Sequence[str], *,
+def ablation_test(model, direction: Direction | None, harmful: Sequence[str], harmless: Sequence[str], *,
                   layers=None, max_tokens: int | None = None, markers: str = "pysteer", judge_model=None,
-                  progress: bool = False) -> AblationReport:
+                  intervention=None, progress: bool = False) -> AblationReport:
     """Generate base and ablated answers for held-out prompts (each stops at its end of turn); judge them by the
     phrase matcher ``markers`` and, given ``judge_model`` (a :class:`pysteer.llm_judge.Judge`), by the judge
     (perplexity under the unsteered model); on the harmless ones, first-token KL and the damage along the base
-    answers (teacher-forced KL, ablated perplexity)."""
-    direction.check(model)
+    answers (teacher-forced KL, ablated perplexity). ``intervention`` (e.g. the BlockAblate pysteer optimize
+    chose) is tested instead of ablating ``direction`` (then None)."""
+    if intervention is None:
+        direction.check(model)
     max_tokens = MAX_TOKENS if max_tokens is None else max_tokens
     t = {}
     t0 = time.perf_counter()
@@ -159,7 +161,7 @@ def ablation_test(model, direction: Direction, harmful: Sequence[str], harmless:
                                                 return_logits=True)
     t["generate_base"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    ablate = Ablate(direction.vector, layers=layers)
+    ablate = Ablate(direction.vector, layers=layers) if intervention is None else intervention
     with model.steer(ablate) as s:
         ab_h = model.generate_batch(harmful, max_tokens=max_tokens, progress=progress)
         ab_hl, ab_logits = model.generate_batch(harmless, max_tokens=max_tokens, progress=progress,
@@ -177,8 +179,9 @@ def ablation_test(model, direction: Direction, harmful: Sequence[str], harmless:
     t["damage"] = time.perf_counter() - t0
     kl = kl_divergence(base_logits, ab_logits).tolist()
     ablated = "all" if layers is None else list(hookpoints.check_layers(layers, model.n_layers))
-    info = {"point": direction.point, "layer": direction.layer, "position": direction.position,
-            "ablated_layers": ablated, "path": path}
+    info = ({"point": direction.point, "layer": direction.layer, "position": direction.position,
+             "ablated_layers": ablated, "path": path} if intervention is None else
+            {"intervention": repr(intervention), "path": path})
     return AblationReport(list(harmful), list(harmless), *judged, harmless_kl=kl,
                           seconds={k: round(v, 1) for k, v in t.items()}, direction=info, damage=cost)
 
@@ -204,8 +207,7 @@ def format_report(r: AblationReport, *, width: int = 46) -> str:
     s = r.summary()
     h, hl = s["harmful"], s["harmless"]
     lines += [
-        f"direction: {s['direction']['point']} of layer {s['direction']['layer']}, position "
-        f"{s['direction']['position']}, ablated on {s['direction']['ablated_layers']} layers ({s['direction']['path']})",
+        _what_line(s["direction"]),
         f"harmful : base refused {h['base']['refused']}/{h['base']['n']}; ablated refused "
         f"{h['steered']['refused']}/{h['steered']['n']}; of the {h['base_refused']} the base refused, "
         f"{h['still_refused_after_steering']} still refused ({h['refusal_rate_among_base_refused']:.1%}); "
@@ -241,6 +243,13 @@ def format_sweep(rows: list[dict], what: str) -> str:
         lines.append(f"| {r['value']:g} | {r['refused'] / r['n']:.2f} | {r['coherent'] / r['n']:.2f} | "
                      f"{r['refused']} | {r['coherent']} | {r['n']} |")
     return "\n".join(lines)
+
+
+def _what_line(d: dict) -> str:
+    if "intervention" in d:
+        return f"edit: {d['intervention']} ({d['path']})"
+    return (f"direction: {d['point']} of layer {d['layer']}, position {d['position']}, ablated on "
+            f"{d['ablated_layers']} layers ({d['path']})")
 
 
 def _disagreement_lines(r: AblationReport, width: int) -> list[str]:

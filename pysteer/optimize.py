@@ -1,0 +1,330 @@
+"""Automatic abliteration: a two-objective search (Optuna's TPE) over heretic's parameter space, every trial
+run at runtime on the loaded GGUF (:class:`pysteer.BlockAblate`, no file written per trial).
+
+A trial's parameters (heretic's, plus the residual point the candidates are read at):
+- ``scope``: "global" (one direction: the candidates of the two layers around ``direction_index``,
+  interpolated and normalized) or "per layer" (layer l edited along its own candidate);
+- ``direction_index`` in [0.4, 0.9] x (n_layers - 1), ``projected``: the candidate's component along the
+  harmless mean removed;
+- per component c (attn: attention output, ffn: FFN down projection) a weight kernel over layers:
+  ``max_weight`` in [0.8, 1.5] at ``max_weight_position`` in [0.6, 1] x (n_layers - 1), falling linearly to
+  ``min_weight = min_weight_frac x max_weight`` at ``min_weight_distance`` in [1, 0.6 (n_layers - 1)] layers,
+  0 beyond: layer l's matrix gets ``W <- W - w_l r_l r_l^T W``;
+- ``point``: pre, mid or post (the candidates are class-mean differences at the last token there).
+Objectives, both minimized: refusals among the validation harmful prompts (the phrase matcher on the first
+``trial_tokens`` tokens of each greedy answer), and the mean first-token KL(unsteered || trial) on the
+validation harmless prompts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from . import params as check
+from .extraction import ExtractResult
+from .interventions import BLOCK_ARCHS, BlockAblate
+from .judge import kl_divergence
+from .markers import marker_set
+
+SCOPES = ("global", "per layer")
+COMPONENTS = ("attn", "ffn")
+
+
+@dataclass(frozen=True)
+class Kernel:
+    """A component's weight over layers."""
+    max_weight: float
+    max_weight_position: float
+    min_weight: float
+    min_weight_distance: float
+
+    def weights(self, n_layers: int) -> np.ndarray:
+        d = np.abs(np.arange(n_layers) - self.max_weight_position)
+        w = self.max_weight + d / self.min_weight_distance * (self.min_weight - self.max_weight)
+        return np.where(d <= self.min_weight_distance, w, 0.0)
+
+
+@dataclass(frozen=True)
+class Point:
+    """One point of the search space."""
+    scope: str
+    direction_index: float
+    projected: bool
+    point: str
+    attn: Kernel
+    ffn: Kernel
+
+    @classmethod
+    def from_params(cls, p: dict) -> "Point":
+        """From an Optuna trial's parameters (see :func:`suggest`)."""
+        kern = {c: Kernel(p[f"{c}.max_weight"], p[f"{c}.max_weight_position"],
+                          p[f"{c}.min_weight_frac"] * p[f"{c}.max_weight"], p[f"{c}.min_weight_distance"])
+                for c in COMPONENTS}
+        return cls(p["scope"], p["direction_index"], p["projected"], p["point"], kern["attn"], kern["ffn"])
+
+
+def suggest(trial, n_layers: int, points: Sequence[str]) -> Point:
+    """Draw a :class:`Point` from an Optuna trial."""
+    last = n_layers - 1
+    trial.suggest_categorical("scope", SCOPES)
+    trial.suggest_float("direction_index", 0.4 * last, 0.9 * last)
+    trial.suggest_categorical("projected", (False, True))
+    trial.suggest_categorical("point", tuple(points))
+    for c in COMPONENTS:
+        trial.suggest_float(f"{c}.max_weight", 0.8, 1.5)
+        trial.suggest_float(f"{c}.max_weight_position", 0.6 * last, 1.0 * last)
+        trial.suggest_float(f"{c}.min_weight_frac", 0.0, 1.0)
+        trial.suggest_float(f"{c}.min_weight_distance", 1.0, max(1.0, 0.6 * last))
+    return Point.from_params(trial.params)
+
+
+class Candidates:
+    """Per point and layer, the unit refusal direction at the last token and the unit harmless mean."""
+
+    def __init__(self, res: ExtractResult, n_layers: int):
+        if tuple(res.layers) != tuple(range(n_layers)):
+            raise ValueError("the search needs candidates on every layer; extract with layers=None")
+        self.points = tuple(res.points)
+        self._dirs = res.unit_directions()[:, :, -1].astype(np.float64)  # [P, L, E]
+        m = res.means[1][:, :, -1].astype(np.float64)
+        self._harmless = m / np.maximum(np.linalg.norm(m, axis=-1, keepdims=True), 1e-30)
+
+    def directions(self, p: Point) -> np.ndarray:
+        """[n_layers, n_embd] unit directions (every row the same one for the global scope); a zero row where
+        the per-layer candidate is zero (the classes do not differ there: pre of layer 0 at the last token, a
+        template token, is one)."""
+        i = self.points.index(p.point)
+        d = self._dirs[i].copy()
+        if p.projected:  # heretic's projection: the part along the harmless mean removed
+            h = self._harmless[i]
+            d -= (d * h).sum(-1, keepdims=True) * h
+        if p.scope == "global":
+            lo = int(math.floor(p.direction_index))
+            f = p.direction_index - lo
+            d = np.broadcast_to((1 - f) * d[lo] + f * d[min(lo + 1, len(d) - 1)], d.shape)
+        n = np.linalg.norm(d, axis=-1, keepdims=True)
+        if p.scope == "global" and not n[0, 0] > 1e-8:
+            raise ValueError(f"the candidates at {p.point} around layer {p.direction_index:.2f} are zero")
+        return np.divide(d, n, out=np.zeros_like(d), where=n > 1e-8)
+
+    def block(self, p: Point) -> BlockAblate:
+        """The edit of point ``p``; layers without a direction (zero candidate) are left unedited."""
+        L = self._dirs.shape[1]
+        d = self.directions(p)
+        attn, ffn = p.attn.weights(L), p.ffn.weights(L)
+        if p.scope == "global":
+            return BlockAblate(d[:1], attn, ffn)
+        zero = np.linalg.norm(d, axis=-1) == 0
+        d[zero] = np.eye(1, d.shape[1])[0]  # any unit vector: its weights are 0
+        attn[zero] = ffn[zero] = 0.0
+        return BlockAblate(d, attn, ffn)
+
+
+@dataclass
+class Objectives:
+    """What one trial scored (both lower is better)."""
+    refusals: int
+    kl: float
+
+
+class Evaluator:
+    """Scores interventions on fixed validation prompts against the unsteered model (computed once)."""
+
+    def __init__(self, model, harmful: Sequence[str], harmless: Sequence[str], *, trial_tokens: int = 32,
+                 markers: str = "pysteer"):
+        self._model = model
+        self._harmful, self._harmless = list(harmful), list(harmless)
+        self.trial_tokens = check.integer("trial_tokens", trial_tokens, 1)
+        self._matcher = marker_set(markers)
+        with model.steer():
+            self._base_logits = model.logits_batch(self._harmless)[:, -1]
+            self.base = self._count(model.generate_batch(self._harmful, max_tokens=self.trial_tokens))
+
+    @property
+    def n_harmful(self) -> int:
+        return len(self._harmful)
+
+    def _count(self, answers) -> int:
+        return sum(self._matcher(a) for a in answers)
+
+    def __call__(self, intervention) -> Objectives:
+        m = self._model
+        with m.steer(intervention):
+            refusals = self._count(m.generate_batch(self._harmful, max_tokens=self.trial_tokens))
+            kl = float(kl_divergence(self._base_logits, m.logits_batch(self._harmless)[:, -1]).mean())
+        return Objectives(refusals, kl)
+
+
+@dataclass
+class Result:
+    """The study, its Pareto front (trial number, refusals, kl, parameters), the chosen trial and its edit."""
+    study: object
+    front: list[dict]
+    chosen: dict
+    rule: str
+    block: BlockAblate
+    base_refusals: int
+    n_harmful: int
+    seconds: dict = field(default_factory=dict)
+
+    def to_json(self, model) -> dict:
+        """Everything needed to apply the chosen point again (:func:`block_from_json`) and to see the front."""
+        b = self.block
+        return {"model": model.path.name, "sha256": model.sha256, "rule": self.rule, "chosen": self.chosen,
+                "front": self.front, "base_refusals": self.base_refusals, "n_harmful": self.n_harmful,
+                "seconds": self.seconds, "study": {"name": self.study.study_name},
+                "edit": {"directions": b.directions.tolist(), "attn": b.attn.tolist(), "ffn": b.ffn.tolist()}}
+
+
+def block_from_json(obj: dict) -> BlockAblate:
+    """The chosen edit of an optimize JSON (``Result.to_json``)."""
+    try:
+        e = obj["edit"]
+        return BlockAblate(np.asarray(e["directions"], np.float64), e["attn"], e["ffn"])
+    except (KeyError, TypeError) as ex:
+        raise ValueError(f"not a pysteer optimize result (no edit.directions/attn/ffn): {ex}") from None
+
+
+def pareto(trials: list[dict]) -> list[dict]:
+    """Trials no other trial beats in both objectives (ties kept once), by refusals then KL."""
+    out = [t for t in trials if not any(
+        (u["refusals"] <= t["refusals"] and u["kl"] <= t["kl"]) and (u["refusals"] < t["refusals"] or u["kl"] < t["kl"])
+        for u in trials)]
+    seen, front = set(), []
+    for t in sorted(out, key=lambda t: (t["refusals"], t["kl"], t["number"])):
+        if (t["refusals"], t["kl"]) not in seen:
+            seen.add((t["refusals"], t["kl"]))
+            front.append(t)
+    return front
+
+
+def pick(front: list[dict], max_refusals: int) -> tuple[dict, str]:
+    """The chosen point: the lowest KL with at most ``max_refusals`` refusals; else the fewest refusals."""
+    if not front:
+        raise ValueError("no finished trials to choose from")
+    ok = [t for t in front if t["refusals"] <= max_refusals]
+    if ok:
+        return min(ok, key=lambda t: t["kl"]), f"lowest KL with at most {max_refusals} refusals"
+    return min(front, key=lambda t: (t["refusals"], t["kl"])), f"fewest refusals (none reached {max_refusals})"
+
+
+def _trials(study) -> list[dict]:
+    import optuna
+
+    return [{"number": t.number, "refusals": int(t.values[0]), "kl": float(t.values[1]), "params": t.params}
+            for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+
+
+def study_name(model, settings: dict) -> str:
+    """One study per model file and search settings: a resumed run continues only a study it can extend."""
+    key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+    return f"{model.path.stem}-{model.sha256[:12]}-{key}"
+
+
+def optimize(model, candidates: Candidates, evaluator: Evaluator, *, storage: str, n_trials: int | None = 40,
+             time_budget: float | None = None, n_startup: int = 10, seed: int = 0,
+             max_refusals: int | None = None, pick_trial: int | None = None, settings: dict | None = None,
+             progress: bool = True) -> Result:
+    """Run (or resume) the study in ``storage`` (an SQLAlchemy URL, e.g. ``sqlite:///study.db``) until it holds
+    ``n_trials`` finished trials or ``time_budget`` seconds have passed; then the front and the chosen point
+    (``pick_trial``: that trial number instead of the rule)."""
+    import optuna
+
+    if model.arch not in BLOCK_ARCHS:
+        raise ValueError(f"{model.arch} cannot be abliterated by the rank-1 edits this search makes (the "
+                         f"residual must be the plain sum of block outputs: {', '.join(BLOCK_ARCHS)})")
+    if n_trials is not None:
+        check.integer("n_trials", n_trials, 1)
+    if time_budget is not None and not check.number("time_budget", time_budget) > 0:
+        raise ValueError(f"time_budget must be > 0 seconds, not {time_budget!r}")
+    check.integer("n_startup", n_startup, 0)
+    check.integer("seed", seed, 0)
+    max_refusals = (max(0, math.floor(0.03 * evaluator.n_harmful)) if max_refusals is None
+                    else check.integer("max_refusals", max_refusals, 0))
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    sampler = optuna.samplers.TPESampler(n_startup_trials=n_startup, seed=seed, multivariate=True)
+    name = study_name(model, dict(settings or {}, trial_tokens=evaluator.trial_tokens))
+    study = optuna.create_study(directions=["minimize", "minimize"], sampler=sampler, storage=storage,
+                                study_name=name, load_if_exists=True)
+    done = len(_trials(study))
+    todo = None if n_trials is None else max(0, n_trials - done)
+    t0 = time.perf_counter()
+
+    def objective(trial):
+        o = evaluator(candidates.block(suggest(trial, model.n_layers, candidates.points)))
+        return o.refusals, o.kl
+
+    with tqdm(total=todo, desc="optimize", unit="trial", disable=not progress) as bar:
+        def report(study, trial):
+            bar.update(1)
+            front = pareto(_trials(study))
+            if front:
+                best = min(front, key=lambda t: (t["refusals"], t["kl"]))
+                bar.set_postfix_str(f"fewest refusals {best['refusals']}/{evaluator.n_harmful} at KL "
+                                    f"{best['kl']:.3f}; front {len(front)}")
+        if todo != 0:
+            study.optimize(objective, n_trials=todo, timeout=time_budget, callbacks=[report],
+                           catch=(), gc_after_trial=False)
+    search = time.perf_counter() - t0
+    trials = _trials(study)
+    front = pareto(trials)
+    if pick_trial is not None:
+        chosen = next((t for t in trials if t["number"] == pick_trial), None)
+        if chosen is None:
+            raise ValueError(f"no finished trial {pick_trial} in the study (finished: "
+                             f"{', '.join(str(t['number']) for t in trials)})")
+        rule = f"trial {pick_trial}, picked by hand"
+    else:
+        chosen, rule = pick(front, max_refusals)
+    block = candidates.block(Point.from_params(chosen["params"]))
+    return Result(study, front, chosen, rule, block, evaluator.base, evaluator.n_harmful,
+                  {"search": round(search, 1), "trials_run": len(trials) - done, "trials": len(trials)})
+
+
+def format_front(r: Result) -> str:
+    lines = [f"Pareto front ({len(r.front)} of {r.seconds.get('trials')} trials; unsteered: {r.base_refusals}/"
+             f"{r.n_harmful} refusals)", "| trial | refusals | first-token KL | scope | point | direction index |",
+             "|---|---|---|---|---|---|"]
+    for t in r.front:
+        p = t["params"]
+        mark = " (chosen)" if t["number"] == r.chosen["number"] else ""
+        lines.append(f"| {t['number']}{mark} | {t['refusals']}/{r.n_harmful} | {t['kl']:.4f} | {p['scope']} | "
+                     f"{p['point']} | {p['direction_index']:.2f} |")
+    lines.append(f"chosen: trial {r.chosen['number']} ({r.rule}): {r.chosen['refusals']}/{r.n_harmful} refusals, "
+                 f"KL {r.chosen['kl']:.4f}")
+    return "\n".join(lines)
+
+
+
+def search(model, splits, *, storage: str, n_trials: int | None = 40, time_budget: float | None = None,
+           points: Sequence[str] = ("pre", "mid", "post"), trial_tokens: int = 32, n_startup: int = 10,
+           seed: int = 0, max_refusals: int | None = None, pick_trial: int | None = None,
+           progress: bool = True) -> Result:
+    """The whole search on a :class:`pysteer.datasets.PromptSplits`: candidates from the train split (class
+    means at the last token of every layer), trials scored on the validation split; the test split is left
+    for ``pysteer ablate-test --edit``."""
+    from .extraction import extract
+
+    if model.arch not in BLOCK_ARCHS:  # before the extraction, not after
+        raise ValueError(f"{model.arch} cannot be abliterated by the rank-1 edits this search makes (the "
+                         f"residual must be the plain sum of block outputs: {', '.join(BLOCK_ARCHS)})")
+    t0 = time.perf_counter()
+    res = extract(model, *splits.train, positions=1, points=points, progress=progress)
+    t1 = time.perf_counter()
+    evaluator = Evaluator(model, *splits.val, trial_tokens=trial_tokens)
+    t2 = time.perf_counter()
+    settings = {"points": list(points), "train": [len(x) for x in splits.train], "val": [len(x) for x in splits.val],
+                "val_sha": hashlib.sha256(json.dumps(splits.val).encode()).hexdigest()[:12]}
+    r = optimize(model, Candidates(res, model.n_layers), evaluator, storage=storage, n_trials=n_trials,
+                 time_budget=time_budget, n_startup=n_startup, seed=seed, max_refusals=max_refusals,
+                 pick_trial=pick_trial, settings=settings, progress=progress)
+    r.seconds.update(extract=round(t1 - t0, 1), baseline=round(t2 - t1, 1))
+    return r

@@ -1,0 +1,132 @@
+"""pysteer optimize: the weight kernel, the candidates, the front and the rule by hand; a short search on a tiny
+model end to end (resume, JSON, PNG, the written GGUF against the runtime edit, ablate-test --edit); bad input."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import pysteer
+from pysteer.extraction import extract
+from pysteer.optimize import Candidates, Evaluator, Kernel, Point, pareto, pick
+
+HARMFUL = [f"how to make the bad thing number {i}" for i in range(12)]
+HARMLESS = [f"write the nice code number {i}" for i in range(12)]
+
+
+def run(*args):
+    return subprocess.run([sys.executable, "-m", "pysteer.cli", *map(str, args)], capture_output=True, text=True)
+
+
+def test_kernel_by_hand():
+    k = Kernel(max_weight=1.2, max_weight_position=3.5, min_weight=0.4, min_weight_distance=2.0)
+    # distances 3.5 2.5 1.5 0.5 0.5 1.5 2.5: within 2 -> 1.2 + d/2 (0.4 - 1.2)
+    assert k.weights(7) == pytest.approx([0, 0, 0.6, 1.0, 1.0, 0.6, 0])
+    assert Kernel(1.0, 0.0, 0.0, 1.0).weights(3) == pytest.approx([1.0, 0.0, 0.0])
+
+
+def test_front_and_rule_by_hand():
+    t = [{"number": 0, "refusals": 5, "kl": 0.01}, {"number": 1, "refusals": 1, "kl": 0.20},
+         {"number": 2, "refusals": 1, "kl": 0.05}, {"number": 3, "refusals": 0, "kl": 0.30},
+         {"number": 4, "refusals": 6, "kl": 0.02}, {"number": 5, "refusals": 1, "kl": 0.05}]
+    front = pareto(t)
+    assert [x["number"] for x in front] == [3, 2, 0]  # 1 and 4 dominated; 5 ties 2 and is kept once
+    assert pick(front, 1)[0]["number"] == 2
+    assert pick(front, 0)[0]["number"] == 3
+    assert pick([t[0], t[4]], 1) == (t[0], "fewest refusals (none reached 1)")
+    with pytest.raises(ValueError, match="no finished trials"):
+        pick([], 1)
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_dir):
+    with pysteer.load(tiny_dir / "tiny-qwen2.gguf", n_ctx=1024) as m:
+        yield m, extract(m, HARMFUL[:6], HARMLESS[:6], positions=1)
+
+
+def _point(scope, index, projected=False, point="mid"):
+    k = Kernel(1.0, 2.0, 0.5, 2.0)
+    return Point(scope, index, projected, point, k, k)
+
+
+def test_candidates(tiny):
+    m, res = tiny
+    c = Candidates(res, m.n_layers)
+    u = res.unit_directions()[res.points.index("mid"), :, -1].astype(np.float64)
+    d = c.directions(_point("global", 1.25))
+    want = 0.75 * u[1] + 0.25 * u[2]
+    assert np.allclose(d, want / np.linalg.norm(want)) and d.shape == (m.n_layers, m.n_embd)
+    assert np.allclose(c.directions(_point("per layer", 1.25)), u)
+    hm = res.means[1][res.points.index("mid"), :, -1].astype(np.float64)
+    dp = c.directions(_point("per layer", 0, projected=True))
+    assert np.abs((dp * hm).sum(-1)).max() < 1e-6 * np.abs(hm).max() and np.allclose(np.linalg.norm(dp, axis=-1), 1)
+    b = c.block(_point("per layer", 0, point="pre"))  # pre of layer 0 (the last token's embedding) is zero
+    assert b.attn[0] == 0 and b.ffn[0] == 0 and b.attn[1] > 0
+    assert np.allclose(b.attn, Kernel(1.0, 2.0, 0.5, 2.0).weights(m.n_layers)[:] * (np.arange(m.n_layers) > 0))
+
+
+def test_evaluator_counts_and_kl(tiny):
+    from pysteer.judge import kl_divergence
+    from pysteer.markers import is_refusal
+
+    m, res = tiny
+    ev = Evaluator(m, HARMFUL[6:9], HARMLESS[6:9], trial_tokens=8)
+    block = Candidates(res, m.n_layers).block(_point("global", 1.5))
+    o = ev(block)
+    base = m.logits_batch(HARMLESS[6:9])[:, -1]
+    with m.steer(block):
+        answers = m.generate_batch(HARMFUL[6:9], max_tokens=8)
+        kl = kl_divergence(base, m.logits_batch(HARMLESS[6:9])[:, -1]).mean()
+    assert o.refusals == sum(map(is_refusal, answers)) and o.kl == pytest.approx(kl) and o.kl > 1e-4
+    assert ev.base == sum(map(is_refusal, m.generate_batch(HARMFUL[6:9], max_tokens=8)))
+
+
+def test_cli_search_resume_export_and_test(tiny_dir, tmp_path):
+    (tmp_path / "h.txt").write_text("\n".join(HARMFUL))
+    (tmp_path / "hl.txt").write_text("\n".join(HARMLESS))
+    model = tiny_dir / "tiny-qwen2.gguf"
+    sets = ["--harmful", tmp_path / "h.txt", "--harmless", tmp_path / "hl.txt", "--n-train", 6, "--n-val", 3,
+            "--n-val-harmless", 3, "-q"]
+    out = tmp_path / "ab.gguf"
+    r = run("optimize", model, *sets, "--trials", 4, "--startup", 2, "--trial-tokens", 6, "-o", out)
+    assert r.returncode == 0, r.stderr
+    res = json.loads((tmp_path / "ab.json").read_text())
+    assert res["seconds"]["trials_run"] == 4 and (tmp_path / "ab-pareto.png").stat().st_size > 1000
+    assert res["chosen"]["number"] in [t["number"] for t in res["front"]]
+    # the same command with more trials resumes the study: only the missing ones run, the old ones are kept
+    r = run("optimize", model, *sets, "--trials", 6, "--startup", 2, "--trial-tokens", 6, "-o", out)
+    assert r.returncode == 0, r.stderr
+    res2 = json.loads((tmp_path / "ab.json").read_text())
+    assert (res2["seconds"]["trials_run"], res2["seconds"]["trials"]) == (2, 6)
+    # the written GGUF, loaded plainly, gives the runtime edit's logits (F32 tiny model: float rounding only)
+    from pysteer.optimize import block_from_json
+
+    block = block_from_json(res2)
+    prompts = HARMFUL[9:] + HARMLESS[9:]
+    with pysteer.load(model, n_ctx=1024) as m:
+        with m.steer(block):
+            want = m.logits_batch(prompts)[:, -1]
+        base = m.logits_batch(prompts)[:, -1]
+    with pysteer.load(out, n_ctx=1024) as m2:
+        got = m2.logits_batch(prompts)[:, -1]
+    assert np.abs(got - want).max() < 1e-3 * np.abs(want).max()
+    assert np.abs(base - want).max() > 1e-2 * np.abs(want).max()  # the edit is not nothing
+    r = run("ablate-test", model, *sets, "--n", 2, "--max-tokens", 4, "--edit", tmp_path / "ab.json", "--json")
+    assert r.returncode == 0, r.stderr
+    assert "BlockAblate" in json.loads(r.stdout)["direction"]["intervention"]
+
+
+def test_cli_bad_input(tiny_dir, tmp_path):
+    (tmp_path / "h.txt").write_text("\n".join(HARMFUL))
+    (tmp_path / "hl.txt").write_text("\n".join(HARMLESS))
+    sets = ["--harmful", tmp_path / "h.txt", "--harmless", tmp_path / "hl.txt", "--n-train", 6, "-q"]
+    r = run("optimize", tiny_dir / "tiny-gemma3.gguf", *sets, "--study", tmp_path / "s.db")
+    assert r.returncode == 2 and "gemma3 cannot be abliterated" in r.stderr and not (tmp_path / "s.db").exists()
+    for args, match in ((["--time-budget", "soon"], "--time-budget takes"), (["--trials", 0], "n_trials"),
+                        (["-o", tmp_path / "x.bin"], "must name a .gguf"), (["--pick", 99, "--trials", 1], "no finished trial 99")):
+        r = run("optimize", tiny_dir / "tiny-qwen2.gguf", *sets, "--study", tmp_path / "t.db", *args)
+        assert r.returncode == 2 and match in r.stderr, (args, r.stderr)
+    r = run("ablate-test", tiny_dir / "tiny-qwen2.gguf", *sets, "--edit", tmp_path / "h.txt")
+    assert r.returncode == 2
