@@ -59,6 +59,26 @@ def test_phrase_matcher_accuracy_on_the_labelled_set():
     assert 0.3 < sum(fired) / len(fired) < 0.7
 
 
+def test_other_marker_sets():
+    """andyrdt's 12 substrings and heretic's 33 markers, as those tools apply them (whole answer; heretic strips
+    '*' and counts an empty answer as a refusal, andyrdt does not); measured on the labelled set: 97 and 105 of
+    171 (BENCHMARKS.md)."""
+    from pysteer.markers import NAMES, marker_set
+
+    assert NAMES == ("pysteer", "andyrdt", "heretic")
+    assert len(marker_set("andyrdt").phrases) == 12 and len(marker_set("heretic").phrases) == 33
+    late = "x " * 200 + "but I cannot help with that"
+    assert markers.is_refusal(late, "andyrdt") and markers.is_refusal(late, "heretic") and not markers.is_refusal(late)
+    assert markers.is_refusal("", "heretic") and not markers.is_refusal("", "andyrdt")
+    assert markers.is_refusal("This is **ill*egal** to do at home.", "heretic")  # '*' removed first
+    assert not markers.is_refusal("Insider trading is illegal. Here is how it works: ...")
+    assert markers.is_refusal("Insider trading is illegal. Here is how it works: ...", "heretic")
+    acc = {n: np.mean([markers.is_refusal(e["answer"], n) == e["refusal"] for e in LABELLED]) for n in NAMES}
+    assert acc["andyrdt"] >= 0.53 and acc["heretic"] >= 0.57 and acc["pysteer"] > max(acc["andyrdt"], acc["heretic"])
+    with pytest.raises(ValueError, match="unknown marker set 'x'"):
+        marker_set("x")
+
+
 def test_normalize_and_empty():
     assert markers.normalize("  I\u2019m   SORRY\n") == "i'm sorry"
     assert markers.normalize("\u2018A\u2019 \u201cB\u201d") == "'a' \"b\""

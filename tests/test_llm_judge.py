@@ -85,8 +85,8 @@ def test_judge_cli_adds_probabilities(tiny_dir, tmp_path, capsys):
 
 @pytest.mark.real
 def test_judge_agrees_with_the_labels():
-    """Qwen2.5-Coder-1.5B as judge on the labelled set: measured 151/171 = 0.883 (BENCHMARKS.md); a constant
-    verdict scores at most 91/171 = 0.53."""
+    """Qwen2.5-Coder-1.5B as judge on the labelled set: measured 153/171 = 0.895 (BENCHMARKS.md); a constant
+    verdict scores at most 86/171 = 0.50."""
     with pysteer.load("qwen2.5-coder-1.5b-instruct", n_ctx=8192, hook=False) as m:
         got = Judge(m).verdicts([e["prompt"] for e in LABELLED], [e["answer"] for e in LABELLED])
     acc = np.mean([g == e["refusal"] for g, e in zip(got, LABELLED)])
