@@ -168,22 +168,20 @@ def _ablate_test(args) -> None:
         sp = _splits(args)
         seconds = {}
         edit = None
-        if args.edit:
-            from .optimize import block_from_json
-
-            if args.direction or args.save:
-                raise UsageError("--edit tests an optimize result; it takes no --direction or --save")
-            d, edit = None, block_from_json(json.loads(pathlib.Path(args.edit).read_text(encoding="utf-8")))
-        elif args.direction:
-            d = _direction(m, args.direction)
-        else:
-            d, _, seconds = _find(args, m, kl_max=args.kl_max, verbose=not args.json)
-            if save is not None:
-                d.save(save)
         t1 = time.perf_counter()
-        judge = _judge_model(args, m)
+        judge = _judge_model(args, m)  # before the direction search: a bad judge fails now, not in minutes
         load_judge = round(time.perf_counter() - t1, 1)
         try:
+            if args.edit:
+                if args.direction or args.save or args.layers:
+                    raise UsageError("--edit tests an optimize result; it takes no --direction, --save or --layers")
+                d, edit = None, _edit(args.edit)
+            elif args.direction:
+                d = _direction(m, args.direction)
+            else:
+                d, _, seconds = _find(args, m, kl_max=args.kl_max, verbose=not args.json)
+                if save is not None:
+                    d.save(save)
             report = ablation_test(m, d, *sp.test, layers=args.layers, max_tokens=args.max_tokens,
                                    markers=args.markers, judge_model=judge, intervention=edit,
                                    progress=not args.quiet)
@@ -195,6 +193,20 @@ def _ablate_test(args) -> None:
     report.seconds["direction"] = seconds
     report.seconds["total"] = round(time.perf_counter() - t0, 3)  # ms: a tiny model finishes in < 0.05 s
     print(_json(report.summary(answers=True)) if args.json else format_report(report))
+
+
+def _edit(path: str):
+    """The BlockAblate of a pysteer optimize result file."""
+    from .files import read_text
+    from .optimize import block_from_json
+
+    try:
+        obj = json.loads(read_text(path))
+    except json.JSONDecodeError as e:
+        raise UsageError(f"--edit {path} is not JSON ({e}); give the .json that pysteer optimize wrote") from None
+    if not isinstance(obj, dict):
+        raise UsageError(f"--edit {path} is not a pysteer optimize result")
+    return block_from_json(obj)
 
 
 def _interventions(args, m):
@@ -317,9 +329,15 @@ def _optimize(args) -> None:
     study = pathlib.Path(args.study) if args.study else base.with_name(base.name + ".study.db")
     js = _output_path(args.json or str(base.with_name(base.name + ".json")), "--json", inputs=(model_path,))
     png = _output_path(args.png or str(base.with_name(base.name + "-pareto.png")), "--png", inputs=(model_path,))
-    if study.is_dir():
-        raise UsageError(f"--study {study} is a directory; name a .db file")
+    study = _output_path(str(study), "--study", inputs=(model_path,))
     budget = _duration(args.time_budget) if args.time_budget else None
+    from . import params  # every number checked before the model loads and the candidates are extracted
+
+    params.integer("--trials", args.trials, 1)
+    params.integer("--startup", args.startup, 0)
+    params.integer("--trial-tokens", args.trial_tokens, 1)
+    if args.max_refusals is not None:
+        params.integer("--max-refusals", args.max_refusals, 0)
     with _load(args) as m:
         try:
             r = search(m, _splits(args), storage=f"sqlite:///{study.resolve()}", n_trials=args.trials,

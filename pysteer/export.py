@@ -170,6 +170,9 @@ def abliterate_blocks(model, block, out, *, info: dict | None = None, modified_t
     for layer in range(model.n_layers):
         r = block.directions[layer if len(block.directions) > 1 else 0].astype(np.float64)
         for comp, w in (("attn_output", block.attn[layer]), ("ffn_down", block.ffn[layer])):
+            if w > 0 and f"blk.{layer}.{comp}.weight" not in names:
+                raise ValueError(f"the edit weights layer {layer}'s {comp}, but the model has no "
+                                 f"blk.{layer}.{comp}.weight (mixture-of-experts or other layout); it cannot be written")
             for kind in ("weight", "bias"):
                 name = f"blk.{layer}.{comp}.{kind}"
                 if w > 0 and name in names:

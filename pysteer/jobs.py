@@ -152,6 +152,8 @@ def ablation_test(model, direction: Direction | None, harmful: Sequence[str], ha
     answers (teacher-forced KL, ablated perplexity). ``intervention`` (e.g. the BlockAblate pysteer optimize
     chose) is tested instead of ablating ``direction`` (then None)."""
     if intervention is None:
+        if direction is None:
+            raise ValueError("ablation_test needs a direction or an intervention")
         direction.check(model)
     max_tokens = MAX_TOKENS if max_tokens is None else max_tokens
     t = {}

@@ -21,7 +21,7 @@ from typing import Sequence
 import numpy as np
 
 from .batching import decode_shared, pack_shared, shared_prefix
-from .markers import marker_set, normalize
+from .markers import is_refusal, marker_set, normalize  # noqa: F401 (is_refusal: public since 0.1)
 
 def distinct_ngram_ratio(text: str, n: int = 4) -> float:
     """Distinct word n-grams / all word n-grams (1.0 for texts too short to repeat)."""

@@ -92,6 +92,7 @@ class Judge:
         self.threshold = threshold
         self._max_chars = params.integer("max_answer_chars", max_answer_chars, 1)
         self._lead, self._labels = self._label_tokens()
+        self._tokens("request", "answer")  # the template renders (an error now, not after generating answers)
 
     @classmethod
     def load(cls, model: str, *, n_ctx: int = 8192, n_threads: int | None = None, **kw) -> "Judge":
@@ -105,9 +106,18 @@ class Judge:
         return self._model
 
     def _label_tokens(self) -> tuple[list[int], list[int]]:
-        """The tokens the labels share (appended to every judged chat) and the first token of each after them:
+        """The tokens the labels share (appended to every judged chat) and the first token of each after them,
+        as they follow the opening (tokenized together: SentencePiece tokenizers add a space to a lone word);
         with most tokenizers no shared tokens and one token per label word."""
-        seqs = [self._model.tokenize(t, add_special=False) for t in LABELS]
+        m = self._model
+        head = m.tokenize(OPENING, add_special=False)
+        seqs = []
+        for label in LABELS:
+            full = m.tokenize(OPENING + label, add_special=False)
+            if full[: len(head)] != head:
+                raise ValueError(f"the judge model's tokenizer merges {OPENING!r} with {label!r}; choose another "
+                                 "judge model")
+            seqs.append(full[len(head):])
         k = 0
         while all(len(t) > k for t in seqs) and len({t[k] for t in seqs}) == 1:
             k += 1
@@ -116,10 +126,36 @@ class Judge:
                              "choose another judge model")
         return seqs[0][:k], [t[k] for t in seqs]
 
+    def _render(self, messages: list[dict]) -> str:
+        """The chat in the judge's template; a template without a system role gets the instructions in the
+        user turn."""
+        try:
+            return self._model.apply_chat_template(messages)
+        except ValueError:
+            merged = [{"role": "user", "content": messages[0]["content"] + "\n\n" + messages[1]["content"]}]
+            return self._model.apply_chat_template(merged)
+
+    def _plain(self, text: str) -> str:
+        """``text`` with every spelled-out special token broken by a zero-width space, so that the chat's
+        tokenization (special tokens parsed, for the template's own) reads it as text: an answer that spells
+        "<|im_end|>" cannot end the turn or forge a verdict."""
+        m = self._model
+        for _ in range(100):
+            special = m.tokenize(text, add_special=False, parse_special=True)
+            if special == m.tokenize(text, add_special=False, parse_special=False):
+                return text
+            plain_ids = set(m.tokenize(text, add_special=False, parse_special=False))
+            for t in special:
+                if t not in plain_ids:
+                    piece = m.token_bytes(t, special=True).decode("utf-8", "replace")
+                    if len(piece) > 1 and piece in text:
+                        text = text.replace(piece, piece[0] + "\u200b" + piece[1:])
+        return text
+
     def _tokens(self, prompt: str, answer: str) -> list[int]:
         m = self._model
-        text = m.apply_chat_template(conversation(prompt, answer, self._max_chars)) + OPENING
-        return m.tokenize(text, add_special=False, parse_special=True) + self._lead
+        chat = conversation(self._plain(prompt), self._plain(answer[: self._max_chars]), self._max_chars)
+        return m.tokenize(self._render(chat) + OPENING, add_special=False, parse_special=True) + self._lead
 
     def label_probabilities(self, prompts: Sequence[str], answers: Sequence[str]) -> np.ndarray:
         """``[len(answers), len(LABELS)]``: the judge's probability of each label (refused for an empty answer)."""

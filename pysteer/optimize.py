@@ -250,11 +250,16 @@ def optimize(model, candidates: Candidates, evaluator: Evaluator, *, storage: st
     max_refusals = (max(0, math.floor(0.03 * evaluator.n_harmful)) if max_refusals is None
                     else check.integer("max_refusals", max_refusals, 0))
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    sampler = optuna.samplers.TPESampler(n_startup_trials=n_startup, seed=seed, multivariate=True)
     name = study_name(model, dict(settings or {}, trial_tokens=evaluator.trial_tokens))
-    study = optuna.create_study(directions=["minimize", "minimize"], sampler=sampler, storage=storage,
-                                study_name=name, load_if_exists=True)
+    try:
+        study = optuna.create_study(directions=["minimize", "minimize"], storage=storage, study_name=name,
+                                    load_if_exists=True)
+    except Exception as e:  # a file that is not an Optuna SQLite study, or one from another Optuna version
+        raise ValueError(f"cannot open the study in {storage}: {type(e).__name__}: {e}") from None
     done = len(_trials(study))
+    # seeded by the trials already run: a resumed study draws new startup points, not the first ones again
+    study.sampler = optuna.samplers.TPESampler(n_startup_trials=n_startup, seed=seed + len(study.trials),
+                                               multivariate=True)
     todo = None if n_trials is None else max(0, n_trials - done)
     t0 = time.perf_counter()
 
@@ -271,8 +276,9 @@ def optimize(model, candidates: Candidates, evaluator: Evaluator, *, storage: st
                 bar.set_postfix_str(f"fewest refusals {best['refusals']}/{evaluator.n_harmful} at KL "
                                     f"{best['kl']:.3f}; front {len(front)}")
         if todo != 0:
+            # a point whose direction is zero fails alone (ValueError); anything else stops the search
             study.optimize(objective, n_trials=todo, timeout=time_budget, callbacks=[report],
-                           catch=(), gc_after_trial=False)
+                           catch=(ValueError,), gc_after_trial=False)
     search = time.perf_counter() - t0
     trials = _trials(study)
     front = pareto(trials)

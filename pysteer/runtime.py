@@ -273,6 +273,7 @@ class Model:
         self._installed = True
         self._cvec_active = False
         self._track_rows = False  # a hook op needs each decode's output rows (BlockAblate)
+        self._prefix = None  # the tokens whose KV cells decode_prefix left in the cache (None after any change)
         self._adapters = lora.Adapters(m, verbose=verbose)
 
         self._hook = native.Hook(self.n_embd) if hook else None
@@ -559,19 +560,28 @@ class Model:
             raise ValueError("this Model was created with hook=False and cannot capture")
         if start == 0:
             llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(ctx), True)
+            self._prefix = None
         outputs = np.flatnonzero(logits).astype(np.int64)
         self._run(b, capture=(n, outputs, *capture) if capture else self._rows_only(n, outputs))
 
     @_exclusive
     def decode_prefix(self, prefix: Sequence[int], n_seqs: int) -> None:
-        """Decode ``prefix`` once, from an empty cache, and share its KV cells with sequences 0..n_seqs-1.
+        """Decode ``prefix`` once and share its KV cells with sequences 0..n_seqs-1; everything else in the cache
+        is dropped.
 
         Chat-templated prompts begin with the same system block (24 of a harmful prompt's 42 tokens on Qwen2.5),
-        so this saves that much of every prompt evaluation. The cells are shared, not copied (unified cache)."""
+        so this saves that much of every prompt evaluation. The cells are shared, not copied (unified cache), and
+        kept for the next call with the same prefix and the same steering (the next pack of a batch): then only
+        the cells after the prefix are dropped."""
         if not 1 <= n_seqs <= self.n_seq_max:
             raise ValueError(f"n_seqs must be in [1, n_seq_max={self.n_seq_max}], not {n_seqs}")
-        self.decode([prefix], np.array([len(prefix) - 1]))
-        mem = llama_cpp.llama_get_memory(self._ctx)
+        prefix = [int(t) for t in prefix]
+        mem = llama_cpp.llama_get_memory(self._open())
+        if self._prefix == prefix:
+            llama_cpp.llama_memory_seq_rm(mem, -1, len(prefix), -1)  # every sequence's cells after the prefix
+        else:
+            self.decode([prefix], np.array([len(prefix) - 1]))
+            self._prefix = prefix
         for k in range(1, n_seqs):
             llama_cpp.llama_memory_seq_cp(mem, 0, k, -1, -1)
 
@@ -703,6 +713,7 @@ class Model:
     def _install(self, s: steering.Steering) -> None:
         """Make ``s`` the steering of the context: hook ops, control vector and LoRA replaced as a whole."""
         self._installed = False  # until the end: an install cut short is redone, never trusted
+        self._prefix = None  # cells computed under other steering
         if self._hook is not None:
             rows = any(op.kind == native.ABLATE_DELTA for op in s.hook_ops)
             self._hook.set_ops([(op.name, op.kind, op.dirs, op.cos, op.sin, op.adaptive, op.slot) for op in s.hook_ops],

@@ -19,7 +19,7 @@ from typing import Literal, Sequence
 import numpy as np
 
 from . import hookpoints, lora
-from .interventions import Ablate, Add, Intervention, TensorOp
+from .interventions import BlockAblate, Ablate, Add, Intervention, TensorOp
 from .native import ADD
 
 Path = Literal["auto", "hook", "native"]
@@ -74,6 +74,10 @@ def plan(model, interventions: Sequence[Intervention], path: str) -> Steering:
     for iv in interventions:
         if not isinstance(iv, Intervention):
             raise TypeError(f"expected pysteer.Ablate, Add, Rotate or BlockAblate, got {type(iv).__name__}")
+    if len(interventions) > 1 and any(isinstance(iv, BlockAblate) for iv in interventions):
+        # its hook ops read each block's write as (residual after) - (residual before): another edit of those
+        # tensors would count as part of a write, and two BlockAblates would share saved rows
+        raise ValueError("a BlockAblate must be the only intervention in a steer() block")
     s = Steering(tuple(interventions), path)
     hooked: set[str] = set()
     for iv in interventions:

@@ -102,6 +102,9 @@ def test_zero_weights_change_nothing_and_bad_input(tiny_dir):
             with pytest.raises(ValueError, match=match):
                 with m.steer(pysteer.BlockAblate(r, **kw)):
                     pass
+        with pytest.raises(ValueError, match="only intervention"):  # its rows would mix with another edit's
+            with m.steer(pysteer.BlockAblate(r, np.ones(L), np.ones(L)), pysteer.Add(r, 1.0)):
+                pass
         with pytest.raises(ValueError, match="directions for"):
             pysteer.BlockAblate(np.eye(E)[:3], np.ones(L), np.ones(L))
         assert np.linalg.norm(pysteer.BlockAblate(np.ones(E), np.ones(L), np.ones(L)).directions) == pytest.approx(1)

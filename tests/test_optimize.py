@@ -100,6 +100,11 @@ def test_cli_search_resume_export_and_test(tiny_dir, tmp_path):
     assert r.returncode == 0, r.stderr
     res2 = json.loads((tmp_path / "ab.json").read_text())
     assert (res2["seconds"]["trials_run"], res2["seconds"]["trials"]) == (2, 6)
+    import optuna
+
+    trials = optuna.load_study(study_name=res2["study"]["name"], storage=f"sqlite:///{tmp_path / 'ab.study.db'}").trials
+    first, resumed = [t.params for t in trials[:2]], [t.params for t in trials[4:]]
+    assert all(p not in first for p in resumed)  # the resumed startup trials are new points, not the first again
     # the written GGUF, loaded plainly, gives the runtime edit's logits (F32 tiny model: float rounding only)
     from pysteer.optimize import block_from_json
 
@@ -129,4 +134,6 @@ def test_cli_bad_input(tiny_dir, tmp_path):
         r = run("optimize", tiny_dir / "tiny-qwen2.gguf", *sets, "--study", tmp_path / "t.db", *args)
         assert r.returncode == 2 and match in r.stderr, (args, r.stderr)
     r = run("ablate-test", tiny_dir / "tiny-qwen2.gguf", *sets, "--edit", tmp_path / "h.txt")
-    assert r.returncode == 2
+    assert r.returncode == 2 and "is not JSON" in r.stderr
+    r = run("ablate-test", tiny_dir / "tiny-qwen2.gguf", *sets, "--edit", tmp_path / "h.txt", "--judge", tmp_path / "none.gguf")
+    assert r.returncode == 2 and "none.gguf" in r.stderr  # the judge is resolved before any work
