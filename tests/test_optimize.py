@@ -137,3 +137,43 @@ def test_cli_bad_input(tiny_dir, tmp_path):
     assert r.returncode == 2 and "is not JSON" in r.stderr
     r = run("ablate-test", tiny_dir / "tiny-qwen2.gguf", *sets, "--edit", tmp_path / "h.txt", "--judge", tmp_path / "none.gguf")
     assert r.returncode == 2 and "none.gguf" in r.stderr  # the judge is resolved before any work
+
+
+def test_ctrl_c_keeps_the_study(tiny_dir, tmp_path):
+    """SIGINT in the middle of a search: exit 130, the finished trials stay in the study file, and the message
+    says how to resume; the same command then continues from them."""
+    import signal
+    import time
+
+    import optuna
+
+    (tmp_path / "h.txt").write_text("\n".join(HARMFUL))
+    (tmp_path / "hl.txt").write_text("\n".join(HARMLESS))
+    db = tmp_path / "s.db"
+    args = [sys.executable, "-m", "pysteer.cli", "optimize", str(tiny_dir / "tiny-qwen2.gguf"), "--harmful",
+            str(tmp_path / "h.txt"), "--harmless", str(tmp_path / "hl.txt"), "--n-train", "6", "--n-val", "3",
+            "--n-val-harmless", "3", "-q", "--trial-tokens", "6", "--study", str(db), "--json",
+            str(tmp_path / "r.json"), "--png", str(tmp_path / "r.png")]
+    p = subprocess.Popen(args + ["--trials", "500"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def complete():
+        try:
+            names = optuna.get_all_study_names(f"sqlite:///{db}")
+            study = optuna.load_study(study_name=names[0], storage=f"sqlite:///{db}")
+            return sum(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
+        except Exception:
+            return 0
+
+    deadline = time.time() + 120
+    while complete() < 2 and time.time() < deadline and p.poll() is None:
+        time.sleep(0.2)
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=60)
+    assert p.returncode == 130, err
+    assert "run the same command again to resume" in err and not (tmp_path / "r.json").exists()
+    kept = complete()
+    assert kept >= 2
+    r = subprocess.run(args + ["--trials", str(kept + 1)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    res = json.loads((tmp_path / "r.json").read_text())
+    assert res["seconds"]["trials_run"] == 1 and res["seconds"]["trials"] == kept + 1
