@@ -129,7 +129,7 @@ def test_cli_bad_input(tiny_dir, tmp_path):
     sets = ["--harmful", tmp_path / "h.txt", "--harmless", tmp_path / "hl.txt", "--n-train", 6, "-q"]
     r = run("optimize", tiny_dir / "tiny-gemma3.gguf", *sets, "--study", tmp_path / "s.db")
     assert r.returncode == 2 and "gemma3 cannot be abliterated" in r.stderr and not (tmp_path / "s.db").exists()
-    for args, match in ((["--time-budget", "soon"], "--time-budget takes"), (["--trials", 0], "n_trials"),
+    for args, match in ((["--time-budget", "soon"], "--time-budget takes"), (["--trials", 0], "--trials must be a positive int"),
                         (["-o", tmp_path / "x.bin"], "must name a .gguf"), (["--pick", 99, "--trials", 1], "no finished trial 99")):
         r = run("optimize", tiny_dir / "tiny-qwen2.gguf", *sets, "--study", tmp_path / "t.db", *args)
         assert r.returncode == 2 and match in r.stderr, (args, r.stderr)
@@ -154,25 +154,23 @@ def test_ctrl_c_keeps_the_study(tiny_dir, tmp_path):
             str(tmp_path / "h.txt"), "--harmless", str(tmp_path / "hl.txt"), "--n-train", "6", "--n-val", "3",
             "--n-val-harmless", "3", "-q", "--trial-tokens", "6", "--study", str(db), "--json",
             str(tmp_path / "r.json"), "--png", str(tmp_path / "r.png")]
-    p = subprocess.Popen(args + ["--trials", "500"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    p = subprocess.Popen(args + ["--trials", "1000000"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
-    def complete():
-        try:
-            names = optuna.get_all_study_names(f"sqlite:///{db}")
-            study = optuna.load_study(study_name=names[0], storage=f"sqlite:///{db}")
-            return sum(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
-        except Exception:
-            return 0
+    def complete():  # read only once the searching process is gone (it keeps the file busy)
+        names = optuna.get_all_study_names(f"sqlite:///{db}")
+        study = optuna.load_study(study_name=names[0], storage=f"sqlite:///{db}")
+        return sum(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
 
     deadline = time.time() + 120
-    while complete() < 2 and time.time() < deadline and p.poll() is None:
+    while not db.exists() and time.time() < deadline and p.poll() is None:  # the study opens as the search starts
         time.sleep(0.2)
+    time.sleep(3)  # a tiny model's trials take a fraction of a second each
     p.send_signal(signal.SIGINT)
     out, err = p.communicate(timeout=60)
     assert p.returncode == 130, err
     assert "run the same command again to resume" in err and not (tmp_path / "r.json").exists()
     kept = complete()
-    assert kept >= 2
+    assert kept >= 1
     r = subprocess.run(args + ["--trials", str(kept + 1)], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     res = json.loads((tmp_path / "r.json").read_text())
