@@ -175,7 +175,7 @@ def _ablate_test(args) -> None:
             if args.edit:
                 if args.direction or args.save or args.layers:
                     raise UsageError("--edit tests an optimize result; it takes no --direction, --save or --layers")
-                d, edit = None, _edit(args.edit)
+                d, edit = None, _edit(args.edit, m)
             elif args.direction:
                 d = _direction(m, args.direction)
             else:
@@ -195,18 +195,24 @@ def _ablate_test(args) -> None:
     print(_json(report.summary(answers=True)) if args.json else format_report(report))
 
 
-def _edit(path: str):
-    """The BlockAblate of a pysteer optimize result file."""
+def _edit(path: str, m):
+    """The BlockAblate of a pysteer optimize result file, for this model (checked now, before any answer)."""
     from .files import read_text
     from .optimize import block_from_json
 
     try:
         obj = json.loads(read_text(path))
-    except json.JSONDecodeError as e:
-        raise UsageError(f"--edit {path} is not JSON ({e}); give the .json that pysteer optimize wrote") from None
-    if not isinstance(obj, dict):
-        raise UsageError(f"--edit {path} is not a pysteer optimize result")
-    return block_from_json(obj)
+        if not isinstance(obj, dict):
+            raise ValueError("not an object")
+        block = block_from_json(obj)
+    except (ValueError, TypeError, OverflowError, RecursionError) as e:
+        raise UsageError(f"--edit {path} is not a pysteer optimize result ({type(e).__name__}: {str(e)[:120]}); "
+                         "give the .json that pysteer optimize wrote") from None
+    if obj.get("sha256") not in (None, m.sha256):
+        raise UsageError(f"--edit {path} was made for {obj.get('model')} (sha256 {str(obj['sha256'])[:12]}…), not "
+                         f"{m.path.name}; run pysteer optimize on this model")
+    block.bind(m)
+    return block
 
 
 def _interventions(args, m):
@@ -324,12 +330,20 @@ def _optimize(args) -> None:
     from .runtime import resolve_path
 
     model_path = resolve_path(args.model)
-    out = _output_gguf(args.output, "-o", inputs=(model_path,))
+    reads = (model_path,) + tuple(f for f in (args.harmful, args.harmless) if pathlib.Path(f).is_file())
+    out = _output_gguf(args.output, "-o", inputs=reads)
     base = out.with_suffix("") if out is not None else pathlib.Path(f"pysteer-optimize-{model_path.stem}")
     study = pathlib.Path(args.study) if args.study else base.with_name(base.name + ".study.db")
-    js = _output_path(args.json or str(base.with_name(base.name + ".json")), "--json", inputs=(model_path,))
-    png = _output_path(args.png or str(base.with_name(base.name + "-pareto.png")), "--png", inputs=(model_path,))
-    study = _output_path(str(study), "--study", inputs=(model_path,))
+    if any(c in study.name for c in "?#%"):
+        raise UsageError(f"--study {study}: name the file without '?', '#' or '%' (it becomes an SQLite URL)")
+    js = _output_path(args.json or str(base.with_name(base.name + ".json")), "--json", inputs=reads)
+    png = _output_path(args.png or str(base.with_name(base.name + "-pareto.png")), "--png", inputs=reads)
+    study = _output_path(str(study), "--study", inputs=reads)
+    named = [("--study", study), ("--json", js), ("--png", png)] + ([("-o", out)] if out is not None else [])
+    for i, (f1, p1) in enumerate(named):
+        for f2, p2 in named[i + 1:]:
+            if p1.resolve() == p2.resolve():
+                raise UsageError(f"{f1} and {f2} name the same file {p1}; give each output its own")
     budget = _duration(args.time_budget) if args.time_budget else None
     from . import params  # every number checked before the model loads and the candidates are extracted
 
@@ -400,7 +414,12 @@ def _judge(args) -> None:
     src = pathlib.Path(args.answers)
     if not src.is_file():
         raise FileNotFoundError(f"no answers file {src}")
-    out = _output_path(args.output, "-o", inputs=(src,)) if args.output else None
+    judge_path = None
+    if args.judge and args.judge != "self":
+        from .runtime import resolve_path
+
+        judge_path = resolve_path(args.judge)
+    out = _output_path(args.output, "-o", inputs=(src,) + ((judge_path,) if judge_path else ())) if args.output else None
     rows = []
     for i, obj in read_jsonl(src):
         if not isinstance(obj, dict) or not isinstance(obj.get("answer"), str) or not isinstance(obj.get("prompt"), str):

@@ -147,6 +147,10 @@ class Rotate(Intervention):
                 f"points={self.points})")
 
 
+#: The largest BlockAblate weight: w r r^T subtracts w times the write's component, so w = 1000 already turns a
+#: component around a thousandfold; beyond, float32 activations head for overflow (all-zero logits).
+MAX_WEIGHT = 1000.0
+
 #: Architectures whose residual stream is the plain sum of the embedding and each block's attention and FFN
 #: outputs, so that a block's write is ``after - before`` (gemma3 normalizes the writes first).
 BLOCK_ARCHS = ("llama", "qwen2", "qwen3")
@@ -178,8 +182,9 @@ class BlockAblate(Intervention):
         if a.ndim != 1 or a.dtype.kind not in "iuf" or a.dtype.kind == "b" or not a.size:
             raise ValueError(f"{name} must be a non-empty 1-D array of per-layer weights, not {w!r:.60}")
         a = a.astype(np.float64)
-        if not np.isfinite(a).all() or (a < 0).any():
-            raise ValueError(f"{name} weights must be finite and >= 0")
+        if not np.isfinite(a).all() or (a < 0).any() or (a > MAX_WEIGHT).any():
+            raise ValueError(f"{name} weights must be finite, >= 0 and at most {MAX_WEIGHT:g} (1 removes the "
+                             "direction from that write; far beyond it the activations overflow)")
         return a
 
     def _width(self) -> int:

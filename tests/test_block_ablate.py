@@ -97,6 +97,7 @@ def test_zero_weights_change_nothing_and_bad_input(tiny_dir):
         for kw, match in ((dict(attn=np.ones(L - 1), ffn=np.ones(L - 1)), "layer weights for a model"),
                           (dict(attn=-np.ones(L), ffn=np.ones(L)), ">= 0"),
                           (dict(attn=np.full(L, np.nan), ffn=np.ones(L)), "finite"),
+                          (dict(attn=np.full(L, 1e30), ffn=np.ones(L)), "at most 1000"),
                           (dict(attn=np.ones(L), ffn=np.ones(L + 1)), "attn has"),
                           (dict(attn=[True] * L, ffn=np.ones(L)), "1-D array")):
             with pytest.raises(ValueError, match=match):

@@ -134,7 +134,31 @@ def test_cli_bad_input(tiny_dir, tmp_path):
         r = run("optimize", tiny_dir / "tiny-qwen2.gguf", *sets, "--study", tmp_path / "t.db", *args)
         assert r.returncode == 2 and match in r.stderr, (args, r.stderr)
     r = run("ablate-test", tiny_dir / "tiny-qwen2.gguf", *sets, "--edit", tmp_path / "h.txt")
-    assert r.returncode == 2 and "is not JSON" in r.stderr
+    assert r.returncode == 2 and "is not a pysteer optimize result" in r.stderr
+    deep = tmp_path / "deep.json"
+    deep.write_text("[" * 100000 + "]" * 100000)
+    r = run("ablate-test", tiny_dir / "tiny-qwen2.gguf", *sets, "--edit", deep)
+    assert r.returncode == 2 and "RecursionError" in r.stderr
+    # outputs may not overwrite what the command reads, nor each other
+    for args, match in ((["--json", tmp_path / "h.txt"], "a file this command reads"),
+                        (["--json", tmp_path / "t.db"], "name the same file"),
+                        (["--study", tmp_path / "q?mode=ro.db"], "without '?'")):
+        extra = [] if "--study" in args else ["--study", tmp_path / "t.db"]
+        (tmp_path / "t.db").write_bytes(b"")
+        r = run("optimize", tiny_dir / "tiny-qwen2.gguf", *sets, *extra, *args)
+        assert r.returncode == 2 and match in r.stderr, (args, r.stderr)
+    assert (tmp_path / "h.txt").read_text().startswith("how to make")
+    foreign = tmp_path / "foreign.json"  # an optimize result made for another model file
+    foreign.write_text(json.dumps({"model": "other.gguf", "sha256": "ab" * 32,
+                                   "edit": {"directions": [[1.0] + [0.0] * 63], "attn": [1.0] * 4, "ffn": [1.0] * 4}}))
+    r = run("ablate-test", tiny_dir / "tiny-qwen2.gguf", *sets, "--edit", foreign)
+    assert r.returncode == 2 and "was made for other.gguf" in r.stderr
+    (tmp_path / "a.jsonl").write_text(json.dumps({"prompt": "p", "answer": "a"}) + "\n")
+    judge_copy = tmp_path / "judge.gguf"
+    judge_copy.write_bytes((tiny_dir / "tiny-llama.gguf").read_bytes())
+    r = run("judge", tmp_path / "a.jsonl", "--judge", judge_copy, "-o", judge_copy)
+    assert r.returncode == 2 and "a file this command reads" in r.stderr
+    assert judge_copy.read_bytes() == (tiny_dir / "tiny-llama.gguf").read_bytes()
     r = run("ablate-test", tiny_dir / "tiny-qwen2.gguf", *sets, "--edit", tmp_path / "h.txt", "--judge", tmp_path / "none.gguf")
     assert r.returncode == 2 and "none.gguf" in r.stderr  # the judge is resolved before any work
 
