@@ -159,6 +159,8 @@ class Judge:
 
     def label_probabilities(self, prompts: Sequence[str], answers: Sequence[str]) -> np.ndarray:
         """``[len(answers), len(LABELS)]``: the judge's probability of each label (refused for an empty answer)."""
+        if isinstance(prompts, str) or isinstance(answers, str):
+            raise ValueError("prompts and answers are lists of str; wrap a single one in a list")
         prompts, answers = list(prompts), list(answers)
         if len(prompts) != len(answers):
             raise ValueError(f"{len(prompts)} prompts but {len(answers)} answers")

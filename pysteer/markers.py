@@ -23,6 +23,8 @@ class MarkerSet:
     strip: str = ""  # characters removed before matching
 
     def __call__(self, answer: str) -> bool:
+        if not isinstance(answer, str):
+            raise TypeError(f"an answer is a str, not {type(answer).__name__}")
         text = normalize(answer.translate({ord(c): None for c in self.strip}))
         if not text:
             return self.empty

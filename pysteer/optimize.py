@@ -18,9 +18,12 @@ validation harmless prompts.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -277,8 +280,11 @@ def optimize(model, candidates: Candidates, evaluator: Evaluator, *, storage: st
                                     f"{best['kl']:.3f}; front {len(front)}")
         if todo != 0:
             # a point whose direction is zero fails alone (ValueError); anything else stops the search
-            study.optimize(objective, n_trials=todo, timeout=time_budget, callbacks=[report],
-                           catch=(ValueError,), gc_after_trial=False)
+            with _stop_on_ctrl_c(study) as interrupted:
+                study.optimize(objective, n_trials=todo, timeout=time_budget, callbacks=[report],
+                               catch=(ValueError,), gc_after_trial=False)
+            if interrupted():
+                raise KeyboardInterrupt
     search = time.perf_counter() - t0
     trials = _trials(study)
     front = pareto(trials)
@@ -293,6 +299,28 @@ def optimize(model, candidates: Candidates, evaluator: Evaluator, *, storage: st
     block = candidates.block(Point.from_params(chosen["params"]))
     return Result(study, front, chosen, rule, block, evaluator.base, evaluator.n_harmful,
                   {"search": round(search, 1), "trials_run": len(trials) - done, "trials": len(trials)})
+
+
+@contextlib.contextmanager
+def _stop_on_ctrl_c(study):
+    """Ctrl-C lets the running trial finish and ends the search cleanly (the study file stays consistent);
+    a second Ctrl-C interrupts at once. Yields a function: was the search interrupted?"""
+    hits = []
+    if threading.current_thread() is not threading.main_thread():
+        yield lambda: False
+        return
+
+    def on_int(signum, frame):
+        hits.append(signum)
+        if len(hits) > 1:
+            raise KeyboardInterrupt
+        study.stop()
+
+    previous = signal.signal(signal.SIGINT, on_int)
+    try:
+        yield lambda: bool(hits)
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def format_front(r: Result) -> str:

@@ -77,6 +77,8 @@ def test_other_marker_sets():
     assert acc["andyrdt"] >= 0.53 and acc["heretic"] >= 0.57 and acc["pysteer"] > max(acc["andyrdt"], acc["heretic"])
     with pytest.raises(ValueError, match="unknown marker set 'x'"):
         marker_set("x")
+    with pytest.raises(TypeError, match="not NoneType"):
+        markers.is_refusal(None)
 
 
 def test_normalize_and_empty():

@@ -78,6 +78,8 @@ def test_bad_input(tiny_dir):
         with pytest.raises(ValueError, match="n_ctx=512"):
             j.probabilities(["a"], ["word " * 400])
         assert j.probabilities([], []) == []
+        with pytest.raises(ValueError, match="lists of str"):
+            j.probabilities("a request", "an answer")
 
 
 def test_judge_cli_adds_probabilities(tiny_dir, tmp_path, capsys):

@@ -190,7 +190,12 @@ def test_ctrl_c_keeps_the_study(tiny_dir, tmp_path):
         time.sleep(0.2)
     time.sleep(3)  # a tiny model's trials take a fraction of a second each
     p.send_signal(signal.SIGINT)
-    out, err = p.communicate(timeout=60)
+    try:
+        out, err = p.communicate(timeout=60)  # the running trial finishes, then the search stops
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.communicate()
     assert p.returncode == 130, err
     assert "run the same command again to resume" in err and not (tmp_path / "r.json").exists()
     kept = complete()
