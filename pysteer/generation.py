@@ -83,6 +83,7 @@ def _stream(model, tokens, max_tokens, temperature, top_p, seed, stop) -> Iterat
     with model.streaming() as token:
         seq = _Sequence(model, tokens, seed, stop)
         with model.exclusive(token):
+            steering = model.steering  # the answer is this steering's, start to end
             model.decode([tokens], np.array([len(tokens) - 1]))
             logits = model.logits_row(len(tokens) - 1)
         while True:
@@ -93,6 +94,10 @@ def _stream(model, tokens, max_tokens, temperature, top_p, seed, stop) -> Iterat
             if seq.done:
                 return
             with model.exclusive(token):
+                if model.steering is not steering:
+                    raise ValueError("the steering changed while this stream was live (its steer() block ended): "
+                                     "the rest of the answer would be steered otherwise; read the stream inside "
+                                     "the block")
                 model.decode_step([seq.tokens[-1]], [seq.pos], [0])
                 logits = model.logits_row(0)
             seq.pos += 1

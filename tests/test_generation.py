@@ -100,3 +100,16 @@ def test_real_model_answers(smollm2_path):
         assert "4" in text
         msgs = [{"role": "user", "content": "What is 2 + 2? Answer with a number."}]
         assert m.generate(msgs, max_tokens=24) == text
+
+
+def test_stream_outliving_its_steering_is_refused(model):
+    """A stream started inside steer() and read after the block ended would be half steered: it raises instead."""
+    v = np.random.default_rng(5).standard_normal(model.n_embd) * 4
+    with model.steer(pysteer.Add(v, 1.0)):
+        it = model.generate("hello there", max_tokens=20, stream=True)
+        first = next(it)
+    with pytest.raises(ValueError, match="steering changed while this stream was live"):
+        "".join(it)
+    with model.steer(pysteer.Add(v, 1.0)):  # read wholly inside its block, the same stream is whole
+        whole = "".join(model.generate("hello there", max_tokens=20, stream=True))
+    assert whole.startswith(first)
