@@ -157,9 +157,7 @@ def abliterate_blocks(model, block, out, *, info: dict | None = None, modified_t
     """Write the GGUF that carries a :class:`pysteer.BlockAblate` in its weights: ``W <- W - w_l r_l r_l^T W``
     for each layer's attn_output (weights ``block.attn``) and ffn_down (``block.ffn``), biases alike; the
     embedding and every other tensor are copied. Re-quantized as :func:`abliterate` does."""
-    from .interventions import BLOCK_ARCHS
-
-    if model.arch not in BLOCK_ARCHS:
+    if model.arch not in hookpoints.PLAIN_SUM_ARCHS:
         raise ValueError(f"{model.arch} normalizes block outputs; the weight edit would not be the runtime one")
     if len(block.attn) != model.n_layers or block.directions.shape[1] != model.n_embd:
         raise ValueError(f"the edit has {len(block.attn)} layers and width {block.directions.shape[1]}; the model "

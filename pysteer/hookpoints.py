@@ -21,6 +21,10 @@ _ARCH_NAMES = {
     "gemma3": ("inp_scaled", "sa_out"),
 }
 SUPPORTED_ARCHS = tuple(sorted(_ARCH_NAMES))
+#: Architectures whose residual stream is the plain sum of the embedding and each block's attention-output and
+#: FFN-down writes: there, editing those matrices (LoRA ablation, BlockAblate, abliteration) edits the stream
+#: exactly. gemma3 normalizes the writes before adding them.
+PLAIN_SUM_ARCHS = ("llama", "qwen2", "qwen3")
 
 
 class UnsupportedArchitectureError(ValueError):

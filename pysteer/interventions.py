@@ -151,9 +151,6 @@ class Rotate(Intervention):
 #: component around a thousandfold; beyond, float32 activations head for overflow (all-zero logits).
 MAX_WEIGHT = 1000.0
 
-#: Architectures whose residual stream is the plain sum of the embedding and each block's attention and FFN
-#: outputs, so that a block's write is ``after - before`` (gemma3 normalizes the writes first).
-BLOCK_ARCHS = ("llama", "qwen2", "qwen3")
 
 
 class BlockAblate(Intervention):
@@ -191,9 +188,9 @@ class BlockAblate(Intervention):
         return self.directions.shape[1]
 
     def _ops(self, model) -> list[TensorOp]:
-        if model.arch not in BLOCK_ARCHS:
+        if model.arch not in hookpoints.PLAIN_SUM_ARCHS:  # a block's write is then ``after - before``
             raise ValueError(f"BlockAblate needs a residual stream that is the plain sum of block outputs "
-                             f"({', '.join(BLOCK_ARCHS)}); {model.arch} normalizes them first")
+                             f"({', '.join(hookpoints.PLAIN_SUM_ARCHS)}); {model.arch} normalizes them first")
         if len(self.attn) != model.n_layers:
             raise ValueError(f"{len(self.attn)} layer weights for a model of {model.n_layers} layers")
         ops = []

@@ -18,20 +18,19 @@ import llama_cpp
 import numpy as np
 from llama_cpp._utils import suppress_stdout_stderr
 
+from . import hookpoints
 from ._pypi import cache_root
 from .files import atomic_output, gguf_output
 from .gguf_io import tensor_bytes
 
-#: Architectures whose residual stream is the plain sum of embedding, wo and ffn_down outputs.
-#: (gemma3 normalizes those outputs before adding them: orthogonalizing the weights does not ablate.)
-ARCHS = ("llama", "qwen2", "qwen3")
 _WRITERS = ("attn_output", "ffn_down")
 
 
 def unsupported_reason(model) -> str | None:
     """None when a LoRA ablation is exact for this model; otherwise why not."""
-    if model.arch not in ARCHS:
-        return f"{model.arch} adds normalized block outputs to the residual (only {', '.join(ARCHS)} qualify)"
+    if model.arch not in hookpoints.PLAIN_SUM_ARCHS:
+        return (f"{model.arch} adds normalized block outputs to the residual (only "
+                f"{', '.join(hookpoints.PLAIN_SUM_ARCHS)} qualify)")
     names = {name for name, _, _, _ in model.header.tensors}
     for i in range(model.n_layers):
         for w in _WRITERS:

@@ -33,7 +33,8 @@ from tqdm.auto import tqdm
 
 from . import params as check
 from .extraction import ExtractResult
-from .interventions import BLOCK_ARCHS, BlockAblate
+from .hookpoints import PLAIN_SUM_ARCHS
+from .interventions import BlockAblate
 from .judge import kl_divergence
 from .markers import marker_set
 
@@ -226,6 +227,12 @@ def _trials(study) -> list[dict]:
             for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
 
 
+def _check_arch(model) -> None:
+    if model.arch not in PLAIN_SUM_ARCHS:
+        raise ValueError(f"{model.arch} cannot be abliterated by the rank-1 edits this search makes (the "
+                         f"residual must be the plain sum of block outputs: {', '.join(PLAIN_SUM_ARCHS)})")
+
+
 def study_name(model, settings: dict) -> str:
     """One study per model file and search settings: a resumed run continues only a study it can extend."""
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
@@ -241,9 +248,7 @@ def optimize(model, candidates: Candidates, evaluator: Evaluator, *, storage: st
     (``pick_trial``: that trial number instead of the rule)."""
     import optuna
 
-    if model.arch not in BLOCK_ARCHS:
-        raise ValueError(f"{model.arch} cannot be abliterated by the rank-1 edits this search makes (the "
-                         f"residual must be the plain sum of block outputs: {', '.join(BLOCK_ARCHS)})")
+    _check_arch(model)
     if n_trials is not None:
         check.integer("n_trials", n_trials, 1)
     if time_budget is not None and not check.number("time_budget", time_budget) > 0:
@@ -347,9 +352,7 @@ def search(model, splits, *, storage: str, n_trials: int | None = 40, time_budge
     for ``pysteer ablate-test --edit``."""
     from .extraction import extract
 
-    if model.arch not in BLOCK_ARCHS:  # before the extraction, not after
-        raise ValueError(f"{model.arch} cannot be abliterated by the rank-1 edits this search makes (the "
-                         f"residual must be the plain sum of block outputs: {', '.join(BLOCK_ARCHS)})")
+    _check_arch(model)  # before the extraction, not after
     t0 = time.perf_counter()
     res = extract(model, *splits.train, positions=1, points=points, progress=progress)
     t1 = time.perf_counter()
