@@ -27,6 +27,25 @@ def test_kernel_by_hand():
     assert Kernel(1.0, 0.0, 0.0, 1.0).weights(3) == pytest.approx([1.0, 0.0, 0.0])
 
 
+def test_time_budget_units():
+    from pysteer.cli import UsageError, _duration
+
+    assert [_duration(x) for x in ("90", "90s", "30m", "2h", "0.5m")] == [90, 90, 1800, 7200, 30]
+    for bad in ("soon", "0", "-5m", "nanh", "inf"):
+        with pytest.raises(UsageError, match="--time-budget"):
+            _duration(bad)
+
+
+def test_export_refuses_normalized_block_outputs(tiny_dir, tmp_path):
+    from pysteer.export import abliterate_blocks
+
+    with pysteer.load(tiny_dir / "tiny-gemma3.gguf", n_ctx=256) as m:
+        block = pysteer.BlockAblate(np.eye(1, m.n_embd)[0], np.ones(m.n_layers), np.ones(m.n_layers))
+        with pytest.raises(ValueError, match="gemma3 normalizes block outputs"):
+            abliterate_blocks(m, block, tmp_path / "x.gguf", progress=False)
+    assert not (tmp_path / "x.gguf").exists()
+
+
 def test_front_and_rule_by_hand():
     t = [{"number": 0, "refusals": 5, "kl": 0.01}, {"number": 1, "refusals": 1, "kl": 0.20},
          {"number": 2, "refusals": 1, "kl": 0.05}, {"number": 3, "refusals": 0, "kl": 0.30},
