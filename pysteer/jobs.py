@@ -256,6 +256,8 @@ def _what_line(d: dict) -> str:
 
 def _disagreement_lines(r: AblationReport, width: int) -> list[str]:
     """Answers where the phrase matcher and the judge model disagree (nothing without a judge)."""
+    if r.base_harmful.judge_p is None:
+        return []
     rows = []
     for title, prompts, parts in (("harmful", r.harmful, (("base", r.base_harmful), ("ablated", r.steered_harmful))),
                                   ("harmless", r.harmless, (("base", r.base_harmless), ("ablated", r.steered_harmless)))):
@@ -264,8 +266,6 @@ def _disagreement_lines(r: AblationReport, width: int) -> list[str]:
                 rows.append(f"{title:8} {which:7} | judge p={j.judge_p[i]:.2f} {'R' if j.refused[i] else '-'} | "
                             f"{j.markers} {'R' if j.matched[i] else '-'} | {_cut(prompts[i], 30):<30} | "
                             f"{_cut(j.answers[i], width + 30)}")
-    if r.base_harmful.judge_p is None:
-        return []
     head = f"== phrase matcher ({r.base_harmful.markers}) and judge disagree on {len(rows)} answers"
     return [head] + rows + [""]
 
