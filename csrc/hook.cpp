@@ -162,32 +162,39 @@ void Hook::apply_host(const Op & op, const char * name, float * x, int64_t n_row
         cpu::apply(op.view(), x, n_rows, stride, n_embd_);
         return;
     }
-    const float * d = op.dirs.data();
-    auto dot = [&](const float * h) {
-        double s = 0.0;
-        for (int64_t i = 0; i < n_embd_; ++i) s += static_cast<double>(h[i]) * static_cast<double>(d[i]);
-        return s;
-    };
     auto & saved = saved_[static_cast<size_t>(op.slot)];
+    const auto width = static_cast<size_t>(n_embd_);
     if (op.kind == OpKind::Save) {
-        saved.resize(static_cast<size_t>(n_rows));
-        for (int64_t r = 0; r < n_rows; ++r) saved[r] = dot(x + r * stride);
+        saved.resize(static_cast<size_t>(n_rows) * width);
+        for (int64_t r = 0; r < n_rows; ++r) std::copy_n(x + r * stride, n_embd_, saved.data() + r * n_embd_);
         return;
     }
     // The residual after the block has the rows of the one before it, or, in the last layer, only the
     // output rows among them (llama.cpp prunes with inp_out_ids before the residual add).
-    const int64_t n_saved = static_cast<int64_t>(saved.size());
+    const int64_t n_saved = static_cast<int64_t>(saved.size() / width);
     const bool pruned = n_rows != n_saved;
     if (pruned && !(tracking() && ubatch_ >= 0 && n_saved == u1_ - u0_ && n_rows == o1_ - o0_)) {
         fail(std::string("tensor ") + name + " has " + std::to_string(n_rows) + " rows and its block input " +
              std::to_string(n_saved) + "; no row map for this decode");
         return;
     }
+    // The block's write y = after - before becomes y - d (d.y) (k = 1), or s * (y - a (b.y)) (k = 3: the
+    // norm-preserving edit, a row scale after a rank-1 map).
+    const float * a = op.dirs.data();
+    const float * b = op.k == 3 ? a + n_embd_ : a;
+    const float * sc = op.k == 3 ? a + 2 * n_embd_ : nullptr;
     for (int64_t r = 0; r < n_rows; ++r) {
         float * h = x + r * stride;
-        const double before = saved[pruned ? plan_.outputs[o0_ + r] - u0_ : r];
-        const auto c = static_cast<float>(dot(h) - before);
-        for (int64_t i = 0; i < n_embd_; ++i) h[i] -= c * d[i];
+        const float * before = saved.data() + (pruned ? plan_.outputs[o0_ + r] - u0_ : r) * n_embd_;
+        double c = 0.0;
+        for (int64_t i = 0; i < n_embd_; ++i)
+            c += (static_cast<double>(h[i]) - static_cast<double>(before[i])) * static_cast<double>(b[i]);
+        const auto cf = static_cast<float>(c);
+        if (sc == nullptr) {
+            for (int64_t i = 0; i < n_embd_; ++i) h[i] -= cf * a[i];
+        } else {
+            for (int64_t i = 0; i < n_embd_; ++i) h[i] = before[i] + sc[i] * ((h[i] - before[i]) - cf * a[i]);
+        }
     }
 }
 

@@ -19,7 +19,7 @@ struct Op {
     std::vector<float> dirs;  // k * n_embd
     float cos_t = 1.0f, sin_t = 0.0f;
     bool adaptive = false;
-    int64_t slot = -1;  // save / ablate_delta: which saved row values
+    int64_t slot = -1;  // save / ablate_delta: which saved rows
 
     OpView view() const { return {kind, k, dirs.data(), cos_t, sin_t, adaptive}; }
 };
@@ -95,7 +95,7 @@ class Hook {
     std::string marker_;
     std::string row_marker_;
     bool host_ops_ = false;                   // some op runs in the hook itself (save / ablate_delta)
-    std::vector<std::vector<double>> saved_;  // save: d.h per row of the last ubatch, by slot
+    std::vector<std::vector<float>> saved_;  // save: the rows of the last ubatch, by slot
     std::unordered_map<std::string, Watch> watches_;  // names fit std::string's small buffer: no allocation
     DevicePath device_path_ = DevicePath::Copy;
     std::unique_ptr<cuda::DeviceState, CudaStateDeleter> cuda_;

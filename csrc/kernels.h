@@ -7,10 +7,11 @@
 
 namespace pysteer {
 
-// save and ablate_delta are the two halves of a weighted edit of one block's write into the residual stream
-// (``y <- y - d (d.y)`` for the attention or FFN output y = after - before, d = sqrt(w) r): save keeps d.h of each
-// row of the residual before the block, ablate_delta subtracts d (d.h - saved) from the residual after it. They
-// run in the hook (host memory), not in these kernels.
+// save and ablate_delta are the two halves of an edit of one block's write into the residual stream, the
+// attention or FFN output y = after - before: save keeps the rows of the residual before the block (its vector is
+// not read), ablate_delta edits the residual after it: with one vector d = sqrt(w) r, ``y <- y - d (d.y)``; with
+// three (a, b, s), ``y <- s * (y - a (b.y))`` (the row-norm-preserving edit). They run in the hook (host memory),
+// not in these kernels.
 enum class OpKind : int { Ablate = 0, Add = 1, Rotate = 2, Save = 3, AblateDelta = 4 };
 
 // One intervention on one tensor. dirs holds k rows of n_embd floats: ablate: k orthonormal directions;

@@ -130,7 +130,8 @@ struct PyHook {
             if ((op_kind == OpKind::Add && dirs.shape(0) != 1) || (op_kind == OpKind::Rotate && dirs.shape(0) != 2))
                 throw std::invalid_argument("add takes 1 vector, rotate 2");
             if (op_kind == OpKind::Save || op_kind == OpKind::AblateDelta) {
-                if (dirs.shape(0) != 1) throw std::invalid_argument("save and ablate_delta take 1 vector");
+                if (dirs.shape(0) != 1 && !(op_kind == OpKind::AblateDelta && dirs.shape(0) == 3))
+                    throw std::invalid_argument("save takes 1 vector, ablate_delta 1 or 3");
                 if (slot < 0 || slot > (1 << 20)) throw std::invalid_argument("save and ablate_delta need a slot >= 0");
                 if (static_cast<size_t>(slot) >= saved.size()) saved.resize(static_cast<size_t>(slot) + 1, false);
                 if (op_kind == OpKind::Save) saved[slot] = true;

@@ -204,13 +204,15 @@ def _edit(path: str, m):
         obj = json.loads(read_text(path))
         if not isinstance(obj, dict):
             raise ValueError("not an object")
-        block = block_from_json(obj)
+        if obj.get("sha256") not in (None, m.sha256):  # before the row norms are read from the weights
+            raise UsageError(f"--edit {path} was made for {obj.get('model')} (sha256 {str(obj['sha256'])[:12]}…), "
+                             f"not {m.path.name}; run pysteer optimize on this model")
+        block = block_from_json(obj, m)
+    except UsageError:
+        raise
     except (ValueError, TypeError, OverflowError, RecursionError) as e:
         raise UsageError(f"--edit {path} is not a pysteer optimize result ({type(e).__name__}: {str(e)[:120]}); "
                          "give the .json that pysteer optimize wrote") from None
-    if obj.get("sha256") not in (None, m.sha256):
-        raise UsageError(f"--edit {path} was made for {obj.get('model')} (sha256 {str(obj['sha256'])[:12]}…), not "
-                         f"{m.path.name}; run pysteer optimize on this model")
     block.bind(m)
     return block
 
@@ -357,6 +359,7 @@ def _optimize(args) -> None:
             r = search(m, _splits(args), storage=f"sqlite:///{study.resolve()}", n_trials=args.trials,
                        time_budget=budget, trial_tokens=args.trial_tokens, n_startup=args.startup,
                        seed=args.seed, max_refusals=args.max_refusals, pick_trial=args.pick,
+                       preserve_norms={"search": None, "yes": True, "no": False}[args.preserve_norms],
                        progress=not args.quiet)
         except KeyboardInterrupt:
             print(f"pysteer optimize: interrupted; the finished trials are kept in {study}: run the same command "
@@ -559,6 +562,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-refusals", type=int, default=None,
                    help="the chosen point: lowest KL with at most this many refusals (default 3%% of the prompts)")
     p.add_argument("--pick", type=int, default=None, help="choose this trial number instead")
+    p.add_argument("--preserve-norms", choices=("search", "yes", "no"), default="search",
+                   help="the row-norm-preserving edit (heretic's full row normalization): searched (default), "
+                        "always or never; it reads each matrix's Gram matrix once (2 x layers x n_embd^2 floats)")
     p.add_argument("--json", metavar="FILE", help="result JSON (default OUT.json or pysteer-optimize-MODEL.json)")
     p.add_argument("--png", metavar="FILE", help="Pareto-front PNG (default OUT-pareto.png)")
     p.set_defaults(func=_optimize)

@@ -21,7 +21,7 @@ import gguf
 import numpy as np
 from tqdm.auto import tqdm
 
-from . import hookpoints, vectors
+from . import hookpoints, rownorms, vectors
 from . import native
 from .files import gguf_output
 from .gguf_io import write_control_vector as write_control_vector_file
@@ -100,10 +100,11 @@ def _quantize_rows_orthogonal(E: np.ndarray, r: np.ndarray, ty: int) -> np.ndarr
     return np.concatenate(cols, axis=1)
 
 
-def _ablated(t, r: np.ndarray, w: float, out_type: int, feedback: bool, scratch: pathlib.Path) -> np.ndarray:
-    """Tensor ``t`` with ``w`` times its component along r removed, in ``out_type`` (float32 for F32, else raw bytes), in a
-    memory-mapped file under ``scratch``: the writer holds it until the end, and a model's edited tensors
-    need not fit in RAM."""
+def _ablated(t, r: np.ndarray, w: float, out_type: int, feedback: bool, scratch: pathlib.Path,
+             write_map: np.ndarray | None = None) -> np.ndarray:
+    """Tensor ``t`` with ``w`` times its component along r removed (``write_map``: the row-norm-preserving edit
+    of :mod:`pysteer.rownorms` instead), in ``out_type`` (float32 for F32, else raw bytes), in a memory-mapped file
+    under ``scratch``: the writer holds it until the end, and a model's edited tensors need not fit in RAM."""
     ty = int(t.tensor_type)
     shape = [int(n) for n in reversed(t.shape)]  # numpy order: rows, then values per row
     n_rows, n_cols = (1, shape[0]) if len(shape) == 1 else shape
@@ -117,7 +118,7 @@ def _ablated(t, r: np.ndarray, w: float, out_type: int, feedback: bool, scratch:
 
     if len(shape) == 1:  # a bias: b - w r (r.b); one row, nothing to feed the error to
         b = _dequantize(t.data, ty, shape)
-        b -= w * r * (r @ b)
+        b = b - w * r * (r @ b) if write_map is None else rownorms.apply(b, write_map)
         dst[0] = b if f32 else native.quantize(b[None], out_type)[0]
         return dst[0]
     if t.name == "token_embd.weight":  # (n_vocab, n_embd): rows are embeddings, each edited on its own
@@ -130,7 +131,7 @@ def _ablated(t, r: np.ndarray, w: float, out_type: int, feedback: bool, scratch:
             store(rows, E, _quantize_rows_orthogonal)
         return dst
     W = _dequantize(t.data, ty, shape)  # (n_embd, n_in): outputs along the first axis
-    W -= w * np.outer(r, r @ W)
+    W = W - w * np.outer(r, r @ W) if write_map is None else rownorms.apply(W, write_map)
     store(slice(None), W, _quantize_outputs_orthogonal)
     return dst
 
@@ -146,7 +147,7 @@ def abliterate(model, vector: np.ndarray, out, *, direction_info: dict | None = 
     """
     r = vectors.checked(vector, "direction", n_embd=model.n_embd, unit=True).astype(np.float64)
     src = gguf.GGUFReader(_check_out(model, out))
-    edits = {t.name: (r, 1.0) for t in src.tensors if t.name == "token_embd.weight" or _WRITERS.fullmatch(t.name)}
+    edits = {t.name: (r, 1.0, None) for t in src.tensors if t.name == "token_embd.weight" or _WRITERS.fullmatch(t.name)}
     keys = {"abliterated": "directional ablation of one unit vector", "abliterated_direction": [float(x) for x in r]}
     keys.update({f"abliterated_{k}": str(v) for k, v in (direction_info or {}).items()})
     return _write(model, src, out, edits, keys, modified_type, error_feedback, progress)
@@ -155,27 +156,31 @@ def abliterate(model, vector: np.ndarray, out, *, direction_info: dict | None = 
 def abliterate_blocks(model, block, out, *, info: dict | None = None, modified_type: str | None = None,
                       error_feedback: bool = True, progress: bool = True) -> pathlib.Path:
     """Write the GGUF that carries a :class:`pysteer.BlockAblate` in its weights: ``W <- W - w_l r_l r_l^T W``
-    for each layer's attn_output (weights ``block.attn``) and ffn_down (``block.ffn``), biases alike; the
-    embedding and every other tensor are copied. Re-quantized as :func:`abliterate` does."""
+    for each layer's attn_output (weights ``block.attn``) and ffn_down (``block.ffn``), biases alike (the
+    row-norm-preserving edit where ``block.norms`` is set); the embedding and every other tensor are copied.
+    Re-quantized as :func:`abliterate` does."""
     if model.arch not in hookpoints.PLAIN_SUM_ARCHS:
         raise ValueError(f"{model.arch} normalizes block outputs; the weight edit would not be the runtime one")
     if len(block.attn) != model.n_layers or block.directions.shape[1] != model.n_embd:
         raise ValueError(f"the edit has {len(block.attn)} layers and width {block.directions.shape[1]}; the model "
                          f"{model.n_layers} and {model.n_embd}")
+    if block.norms is not None:
+        block.norms.check(model)
     src = gguf.GGUFReader(_check_out(model, out))
     names = {t.name for t in src.tensors}
     edits = {}
     for layer in range(model.n_layers):
         r = block.directions[layer if len(block.directions) > 1 else 0].astype(np.float64)
-        for comp, w in (("attn_output", block.attn[layer]), ("ffn_down", block.ffn[layer])):
+        for k, (comp, w) in enumerate((("attn_output", block.attn[layer]), ("ffn_down", block.ffn[layer]))):
             if w > 0 and f"blk.{layer}.{comp}.weight" not in names:
                 raise ValueError(f"the edit weights layer {layer}'s {comp}, but the model has no "
                                  f"blk.{layer}.{comp}.weight (mixture-of-experts or other layout); it cannot be written")
             for kind in ("weight", "bias"):
                 name = f"blk.{layer}.{comp}.{kind}"
                 if w > 0 and name in names:
-                    edits[name] = (r, float(w))
-    keys = {"abliterated": "weighted rank-1 edits of attn_output and ffn_down (pysteer optimize)",
+                    edits[name] = (r, float(w), None if block.norms is None else block.norms.write_map(layer, k, r, w))
+    keys = {"abliterated": "weighted rank-1 edits of attn_output and ffn_down (pysteer optimize)"
+                           + (", row norms kept" if block.norms is not None else ""),
             "abliterated_attn_weights": [float(x) for x in block.attn],
             "abliterated_ffn_weights": [float(x) for x in block.ffn]}
     keys.update({f"abliterated_{k}": str(v) for k, v in (info or {}).items()})
@@ -195,8 +200,8 @@ def _check_out(model, out) -> pathlib.Path:
 
 def _write(model, src, out, edits: dict, keys: dict, modified_type, error_feedback: bool,
            progress: bool) -> pathlib.Path:
-    """A copy of ``src`` (the model's GGUF) with the tensors of ``edits`` (name -> (r, w)) edited and re-quantized,
-    and ``pysteer.*`` keys added."""
+    """A copy of ``src`` (the model's GGUF) with the tensors of ``edits`` (name -> (r, w, write map or None))
+    edited and re-quantized, and ``pysteer.*`` keys added."""
     out = pathlib.Path(out)
     types = {t.name: int(t.tensor_type) for t in src.tensors}
     if modified_type is not None:
@@ -231,8 +236,8 @@ def _write(model, src, out, edits: dict, keys: dict, modified_type, error_feedba
             if t.name not in edits:
                 w.add_tensor(t.name, t.data, raw_dtype=t.tensor_type)
                 continue
-            r, wt = edits[t.name]
-            data = _ablated(t, r, wt, types[t.name], error_feedback, pathlib.Path(scratch))
+            r, wt, write_map = edits[t.name]
+            data = _ablated(t, r, wt, types[t.name], error_feedback, pathlib.Path(scratch), write_map)
             if data.dtype == np.uint8:
                 w.add_tensor(t.name, data, raw_dtype=gguf.GGMLQuantizationType(types[t.name]))
             else:

@@ -52,6 +52,16 @@ def tensor_bytes(path, header: Header, name: str) -> np.ndarray:
     raise KeyError(f"no tensor {name!r} in {path}")
 
 
+def matrix(path, header: Header, name: str) -> np.ndarray:
+    """One weight tensor dequantized to float64 in numpy order (rows: ggml's last dimension, e.g. a block
+    output matrix as (n_embd, n_in))."""
+    shape, typ = next(((s, t) for n, s, t, _ in header.tensors if n == name), (None, None))
+    if shape is None:
+        raise KeyError(f"no tensor {name!r} in {path}")
+    W = gguf.quants.dequantize(tensor_bytes(path, header, name), GGMLQuantizationType(typ))
+    return W.astype(np.float64).reshape([int(n) for n in reversed(shape)])
+
+
 #: ggml's GGML_MAX_DIMS: a tensor info with more dimensions is damaged.
 MAX_DIMS = 4
 

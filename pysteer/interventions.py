@@ -21,6 +21,7 @@ import numpy as np
 
 from . import hookpoints, params, vectors
 from .native import ABLATE, ABLATE_DELTA, ADD, ROTATE, SAVE
+from .rownorms import WriteGeometry
 
 
 @dataclass(frozen=True)
@@ -159,9 +160,12 @@ class BlockAblate(Intervention):
     layer l, with the unit direction ``r_l`` (one row per layer, or one direction for all). This is exactly the
     abliteration weight edit ``W <- W - w_l r_l r_l^T W`` of ``attn_output`` and ``ffn_down`` (no biases),
     applied to the activations. The hook reads each write as the residual after the block minus the one before
-    it: it keeps ``r_l . before`` per row and subtracts ``w_l r_l (r_l . after - r_l . before)``."""
+    it: it keeps the rows before the block and subtracts ``w_l r_l (r_l . (after - before))`` after it.
 
-    def __init__(self, directions, attn, ffn):
+    ``norms`` (a :class:`pysteer.rownorms.WriteGeometry` of the model): the row-norm-preserving edit instead
+    (heretic's "full" row normalization, exact), ``y <- s * (y - a (b . y))``; see :mod:`pysteer.rownorms`."""
+
+    def __init__(self, directions, attn, ffn, *, norms=None):
         d = np.asarray(directions)
         if d.ndim == 2 and d.dtype.kind in "iuf":
             self.directions = np.stack([vectors.checked(row, f"directions[{i}]", unit=True) for i, row in enumerate(d)])
@@ -172,6 +176,10 @@ class BlockAblate(Intervention):
             raise ValueError(f"attn has {len(self.attn)} layer weights, ffn {len(self.ffn)}")
         if len(self.directions) not in (1, len(self.attn)):
             raise ValueError(f"{len(self.directions)} directions for {len(self.attn)} layers: give one per layer or one")
+        if norms is not None and not isinstance(norms, WriteGeometry):
+            raise TypeError(f"norms must be a pysteer.rownorms.WriteGeometry (WriteGeometry.read(model)), not "
+                            f"{type(norms).__name__}")
+        self.norms = norms
 
     @staticmethod
     def _weights(w, name: str) -> np.ndarray:
@@ -193,6 +201,8 @@ class BlockAblate(Intervention):
                              f"({', '.join(hookpoints.PLAIN_SUM_ARCHS)}); {model.arch} normalizes them first")
         if len(self.attn) != model.n_layers:
             raise ValueError(f"{len(self.attn)} layer weights for a model of {model.n_layers} layers")
+        if self.norms is not None:
+            self.norms.check(model)
         ops = []
         for layer in range(model.n_layers):
             r = self.directions[layer if len(self.directions) > 1 else 0].astype(np.float64)
@@ -201,11 +211,12 @@ class BlockAblate(Intervention):
                 if w == 0:
                     continue
                 d = (math.sqrt(w) * r).astype(np.float32)[None, :]
-                slot = 2 * layer + k
-                ops += [TensorOp(hookpoints.tensor_name(model.arch, before, layer), SAVE, d, slot=slot),
-                        TensorOp(hookpoints.tensor_name(model.arch, after, layer), ABLATE_DELTA, d, slot=slot)]
+                edit = d if self.norms is None else self.norms.write_map(layer, k, r, w).astype(np.float32)
+                # one slot per component: layers run in order, so a slot is read before the next layer fills it
+                ops += [TensorOp(hookpoints.tensor_name(model.arch, before, layer), SAVE, d, slot=k),
+                        TensorOp(hookpoints.tensor_name(model.arch, after, layer), ABLATE_DELTA, edit, slot=k)]
         return ops
 
     def __repr__(self):
         return (f"BlockAblate({len(self.directions)} directions, attn layers {np.flatnonzero(self.attn).tolist()}, "
-                f"ffn layers {np.flatnonzero(self.ffn).tolist()})")
+                f"ffn layers {np.flatnonzero(self.ffn).tolist()}{', row norms kept' if self.norms else ''})")

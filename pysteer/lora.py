@@ -13,7 +13,6 @@ import ctypes
 import hashlib
 import pathlib
 
-import gguf
 import llama_cpp
 import numpy as np
 from llama_cpp._utils import suppress_stdout_stderr
@@ -21,7 +20,7 @@ from llama_cpp._utils import suppress_stdout_stderr
 from . import hookpoints
 from ._pypi import cache_root
 from .files import atomic_output, gguf_output
-from .gguf_io import tensor_bytes
+from .gguf_io import matrix
 
 _WRITERS = ("attn_output", "ffn_down")
 
@@ -67,7 +66,6 @@ def adapter_path(model, directions: np.ndarray, *, rebuild: bool = False) -> pat
     out.parent.mkdir(parents=True, exist_ok=True)
     R = np.asarray(directions, dtype=np.float64)
     header = model.header  # not gguf.GGUFReader: it parses the whole vocabulary (7-12 s on Qwen)
-    types = {name: (shape, typ) for name, shape, typ, _ in header.tensors}
     with gguf_output(out, model.arch) as w:
         w.add_string("general.type", "adapter")
         w.add_string("adapter.type", "lora")
@@ -76,9 +74,7 @@ def adapter_path(model, directions: np.ndarray, *, rebuild: bool = False) -> pat
         for i in range(model.n_layers):
             for name in _WRITERS:
                 tname = f"blk.{i}.{name}.weight"
-                shape, typ = types[tname]
-                W = gguf.quants.dequantize(tensor_bytes(model.path, header, tname), gguf.GGMLQuantizationType(typ))
-                W = W.astype(np.float64).reshape([int(n) for n in reversed(shape)])  # (n_embd, n_in)
+                W = matrix(model.path, header, tname)  # (n_embd, n_in)
                 w.add_tensor(f"blk.{i}.{name}.weight.lora_a", (R @ W).astype(np.float32))  # (k, n_in)
                 w.add_tensor(f"blk.{i}.{name}.weight.lora_b", (-R.T).astype(np.float32))  # (n_embd, k)
     with atomic_output(out.with_name(out.name + ".sha256")) as tmp:

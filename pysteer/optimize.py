@@ -10,7 +10,9 @@ A trial's parameters (heretic's, plus the residual point the candidates are read
   ``max_weight`` in [0.8, 1.5] at ``max_weight_position`` in [0.6, 1] x (n_layers - 1), falling linearly to
   ``min_weight = min_weight_frac x max_weight`` at ``min_weight_distance`` in [1, 0.6 (n_layers - 1)] layers,
   0 beyond: layer l's matrix gets ``W <- W - w_l r_l r_l^T W``;
-- ``point``: pre, mid or post (the candidates are class-mean differences at the last token there).
+- ``point``: pre, mid or post (the candidates are class-mean differences at the last token there);
+- ``preserve_norms``: the row-norm-preserving edit (heretic's "full" row normalization, :mod:`pysteer.rownorms`)
+  instead of the plain one; searched, or fixed by ``search(preserve_norms=...)``.
 Objectives, both minimized: refusals among the validation harmful prompts (the phrase matcher on the first
 ``trial_tokens`` tokens of each greedy answer), and the mean first-token KL(unsteered || trial) on the
 validation harmless prompts.
@@ -37,6 +39,7 @@ from .hookpoints import PLAIN_SUM_ARCHS
 from .interventions import BlockAblate
 from .judge import kl_divergence
 from .markers import marker_set
+from .rownorms import WriteGeometry
 
 SCOPES = ("global", "per layer")
 COMPONENTS = ("attn", "ffn")
@@ -65,6 +68,7 @@ class Point:
     point: str
     attn: Kernel
     ffn: Kernel
+    preserve_norms: bool = False
 
     @classmethod
     def from_params(cls, p: dict) -> "Point":
@@ -72,16 +76,18 @@ class Point:
         kern = {c: Kernel(p[f"{c}.max_weight"], p[f"{c}.max_weight_position"],
                           p[f"{c}.min_weight_frac"] * p[f"{c}.max_weight"], p[f"{c}.min_weight_distance"])
                 for c in COMPONENTS}
-        return cls(p["scope"], p["direction_index"], p["projected"], p["point"], kern["attn"], kern["ffn"])
+        return cls(p["scope"], p["direction_index"], p["projected"], p["point"], kern["attn"], kern["ffn"],
+                   p.get("preserve_norms", False))
 
 
-def suggest(trial, n_layers: int, points: Sequence[str]) -> Point:
-    """Draw a :class:`Point` from an Optuna trial."""
+def suggest(trial, n_layers: int, points: Sequence[str], norm_modes: Sequence[bool] = (False,)) -> Point:
+    """Draw a :class:`Point` from an Optuna trial (``norm_modes``: the values ``preserve_norms`` may take)."""
     last = n_layers - 1
     trial.suggest_categorical("scope", SCOPES)
     trial.suggest_float("direction_index", 0.4 * last, 0.9 * last)
     trial.suggest_categorical("projected", (False, True))
     trial.suggest_categorical("point", tuple(points))
+    trial.suggest_categorical("preserve_norms", tuple(norm_modes))
     for c in COMPONENTS:
         trial.suggest_float(f"{c}.max_weight", 0.8, 1.5)
         trial.suggest_float(f"{c}.max_weight_position", 0.6 * last, 1.0 * last)
@@ -93,10 +99,11 @@ def suggest(trial, n_layers: int, points: Sequence[str]) -> Point:
 class Candidates:
     """Per point and layer, the unit refusal direction at the last token and the unit harmless mean."""
 
-    def __init__(self, res: ExtractResult, n_layers: int):
+    def __init__(self, res: ExtractResult, n_layers: int, norms: WriteGeometry | None = None):
         if tuple(res.layers) != tuple(range(n_layers)):
             raise ValueError("the search needs candidates on every layer; extract with layers=None")
         self.points = tuple(res.points)
+        self.norms = norms  # the model's row norms, for points that keep them
         self._dirs = res.unit_directions()[:, :, -1].astype(np.float64)  # [P, L, E]
         m = res.means[1][:, :, -1].astype(np.float64)
         self._harmless = m / np.maximum(np.linalg.norm(m, axis=-1, keepdims=True), 1e-30)
@@ -124,12 +131,15 @@ class Candidates:
         L = self._dirs.shape[1]
         d = self.directions(p)
         attn, ffn = p.attn.weights(L), p.ffn.weights(L)
+        if p.preserve_norms and self.norms is None:
+            raise ValueError("this point keeps row norms; give Candidates the model's WriteGeometry")
+        norms = self.norms if p.preserve_norms else None
         if p.scope == "global":
-            return BlockAblate(d[:1], attn, ffn)
+            return BlockAblate(d[:1], attn, ffn, norms=norms)
         zero = np.linalg.norm(d, axis=-1) == 0
         d[zero] = np.eye(1, d.shape[1])[0]  # any unit vector: its weights are 0
         attn[zero] = ffn[zero] = 0.0
-        return BlockAblate(d, attn, ffn)
+        return BlockAblate(d, attn, ffn, norms=norms)
 
 
 @dataclass
@@ -185,16 +195,23 @@ class Result:
         return {"model": model.path.name, "sha256": model.sha256, "rule": self.rule, "chosen": self.chosen,
                 "front": self.front, "base_refusals": self.base_refusals, "n_harmful": self.n_harmful,
                 "seconds": self.seconds, "study": {"name": self.study.study_name},
-                "edit": {"directions": b.directions.tolist(), "attn": b.attn.tolist(), "ffn": b.ffn.tolist()}}
+                "edit": {"directions": b.directions.tolist(), "attn": b.attn.tolist(), "ffn": b.ffn.tolist(),
+                         "preserve_norms": b.norms is not None}}
 
 
-def block_from_json(obj: dict) -> BlockAblate:
-    """The chosen edit of an optimize JSON (``Result.to_json``)."""
+def block_from_json(obj: dict, model=None) -> BlockAblate:
+    """The chosen edit of an optimize JSON (``Result.to_json``); ``model`` (the one it was made for) is needed
+    when the edit keeps row norms: they are read from its weights."""
     try:
         e = obj["edit"]
-        return BlockAblate(np.asarray(e["directions"], np.float64), e["attn"], e["ffn"])
-    except (KeyError, TypeError) as ex:
+        keep = bool(e.get("preserve_norms", False))
+        directions = np.asarray(e["directions"], np.float64)
+        attn, ffn = e["attn"], e["ffn"]
+    except (KeyError, TypeError, AttributeError) as ex:
         raise ValueError(f"not a pysteer optimize result (no edit.directions/attn/ffn): {ex}") from None
+    if keep and model is None:
+        raise ValueError("this edit keeps row norms: give the model it was made for (block_from_json(obj, model))")
+    return BlockAblate(directions, attn, ffn, norms=WriteGeometry.read(model, progress=False) if keep else None)
 
 
 def pareto(trials: list[dict]) -> list[dict]:
@@ -242,10 +259,11 @@ def study_name(model, settings: dict) -> str:
 def optimize(model, candidates: Candidates, evaluator: Evaluator, *, storage: str, n_trials: int | None = 40,
              time_budget: float | None = None, n_startup: int = 10, seed: int = 0,
              max_refusals: int | None = None, pick_trial: int | None = None, settings: dict | None = None,
-             progress: bool = True) -> Result:
+             preserve_norms: bool | None = False, progress: bool = True) -> Result:
     """Run (or resume) the study in ``storage`` (an SQLAlchemy URL, e.g. ``sqlite:///study.db``) until it holds
     ``n_trials`` finished trials or ``time_budget`` seconds have passed; then the front and the chosen point
-    (``pick_trial``: that trial number instead of the rule)."""
+    (``pick_trial``: that trial number instead of the rule). ``preserve_norms``: None searches both edits, True
+    or False fixes one (keeping norms needs ``candidates.norms``)."""
     import optuna
 
     _check_arch(model)
@@ -258,7 +276,12 @@ def optimize(model, candidates: Candidates, evaluator: Evaluator, *, storage: st
     max_refusals = (max(0, math.floor(0.03 * evaluator.n_harmful)) if max_refusals is None
                     else check.integer("max_refusals", max_refusals, 0))
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    name = study_name(model, dict(settings or {}, trial_tokens=evaluator.trial_tokens))
+    if preserve_norms not in (None, False, True):
+        raise ValueError(f"preserve_norms must be None (search both), True or False, not {preserve_norms!r}")
+    norm_modes = (False, True) if preserve_norms is None else (preserve_norms,)
+    if True in norm_modes and candidates.norms is None:
+        raise ValueError("keeping row norms needs Candidates(..., norms=WriteGeometry.read(model))")
+    name = study_name(model, dict(settings or {}, trial_tokens=evaluator.trial_tokens, preserve_norms=norm_modes))
     try:
         study = optuna.create_study(directions=["minimize", "minimize"], storage=storage, study_name=name,
                                     load_if_exists=True)
@@ -272,7 +295,7 @@ def optimize(model, candidates: Candidates, evaluator: Evaluator, *, storage: st
     t0 = time.perf_counter()
 
     def objective(trial):
-        o = evaluator(candidates.block(suggest(trial, model.n_layers, candidates.points)))
+        o = evaluator(candidates.block(suggest(trial, model.n_layers, candidates.points, norm_modes)))
         return o.refusals, o.kl
 
     with tqdm(total=todo, desc="optimize", unit="trial", disable=not progress) as bar:
@@ -346,22 +369,24 @@ def format_front(r: Result) -> str:
 def search(model, splits, *, storage: str, n_trials: int | None = 40, time_budget: float | None = None,
            points: Sequence[str] = ("pre", "mid", "post"), trial_tokens: int = 32, n_startup: int = 10,
            seed: int = 0, max_refusals: int | None = None, pick_trial: int | None = None,
-           progress: bool = True) -> Result:
+           preserve_norms: bool | None = None, progress: bool = True) -> Result:
     """The whole search on a :class:`pysteer.datasets.PromptSplits`: candidates from the train split (class
     means at the last token of every layer), trials scored on the validation split; the test split is left
-    for ``pysteer ablate-test --edit``."""
+    for ``pysteer ablate-test --edit``. ``preserve_norms`` as :func:`optimize` (default: searched)."""
     from .extraction import extract
 
     _check_arch(model)  # before the extraction, not after
     t0 = time.perf_counter()
     res = extract(model, *splits.train, positions=1, points=points, progress=progress)
     t1 = time.perf_counter()
-    evaluator = Evaluator(model, *splits.val, trial_tokens=trial_tokens)
+    norms = None if preserve_norms is False else WriteGeometry.read(model, progress=progress)
     t2 = time.perf_counter()
+    evaluator = Evaluator(model, *splits.val, trial_tokens=trial_tokens)
+    t3 = time.perf_counter()
     settings = {"points": list(points), "train": [len(x) for x in splits.train], "val": [len(x) for x in splits.val],
                 "val_sha": hashlib.sha256(json.dumps(splits.val).encode()).hexdigest()[:12]}
-    r = optimize(model, Candidates(res, model.n_layers), evaluator, storage=storage, n_trials=n_trials,
+    r = optimize(model, Candidates(res, model.n_layers, norms), evaluator, storage=storage, n_trials=n_trials,
                  time_budget=time_budget, n_startup=n_startup, seed=seed, max_refusals=max_refusals,
-                 pick_trial=pick_trial, settings=settings, progress=progress)
-    r.seconds.update(extract=round(t1 - t0, 1), baseline=round(t2 - t1, 1))
+                 pick_trial=pick_trial, settings=settings, preserve_norms=preserve_norms, progress=progress)
+    r.seconds.update(extract=round(t1 - t0, 1), row_norms=round(t2 - t1, 1), baseline=round(t3 - t2, 1))
     return r

@@ -8,6 +8,7 @@ import pytest
 import pysteer
 from conftest import PROMPTS
 from reference import Weights, forward, logits_from_last_post
+from pysteer.rownorms import WriteGeometry
 
 E = 64
 
@@ -15,7 +16,7 @@ E = 64
 class EditedWeights(Weights):
     """The GGUF's weights with attn_output / ffn_down of each layer edited in float64."""
 
-    def __init__(self, path, R, attn, ffn):
+    def __init__(self, path, R, attn, ffn, *, keep_norms=False):
         super().__init__(path)
         self.edit = {}
         for l, (wa, wf) in enumerate(zip(attn, ffn)):
@@ -23,7 +24,13 @@ class EditedWeights(Weights):
             for name, wt in (("attn_output", wa), ("ffn_down", wf)):
                 key = f"blk.{l}.{name}.weight"
                 W = super().__getitem__(key)  # (n_embd, n_in)
-                self.edit[key] = W - wt * np.outer(r, r @ W)
+                if keep_norms:  # heretic's "full" row normalization, computed on the matrix itself
+                    n = np.linalg.norm(W, axis=1, keepdims=True)
+                    Wh = W / n
+                    Wh = Wh - wt * np.outer(r, r @ Wh)
+                    self.edit[key] = Wh / np.linalg.norm(Wh, axis=1, keepdims=True) * n
+                else:
+                    self.edit[key] = W - wt * np.outer(r, r @ W)
 
     def __getitem__(self, name):
         return self.edit[name] if name in self.edit else super().__getitem__(name)
@@ -39,14 +46,15 @@ def _setting(rng, n_layers, per_layer):
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
-@pytest.mark.parametrize("per_layer", [False, True])
-def test_matches_edited_weights(tiny_dir, arch, per_layer):
+@pytest.mark.parametrize("per_layer,keep_norms", [(False, False), (True, False), (False, True), (True, True)])
+def test_matches_edited_weights(tiny_dir, arch, per_layer, keep_norms):
     path = tiny_dir / f"tiny-{arch}.gguf"
     rng = np.random.default_rng(7 + per_layer)
     with pysteer.load(path, n_ctx=1024, n_ubatch=16, flash_attn=False) as m:  # several ubatches per decode
         R, attn, ffn = _setting(rng, m.n_layers, per_layer)
-        ref_w = EditedWeights(path, R, attn, ffn)
-        with m.steer(pysteer.BlockAblate(R, attn, ffn)) as s:
+        ref_w = EditedWeights(path, R, attn, ffn, keep_norms=keep_norms)
+        norms = WriteGeometry.read(m, progress=False) if keep_norms else None
+        with m.steer(pysteer.BlockAblate(R, attn, ffn, norms=norms)) as s:
             assert s.paths == ["hook"]
             got = m.logits_batch(PROMPTS[:4])[:, -1].astype(np.float64)  # packed: 4 prompts per decode
             acts = m.capture(PROMPTS[:2], positions=3)  # every point, with the pruned last layer
@@ -116,3 +124,40 @@ def test_zero_weights_change_nothing_and_bad_input(tiny_dir):
             with m.steer(pysteer.BlockAblate(np.ones(m.n_embd) / np.sqrt(m.n_embd), np.ones(m.n_layers),
                                              np.ones(m.n_layers))):
                 pass
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_norm_preserving_edit_written_and_read_back(tiny_dir, tmp_path, arch):
+    """The written GGUF of a row-norm-preserving edit gives the runtime edit's logits, every edited matrix keeps
+    its row norms, and the optimize JSON rebuilds the same edit (it needs the model to read the norms)."""
+    from pysteer.export import abliterate_blocks
+    from pysteer.gguf_io import matrix, read_header
+    from pysteer.optimize import block_from_json
+
+    path, out = tiny_dir / f"tiny-{arch}.gguf", tmp_path / "kept.gguf"
+    rng = np.random.default_rng(11)
+    with pysteer.load(path, n_ctx=1024) as m:
+        R, attn, ffn = _setting(rng, m.n_layers, True)
+        block = pysteer.BlockAblate(R, attn, ffn, norms=WriteGeometry.read(m, progress=False))
+        with m.steer(block):
+            want = m.logits_batch(PROMPTS[:4])[:, -1]
+        with m.steer(pysteer.BlockAblate(R, attn, ffn)):
+            plain = m.logits_batch(PROMPTS[:4])[:, -1]
+        obj = {"edit": {"directions": R.tolist(), "attn": attn.tolist(), "ffn": ffn.tolist(), "preserve_norms": True}}
+        with m.steer(block_from_json(obj, m)):
+            assert np.array_equal(m.logits_batch(PROMPTS[:4])[:, -1], want)
+        with pytest.raises(ValueError, match="give the model"):
+            block_from_json(obj)
+        abliterate_blocks(m, block, out, progress=False)
+    scale = np.abs(want).max()
+    assert np.abs(plain - want).max() > 1e-2 * scale  # keeping the norms is another edit
+    with pysteer.load(out, n_ctx=1024, hook=False) as m2:
+        got = m2.logits_batch(PROMPTS[:4])[:, -1]
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-3 * scale)
+    h0, h1 = read_header(path), read_header(out)
+    for layer in range(len(attn)):
+        for comp, w in (("attn_output", attn[layer]), ("ffn_down", ffn[layer])):
+            name = f"blk.{layer}.{comp}.weight"
+            W0, W1 = matrix(path, h0, name), matrix(out, h1, name)
+            np.testing.assert_allclose(np.linalg.norm(W1, axis=1), np.linalg.norm(W0, axis=1), rtol=1e-5)
+            assert np.array_equal(W0, W1) == (w == 0)

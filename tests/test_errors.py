@@ -217,9 +217,14 @@ def test_core_rejects_bad_ops():
         hook.set_ops([op("l_out-0", native.ADD, np.full((1, 8), np.inf, np.float32))])
     with pytest.raises(ValueError, match="rotate 2"):
         hook.set_ops([op("l_out-0", native.ROTATE)])
-    # save / ablate_delta: one vector, a slot, a save before the read, a row marker
-    with pytest.raises(ValueError, match="take 1 vector"):
-        hook.set_ops([op("embd", native.SAVE, np.ones((2, 8), np.float32), 0)])
+    # save / ablate_delta: one vector (ablate_delta 1 or 3), a slot, a save before the read, a row marker
+    with pytest.raises(ValueError, match="save takes 1 vector, ablate_delta 1 or 3"):
+        hook.set_ops([op("embd", native.SAVE, np.ones((3, 8), np.float32), 0)])
+    with pytest.raises(ValueError, match="save takes 1 vector, ablate_delta 1 or 3"):
+        hook.set_ops([op("embd", native.SAVE, ok, 0), op("ffn_inp-0", native.ABLATE_DELTA, np.ones((2, 8), np.float32), 0)],
+                     "embd")
+    hook.set_ops([op("embd", native.SAVE, ok, 0), op("ffn_inp-0", native.ABLATE_DELTA, np.ones((3, 8), np.float32), 0)],
+                 "embd")
     with pytest.raises(ValueError, match="slot >= 0"):
         hook.set_ops([op("embd", native.SAVE, ok, -1)])
     with pytest.raises(ValueError, match="no earlier save"):

@@ -86,6 +86,30 @@ def test_candidates(tiny):
     assert np.allclose(b.attn, Kernel(1.0, 2.0, 0.5, 2.0).weights(m.n_layers)[:] * (np.arange(m.n_layers) > 0))
 
 
+def test_searched_norm_modes(tiny, tmp_path):
+    """preserve_norms: fixed True gives only norm-keeping trials and chosen edit; searched draws both; a point
+    that keeps norms needs the model's row norms."""
+    from pysteer.optimize import optimize
+    from pysteer.rownorms import WriteGeometry
+
+    m, res = tiny
+    ev = Evaluator(m, HARMFUL[6:8], HARMLESS[6:8], trial_tokens=4)
+    with pytest.raises(ValueError, match="keeping row norms needs"):
+        optimize(m, Candidates(res, m.n_layers), ev, storage=f"sqlite:///{tmp_path / 'a.db'}", n_trials=1,
+                 preserve_norms=True, progress=False)
+    with pytest.raises(ValueError, match="WriteGeometry"):
+        Candidates(res, m.n_layers).block(Point("global", 1.5, False, "mid", Kernel(1, 2, 0.5, 2),
+                                                Kernel(1, 2, 0.5, 2), preserve_norms=True))
+    c = Candidates(res, m.n_layers, WriteGeometry.read(m, progress=False))
+    r = optimize(m, c, ev, storage=f"sqlite:///{tmp_path / 'b.db'}", n_trials=3, n_startup=3,
+                 preserve_norms=True, progress=False)
+    assert all(t.params["preserve_norms"] is True for t in r.study.trials) and r.block.norms is not None
+    assert r.to_json(m)["edit"]["preserve_norms"] is True
+    r = optimize(m, c, ev, storage=f"sqlite:///{tmp_path / 'c.db'}", n_trials=8, n_startup=8, preserve_norms=None,
+                 progress=False)
+    assert {t.params["preserve_norms"] for t in r.study.trials} == {False, True}
+
+
 def test_evaluator_counts_and_kl(tiny):
     from pysteer.judge import kl_divergence
     from pysteer.markers import is_refusal
@@ -127,9 +151,9 @@ def test_cli_search_resume_export_and_test(tiny_dir, tmp_path):
     # the written GGUF, loaded plainly, gives the runtime edit's logits (F32 tiny model: float rounding only)
     from pysteer.optimize import block_from_json
 
-    block = block_from_json(res2)
     prompts = HARMFUL[9:] + HARMLESS[9:]
     with pysteer.load(model, n_ctx=1024) as m:
+        block = block_from_json(res2, m)
         with m.steer(block):
             want = m.logits_batch(prompts)[:, -1]
         base = m.logits_batch(prompts)[:, -1]
