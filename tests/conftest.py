@@ -1,6 +1,7 @@
 import functools
 import os
 import pathlib
+import re
 
 import pytest
 
@@ -21,6 +22,18 @@ if os.environ.get("PYSTEER_TEST_THREADS"):
 
 
 ROOT = pathlib.Path(__file__).parent.parent
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``server`` (they build and run llama-server) run only when ``-m`` names them
+    (``pytest -m server``). Not an ``-m "not server"`` in addopts: any other ``-m`` (``-m "not real"``) would
+    replace it and bring them in."""
+    if re.search(r"\bserver\b", config.getoption("markexpr")):
+        return
+    server = [item for item in items if item.get_closest_marker("server")]
+    if server:
+        config.hook.pytest_deselected(items=server)
+        items[:] = [item for item in items if not item.get_closest_marker("server")]
 
 
 @pytest.fixture(scope="session")
