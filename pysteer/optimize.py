@@ -204,7 +204,9 @@ def block_from_json(obj: dict, model=None) -> BlockAblate:
     when the edit keeps row norms: they are read from its weights."""
     try:
         e = obj["edit"]
-        keep = bool(e.get("preserve_norms", False))
+        keep = e.get("preserve_norms", False)
+        if keep not in (False, True):
+            raise TypeError(f"edit.preserve_norms must be true or false, not {keep!r}")
         directions = np.asarray(e["directions"], np.float64)
         attn, ffn = e["attn"], e["ffn"]
     except (KeyError, TypeError, AttributeError) as ex:
@@ -281,7 +283,9 @@ def optimize(model, candidates: Candidates, evaluator: Evaluator, *, storage: st
     norm_modes = (False, True) if preserve_norms is None else (preserve_norms,)
     if True in norm_modes and candidates.norms is None:
         raise ValueError("keeping row norms needs Candidates(..., norms=WriteGeometry.read(model))")
-    name = study_name(model, dict(settings or {}, trial_tokens=evaluator.trial_tokens, preserve_norms=norm_modes))
+    # the plain edit alone names the study as before the norm-preserving edit existed: such studies still resume
+    extra = {} if norm_modes == (False,) else {"preserve_norms": norm_modes}
+    name = study_name(model, dict(settings or {}, trial_tokens=evaluator.trial_tokens, **extra))
     try:
         study = optuna.create_study(directions=["minimize", "minimize"], storage=storage, study_name=name,
                                     load_if_exists=True)
@@ -372,14 +376,19 @@ def search(model, splits, *, storage: str, n_trials: int | None = 40, time_budge
            preserve_norms: bool | None = None, progress: bool = True) -> Result:
     """The whole search on a :class:`pysteer.datasets.PromptSplits`: candidates from the train split (class
     means at the last token of every layer), trials scored on the validation split; the test split is left
-    for ``pysteer ablate-test --edit``. ``preserve_norms`` as :func:`optimize` (default: searched)."""
+    for ``pysteer ablate-test --edit``. ``preserve_norms`` as :func:`optimize` (default: searched, where the model has
+    every attn_output and ffn_down)."""
     from .extraction import extract
 
     _check_arch(model)  # before the extraction, not after
+    if preserve_norms is None and WriteGeometry.missing(model):
+        preserve_norms = False  # searched where the model has the matrices (not mixture-of-experts)
+    if preserve_norms not in (None, False, True):
+        raise ValueError(f"preserve_norms must be None (search both), True or False, not {preserve_norms!r}")
     t0 = time.perf_counter()
-    res = extract(model, *splits.train, positions=1, points=points, progress=progress)
-    t1 = time.perf_counter()
     norms = None if preserve_norms is False else WriteGeometry.read(model, progress=progress)
+    t1 = time.perf_counter()
+    res = extract(model, *splits.train, positions=1, points=points, progress=progress)
     t2 = time.perf_counter()
     evaluator = Evaluator(model, *splits.val, trial_tokens=trial_tokens)
     t3 = time.perf_counter()
@@ -388,5 +397,5 @@ def search(model, splits, *, storage: str, n_trials: int | None = 40, time_budge
     r = optimize(model, Candidates(res, model.n_layers, norms), evaluator, storage=storage, n_trials=n_trials,
                  time_budget=time_budget, n_startup=n_startup, seed=seed, max_refusals=max_refusals,
                  pick_trial=pick_trial, settings=settings, preserve_norms=preserve_norms, progress=progress)
-    r.seconds.update(extract=round(t1 - t0, 1), row_norms=round(t2 - t1, 1), baseline=round(t3 - t2, 1))
+    r.seconds.update(row_norms=round(t1 - t0, 1), extract=round(t2 - t1, 1), baseline=round(t3 - t2, 1))
     return r

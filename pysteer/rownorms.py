@@ -28,14 +28,21 @@ class WriteGeometry:
         self._norms = norms  # [L, 2, E]
         self._grams = grams  # [L, 2, E, E]
 
+    @staticmethod
+    def missing(model) -> list[str]:
+        """The matrices the edit needs that the model lacks (mixture-of-experts models have no ffn_down)."""
+        names = {n for n, *_ in model.header.tensors}
+        return [f"blk.{i}.{c}.weight" for i in range(model.n_layers) for c in COMPONENTS
+                if f"blk.{i}.{c}.weight" not in names]
+
     @classmethod
     def read(cls, model, *, progress: bool = True) -> "WriteGeometry":
         L, E = model.n_layers, model.n_embd
-        names = {n for n, *_ in model.header.tensors}
-        missing = [f"blk.{i}.{c}.weight" for i in range(L) for c in COMPONENTS if f"blk.{i}.{c}.weight" not in names]
+        missing = cls.missing(model)
         if missing:
             raise ValueError(f"the model has no {missing[0]} (mixture-of-experts or another layout); the "
-                             "row-norm-preserving edit needs every layer's attn_output and ffn_down")
+                             "row-norm-preserving edit needs every layer's attn_output and ffn_down (pysteer "
+                             "optimize --preserve-norms no)")
         norms = np.empty((L, 2, E), np.float64)
         grams = np.empty((L, 2, E, E), np.float32)
         for i in tqdm(range(L), desc="row norms", disable=not progress):
@@ -57,7 +64,7 @@ class WriteGeometry:
         (component 0: attn_output, 1: ffn_down)."""
         n = self._norms[layer, component]
         v = np.asarray(v, np.float64)
-        gv = self._grams[layer, component].astype(np.float64) @ v
+        gv = (self._grams[layer, component] @ v.astype(np.float32)).astype(np.float64)  # no float64 copy of G
         m2 = 1.0 - 2.0 * w * v * gv + w * w * v * v * (v @ gv)
         live = n > 0
         s = np.where(live, 1.0 / np.sqrt(np.maximum(m2, 1e-12)), 1.0)

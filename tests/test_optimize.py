@@ -89,7 +89,7 @@ def test_candidates(tiny):
 def test_searched_norm_modes(tiny, tmp_path):
     """preserve_norms: fixed True gives only norm-keeping trials and chosen edit; searched draws both; a point
     that keeps norms needs the model's row norms."""
-    from pysteer.optimize import optimize
+    from pysteer.optimize import optimize, study_name
     from pysteer.rownorms import WriteGeometry
 
     m, res = tiny
@@ -108,6 +108,15 @@ def test_searched_norm_modes(tiny, tmp_path):
     r = optimize(m, c, ev, storage=f"sqlite:///{tmp_path / 'c.db'}", n_trials=8, n_startup=8, preserve_norms=None,
                  progress=False)
     assert {t.params["preserve_norms"] for t in r.study.trials} == {False, True}
+    # the plain edit alone keeps the study name of earlier versions (their studies resume)
+    r = optimize(m, c, ev, storage=f"sqlite:///{tmp_path / 'd.db'}", n_trials=1, preserve_norms=False, progress=False)
+    assert r.study.study_name == study_name(m, {"trial_tokens": 4})
+    from pysteer.optimize import block_from_json
+
+    obj = {"edit": {"directions": [[1.0] + [0.0] * (m.n_embd - 1)], "attn": [1.0] * m.n_layers,
+                    "ffn": [1.0] * m.n_layers, "preserve_norms": "false"}}
+    with pytest.raises(ValueError, match="true or false"):
+        block_from_json(obj, m)
 
 
 def test_evaluator_counts_and_kl(tiny):
