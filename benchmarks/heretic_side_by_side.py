@@ -267,7 +267,9 @@ def main() -> int:
     scores = judged(a, splits, ev)
     text = report(a, splits, her, pys, ev, scores)
     (out / "side-by-side.md").write_text(text)
-    (out / "side-by-side.json").write_text(json.dumps({"settings": {k: v for k, v in vars(a).items()},
+    home = os.path.expanduser("~")
+    settings = {k: v.replace(home, "~") if isinstance(v, str) else v for k, v in vars(a).items()}
+    (out / "side-by-side.json").write_text(json.dumps({"settings": settings,
                                                        "heretic": {k: v for k, v in her.items()},
                                                        "pysteer": {k: v for k, v in pys.items() if k != "result"},
                                                        "heldout": ev, "scores": scores}, indent=1))
