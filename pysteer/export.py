@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from . import hookpoints, rownorms, vectors
 from . import native
 from .files import gguf_output
+from .gguf_io import dequantize
 from .gguf_io import write_control_vector as write_control_vector_file
 
 
@@ -44,10 +45,6 @@ _WRITERS = re.compile(r"blk\.\d+\.(attn_output|ffn_down)\.(weight|bias)")
 _BLOCKWISE = {"F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K",
               "IQ4_NL", "MXFP4"}
 _EMBD_CHUNK = 16384  # vocabulary rows edited at a time
-
-
-def _dequantize(data: np.ndarray, ty: int, shape) -> np.ndarray:
-    return gguf.quants.dequantize(data, gguf.GGMLQuantizationType(ty)).reshape(shape).astype(np.float64)
 
 
 def _feedback_order(energy: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -76,7 +73,7 @@ def _quantize_outputs_orthogonal(W: np.ndarray, r: np.ndarray, ty: int) -> np.nd
         if out is None:
             out = np.empty((len(W), q.shape[1]), np.uint8)
         out[g] = q
-        acc += r[g] @ (_dequantize(q, ty, target.shape) - W[g])
+        acc += r[g] @ (dequantize(q, ty, target.shape) - W[g])
         j += len(g)
     return out
 
@@ -96,7 +93,7 @@ def _quantize_rows_orthogonal(E: np.ndarray, r: np.ndarray, ty: int) -> np.ndarr
         x = E[:, b * block:(b + 1) * block].astype(np.float64)
         target = x - np.outer(acc / left[j], rb[b]) if left[j] > 0 else x
         cols[b] = native.quantize(target, ty)
-        acc += (_dequantize(cols[b], ty, x.shape) - x) @ rb[b]
+        acc += (dequantize(cols[b], ty, x.shape) - x) @ rb[b]
     return np.concatenate(cols, axis=1)
 
 
@@ -117,7 +114,7 @@ def _ablated(t, r: np.ndarray, w: float, out_type: int, feedback: bool, scratch:
         dst[rows] = x if f32 else orthogonal(x, r, out_type) if feedback else native.quantize(x, out_type)
 
     if len(shape) == 1:  # a bias: b - w r (r.b); one row, nothing to feed the error to
-        b = _dequantize(t.data, ty, shape)
+        b = dequantize(t.data, ty, shape)
         b = b - w * r * (r @ b) if write_map is None else rownorms.apply(b, write_map)
         dst[0] = b if f32 else native.quantize(b[None], out_type)[0]
         return dst[0]
@@ -130,7 +127,7 @@ def _ablated(t, r: np.ndarray, w: float, out_type: int, feedback: bool, scratch:
             E -= np.float32(w) * np.outer(E @ r32, r32)
             store(rows, E, _quantize_rows_orthogonal)
         return dst
-    W = _dequantize(t.data, ty, shape)  # (n_embd, n_in): outputs along the first axis
+    W = dequantize(t.data, ty, shape)  # (n_embd, n_in): outputs along the first axis
     W = W - w * np.outer(r, r @ W) if write_map is None else rownorms.apply(W, write_map)
     store(slice(None), W, _quantize_outputs_orthogonal)
     return dst

@@ -58,8 +58,12 @@ def matrix(path, header: Header, name: str) -> np.ndarray:
     shape, typ = next(((s, t) for n, s, t, _ in header.tensors if n == name), (None, None))
     if shape is None:
         raise KeyError(f"no tensor {name!r} in {path}")
-    W = gguf.quants.dequantize(tensor_bytes(path, header, name), GGMLQuantizationType(typ))
-    return W.astype(np.float64).reshape([int(n) for n in reversed(shape)])
+    return dequantize(tensor_bytes(path, header, name), typ, [int(n) for n in reversed(shape)])
+
+
+def dequantize(data: np.ndarray, typ: int, shape) -> np.ndarray:
+    """Raw tensor bytes (or float values) of ggml type ``typ`` as float64 of numpy ``shape``."""
+    return gguf.quants.dequantize(data, GGMLQuantizationType(typ)).reshape(shape).astype(np.float64)
 
 
 #: ggml's GGML_MAX_DIMS: a tensor info with more dimensions is damaged.

@@ -252,6 +252,13 @@ def _check_arch(model) -> None:
                          f"residual must be the plain sum of block outputs: {', '.join(PLAIN_SUM_ARCHS)})")
 
 
+def _norm_modes(preserve_norms) -> tuple:
+    """The values a trial's ``preserve_norms`` may take: None searches both."""
+    if preserve_norms not in (None, False, True):
+        raise ValueError(f"preserve_norms must be None (search both), True or False, not {preserve_norms!r}")
+    return (False, True) if preserve_norms is None else (preserve_norms,)
+
+
 def study_name(model, settings: dict) -> str:
     """One study per model file and search settings: a resumed run continues only a study it can extend."""
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
@@ -278,9 +285,7 @@ def optimize(model, candidates: Candidates, evaluator: Evaluator, *, storage: st
     max_refusals = (max(0, math.floor(0.03 * evaluator.n_harmful)) if max_refusals is None
                     else check.integer("max_refusals", max_refusals, 0))
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    if preserve_norms not in (None, False, True):
-        raise ValueError(f"preserve_norms must be None (search both), True or False, not {preserve_norms!r}")
-    norm_modes = (False, True) if preserve_norms is None else (preserve_norms,)
+    norm_modes = _norm_modes(preserve_norms)
     if True in norm_modes and candidates.norms is None:
         raise ValueError("keeping row norms needs Candidates(..., norms=WriteGeometry.read(model))")
     # the plain edit alone names the study as before the norm-preserving edit existed: such studies still resume
@@ -381,10 +386,9 @@ def search(model, splits, *, storage: str, n_trials: int | None = 40, time_budge
     from .extraction import extract
 
     _check_arch(model)  # before the extraction, not after
+    _norm_modes(preserve_norms)  # checked before the row norms are read
     if preserve_norms is None and WriteGeometry.missing(model):
         preserve_norms = False  # searched where the model has the matrices (not mixture-of-experts)
-    if preserve_norms not in (None, False, True):
-        raise ValueError(f"preserve_norms must be None (search both), True or False, not {preserve_norms!r}")
     t0 = time.perf_counter()
     norms = None if preserve_norms is False else WriteGeometry.read(model, progress=progress)
     t1 = time.perf_counter()
