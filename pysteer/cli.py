@@ -358,7 +358,7 @@ def _optimize(args) -> None:
         try:
             r = search(m, _splits(args), storage=f"sqlite:///{study.resolve()}", n_trials=args.trials,
                        time_budget=budget, trial_tokens=args.trial_tokens, n_startup=args.startup,
-                       seed=args.seed, max_refusals=args.max_refusals, pick_trial=args.pick,
+                       seed=args.seed, max_refusals=args.max_refusals, pick_trial=args.pick, markers=args.markers,
                        preserve_norms={"search": None, "yes": True, "no": False}[args.preserve_norms],
                        progress=not args.quiet)
         except KeyboardInterrupt:
@@ -544,6 +544,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.set_defaults(func=_ablate_test)
 
+    from .markers import NAMES
+
     p = sub.add_parser("optimize", help="search the abliteration that removes refusals at the least KL",
                        description="Optuna TPE over heretic's parameters (direction index and scope, per-component "
                        "weight kernels for attn_output and ffn_down) plus the residual point, each trial run at "
@@ -562,6 +564,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-refusals", type=int, default=None,
                    help="the chosen point: lowest KL with at most this many refusals (default 3%% of the prompts)")
     p.add_argument("--pick", type=int, default=None, help="choose this trial number instead")
+    p.add_argument("--markers", choices=NAMES, default="pysteer",
+                   help="marker set that counts a trial's refusals (default pysteer; heretic's to search as it does)")
     p.add_argument("--preserve-norms", choices=("search", "yes", "no"), default="search",
                    help="the row-norm-preserving edit (heretic's full row normalization): searched (default), "
                         "always or never; it reads each matrix's Gram matrix once (2 x layers x n_embd^2 floats)")

@@ -110,10 +110,15 @@ def generate(model, prompt, **kw) -> str:
 
 
 def generate_batch(model, prompts, *, max_tokens=128, temperature=0.0, top_p=1.0, seed=0, stop=(),
-                   chat_template=True, progress=False, first_logits: np.ndarray | None = None) -> list[str]:
+                   chat_template=True, progress=False, first_logits: np.ndarray | None = None,
+                   until=None) -> list[str]:
     """Continue many prompts, decoding them side by side (one token of each per llama_decode). With
-    ``first_logits`` (``[len(prompts), n_vocab]``), the next-token logits after each prompt are written there."""
+    ``first_logits`` (``[len(prompts), n_vocab]``), the next-token logits after each prompt are written there.
+    ``until(text) -> bool``: a prompt's answer ends as soon as it holds for the text so far (for a verdict that
+    more text cannot change, e.g. a refusal phrase found: the rest need not be decoded)."""
     stop = _check(max_tokens, temperature, top_p, seed, stop)
+    if until is not None and not callable(until):
+        raise ValueError(f"until must be a function of the text so far, not {until!r}")
     tokens = model.encode_prompts(prompts, chat_template=chat_template, min_tokens=1, room=max_tokens)
     out: list[str] = [""] * len(tokens)
     with model.exclusive(), tqdm(total=len(tokens), desc="generate", unit="prompt", disable=not progress) as bar:
@@ -130,6 +135,8 @@ def generate_batch(model, prompts, *, max_tokens=128, temperature=0.0, top_p=1.0
             while True:
                 for j, row in rows.items():
                     seqs[j].push(sample(model.logits_row(row), temperature, top_p, seqs[j].rng), max_tokens)
+                    if until is not None and not seqs[j].done and until(seqs[j].text):
+                        seqs[j].done = True
                 active = [j for j in rows if not seqs[j].done]
                 if not active:
                     break

@@ -23,11 +23,20 @@ class MarkerSet:
     strip: str = ""  # characters removed before matching
 
     def __call__(self, answer: str) -> bool:
+        text = self._text(answer)
+        return self._found(text) if text else self.empty
+
+    def found(self, answer: str) -> bool:
+        """A marker phrase is in the answer. Unlike the verdict (an empty answer may count), more text never
+        turns this back to False: an answer being generated is a refusal once it holds."""
+        return self._found(self._text(answer))
+
+    def _text(self, answer: str) -> str:
         if not isinstance(answer, str):
             raise TypeError(f"an answer is a str, not {type(answer).__name__}")
-        text = normalize(answer.translate({ord(c): None for c in self.strip}))
-        if not text:
-            return self.empty
+        return normalize(answer.translate({ord(c): None for c in self.strip}))
+
+    def _found(self, text: str) -> bool:
         head = text if self.head is None else text[: self.head]
         return any(p in head for p in self.phrases)
 

@@ -160,7 +160,8 @@ class Evaluator:
         self._matcher = marker_set(markers)
         with model.steer():
             self._base_logits = model.logits_batch(self._harmless)[:, -1]
-            self.base = self._count(model.generate_batch(self._harmful, max_tokens=self.trial_tokens))
+            self.base = self._count(model.generate_batch(self._harmful, max_tokens=self.trial_tokens,
+                                                         until=self._matcher.found))
 
     @property
     def n_harmful(self) -> int:
@@ -172,7 +173,9 @@ class Evaluator:
     def __call__(self, intervention) -> Objectives:
         m = self._model
         with m.steer(intervention):
-            refusals = self._count(m.generate_batch(self._harmful, max_tokens=self.trial_tokens))
+            # an answer ends once a marker is found: its verdict is settled (the count is the same)
+            refusals = self._count(m.generate_batch(self._harmful, max_tokens=self.trial_tokens,
+                                                    until=self._matcher.found))
             kl = float(kl_divergence(self._base_logits, m.logits_batch(self._harmless)[:, -1]).mean())
         return Objectives(refusals, kl)
 
@@ -378,15 +381,16 @@ def format_front(r: Result) -> str:
 def search(model, splits, *, storage: str, n_trials: int | None = 40, time_budget: float | None = None,
            points: Sequence[str] = ("pre", "mid", "post"), trial_tokens: int = 32, n_startup: int = 10,
            seed: int = 0, max_refusals: int | None = None, pick_trial: int | None = None,
-           preserve_norms: bool | None = None, progress: bool = True) -> Result:
+           preserve_norms: bool | None = None, markers: str = "pysteer", progress: bool = True) -> Result:
     """The whole search on a :class:`pysteer.datasets.PromptSplits`: candidates from the train split (class
     means at the last token of every layer), trials scored on the validation split; the test split is left
     for ``pysteer ablate-test --edit``. ``preserve_norms`` as :func:`optimize` (default: searched, where the model has
-    every attn_output and ffn_down)."""
+    every attn_output and ffn_down); ``markers``: the marker set that counts refusals."""
     from .extraction import extract
 
     _check_arch(model)  # before the extraction, not after
     _norm_modes(preserve_norms)  # checked before the row norms are read
+    marker_set(markers)  # and the marker set
     if preserve_norms is None and WriteGeometry.missing(model):
         preserve_norms = False  # searched where the model has the matrices (not mixture-of-experts)
     t0 = time.perf_counter()
@@ -394,10 +398,12 @@ def search(model, splits, *, storage: str, n_trials: int | None = 40, time_budge
     t1 = time.perf_counter()
     res = extract(model, *splits.train, positions=1, points=points, progress=progress)
     t2 = time.perf_counter()
-    evaluator = Evaluator(model, *splits.val, trial_tokens=trial_tokens)
+    evaluator = Evaluator(model, *splits.val, trial_tokens=trial_tokens, markers=markers)
     t3 = time.perf_counter()
     settings = {"points": list(points), "train": [len(x) for x in splits.train], "val": [len(x) for x in splits.val],
                 "val_sha": hashlib.sha256(json.dumps(splits.val).encode()).hexdigest()[:12]}
+    if markers != "pysteer":  # another objective, another study (the default keeps earlier studies' names)
+        settings["markers"] = markers
     r = optimize(model, Candidates(res, model.n_layers, norms), evaluator, storage=storage, n_trials=n_trials,
                  time_budget=time_budget, n_startup=n_startup, seed=seed, max_refusals=max_refusals,
                  pick_trial=pick_trial, settings=settings, preserve_norms=preserve_norms, progress=progress)

@@ -750,14 +750,15 @@ class Model:
 
     def generate_batch(self, prompts, max_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0,
                        seed: int = 0, stop: Sequence[str] = (), chat_template: Template = True,
-                       progress: bool = False, return_logits: bool = False):
+                       progress: bool = False, return_logits: bool = False, until=None):
         """Continue many prompts side by side; each prompt's sampling uses its own generator seeded ``seed``.
         With ``return_logits`` returns ``(texts, logits)``, the logits being the next-token logits after each
-        prompt, ``[len(prompts), n_vocab]`` (what the first token was sampled from)."""
+        prompt, ``[len(prompts), n_vocab]`` (what the first token was sampled from). ``until(text)``: an answer
+        ends as soon as this holds for its text so far."""
         first = np.empty((len(prompts), self.n_vocab), np.float32) if return_logits else None
         texts = generation.generate_batch(self, prompts, max_tokens=max_tokens, temperature=temperature,
                                           top_p=top_p, seed=seed, stop=stop, chat_template=chat_template,
-                                          progress=progress, first_logits=first)
+                                          progress=progress, first_logits=first, until=until)
         return (texts, first) if return_logits else texts
 
 

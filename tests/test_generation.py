@@ -1,6 +1,8 @@
 """Generation: greedy decoding follows llama.cpp's logits, batching and streaming agree with single runs,
 stop strings and sampling seeds behave, bad arguments are refused."""
 
+import codecs
+
 import numpy as np
 import pytest
 
@@ -44,6 +46,23 @@ def test_batch_generation_returns_first_token_logits(model):
     ref = model.logits_batch(PROMPTS)[:, -1]
     assert first.shape == ref.shape and texts == model.generate_batch(PROMPTS, max_tokens=4)
     np.testing.assert_allclose(first, ref, rtol=0, atol=1e-4 * np.abs(ref).max())
+
+
+def test_until_ends_each_answer_at_its_first_prefix_that_holds(model):
+    prompts = [p for p in PROMPTS if isinstance(p, str)]
+    full = model.generate_batch(prompts, max_tokens=16)
+    n = 6
+    got = model.generate_batch(prompts, max_tokens=16, until=lambda t: len(t) >= n)
+    for p, f, g in zip(prompts, full, got):
+        # the shortest token prefix whose text reaches n characters (or the whole answer)
+        toks = _greedy_tokens(model, p, 16)
+        dec, texts = codecs.getincrementaldecoder("utf-8")(errors="replace"), [""]
+        for t in toks:  # the text so far as generation holds it: a partial UTF-8 character waits for its rest
+            texts.append(texts[-1] + dec.decode(model.token_bytes(t)))
+        assert g == next((t for t in texts if len(t) >= n), f)
+    assert any(len(g) < len(f) for f, g in zip(full, got))
+    with pytest.raises(ValueError, match="until must be a function"):
+        model.generate_batch(prompts, max_tokens=4, until="sorry")
 
 
 def test_batch_generation_over_several_decodes(tiny_dir):

@@ -89,6 +89,29 @@ def test_normalize_and_empty():
     assert markers.is_refusal("x" * 290 + " I cannot do that") and not markers.is_refusal("x" * 310 + " I cannot")
 
 
+def test_found_is_monotone_and_agrees_with_the_verdict():
+    """Property (the early stop of optimize's trials rests on it): once a marker is found in a prefix of an
+    answer it is found in every longer one, and a found marker is a refusal verdict."""
+    from hypothesis import given, settings, strategies as st
+
+    pieces = st.sampled_from(["I", "'m", "\u2019m", " sorry", "  ", "\n", "can", "'t", " not", "*", "x" * 40, "Sure",
+                              ". ", "illegal", "I cannot", "As an AI"])
+
+    @settings(max_examples=400, deadline=None, database=None)
+    @given(st.lists(pieces, max_size=14), st.sampled_from(markers.NAMES))
+    def check(parts, name):
+        ms = markers.marker_set(name)
+        texts = ["".join(parts[:i]) for i in range(len(parts) + 1)]
+        seen = False
+        for t in texts:
+            f = ms.found(t)
+            assert f or not seen, (name, t)
+            assert not f or ms(t)
+            seen = seen or f
+    check()
+    assert not markers.marker_set("heretic").found("") and markers.marker_set("heretic")("")
+
+
 # -- coherence ---------------------------------------------------------------------------------------------
 
 def test_distinct_ngrams_flag_the_looping_answers():

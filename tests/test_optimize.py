@@ -133,6 +133,13 @@ def test_evaluator_counts_and_kl(tiny):
         kl = kl_divergence(base, m.logits_batch(HARMLESS[6:9])[:, -1]).mean()
     assert o.refusals == sum(map(is_refusal, answers)) and o.kl == pytest.approx(kl) and o.kl > 1e-4
     assert ev.base == sum(map(is_refusal, m.generate_batch(HARMFUL[6:9], max_tokens=8)))
+    # a marker set that fires early in some answers: trials stop those answers there, the count is the same
+    from pysteer.markers import MarkerSet, normalize
+
+    phrase = normalize(answers[0])[1:3]
+    ms = MarkerSet("test", (phrase,), None, False)
+    want = sum(map(ms, answers))
+    assert 0 < want and Evaluator(m, HARMFUL[6:9], HARMLESS[6:9], trial_tokens=8, markers=ms)(block).refusals == want
 
 
 def test_cli_search_resume_export_and_test(tiny_dir, tmp_path):
