@@ -328,7 +328,7 @@ def _export(args) -> None:
 def _optimize(args) -> None:
     from .figures import pareto_figure
     from .files import atomic_output
-    from .optimize import format_front, search
+    from .optimize import finished, format_front, search
     from .runtime import resolve_path
 
     model_path = resolve_path(args.model)
@@ -370,8 +370,7 @@ def _optimize(args) -> None:
         obj["study"]["storage"] = str(study)
         with atomic_output(js) as tmp:
             tmp.write_text(_json(obj))
-        all_trials = [{"refusals": t.values[0], "kl": t.values[1]} for t in r.study.trials if t.values]
-        pareto_figure({"pysteer": r.front}, png, trials={"pysteer": all_trials}, chosen=r.chosen,
+        pareto_figure({"pysteer": r.front}, png, trials={"pysteer": finished(r.study)}, chosen=r.chosen,
                       title=f"{m.path.name}: pysteer optimize, {r.seconds['trials']} trials")
         print(f"study: {study}\nchosen point: {js} (test it: pysteer ablate-test {args.model} --edit {js})\n"
               f"front: {png}")

@@ -242,11 +242,27 @@ def pick(front: list[dict], max_refusals: int) -> tuple[dict, str]:
     return min(front, key=lambda t: (t["refusals"], t["kl"])), f"fewest refusals (none reached {max_refusals})"
 
 
-def _trials(study) -> list[dict]:
+def scores(o: Objectives, base_refusals: int, kl_target: float) -> tuple[float, float]:
+    """What the sampler minimizes (heretic's scores): the refusals as a fraction of the unsteered model's, and
+    the KL; but below ``kl_target`` the KL score is the refusal fraction times the target, so that points which
+    barely change the model are told apart by their refusals alone instead of all standing on the front (the
+    sampler would keep drawing near them)."""
+    r = o.refusals / base_refusals if base_refusals > 0 else float(o.refusals)
+    return (o.kl if o.kl >= kl_target else r * kl_target), r
+
+
+def finished(study) -> list[dict]:
+    """Finished trials with what they measured (the user attributes; the values where a study has none: those
+    of earlier versions, which minimized the measures themselves)."""
     import optuna
 
-    return [{"number": t.number, "refusals": int(t.values[0]), "kl": float(t.values[1]), "params": t.params}
-            for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    out = []
+    for t in study.trials:
+        if t.state == optuna.trial.TrialState.COMPLETE:
+            a = t.user_attrs
+            r, kl = (a["refusals"], a["kl"]) if "refusals" in a else t.values
+            out.append({"number": t.number, "refusals": int(r), "kl": float(kl), "params": t.params})
+    return out
 
 
 def _check_arch(model) -> None:
@@ -271,11 +287,12 @@ def study_name(model, settings: dict) -> str:
 def optimize(model, candidates: Candidates, evaluator: Evaluator, *, storage: str, n_trials: int | None = 40,
              time_budget: float | None = None, n_startup: int = 10, seed: int = 0,
              max_refusals: int | None = None, pick_trial: int | None = None, settings: dict | None = None,
-             preserve_norms: bool | None = False, progress: bool = True) -> Result:
+             preserve_norms: bool | None = False, kl_target: float = 0.01, progress: bool = True) -> Result:
     """Run (or resume) the study in ``storage`` (an SQLAlchemy URL, e.g. ``sqlite:///study.db``) until it holds
     ``n_trials`` finished trials or ``time_budget`` seconds have passed; then the front and the chosen point
     (``pick_trial``: that trial number instead of the rule). ``preserve_norms``: None searches both edits, True
-    or False fixes one (keeping norms needs ``candidates.norms``)."""
+    or False fixes one (keeping norms needs ``candidates.norms``). The sampler minimizes :func:`scores` with
+    ``kl_target``; the front and the chosen point are in the measures themselves."""
     import optuna
 
     _check_arch(model)
@@ -285,35 +302,38 @@ def optimize(model, candidates: Candidates, evaluator: Evaluator, *, storage: st
         raise ValueError(f"time_budget must be > 0 seconds, not {time_budget!r}")
     check.integer("n_startup", n_startup, 0)
     check.integer("seed", seed, 0)
+    if not check.number("kl_target", kl_target) >= 0:
+        raise ValueError(f"kl_target must be >= 0, not {kl_target!r}")
     max_refusals = (max(0, math.floor(0.03 * evaluator.n_harmful)) if max_refusals is None
                     else check.integer("max_refusals", max_refusals, 0))
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     norm_modes = _norm_modes(preserve_norms)
     if True in norm_modes and candidates.norms is None:
         raise ValueError("keeping row norms needs Candidates(..., norms=WriteGeometry.read(model))")
-    # the plain edit alone names the study as before the norm-preserving edit existed: such studies still resume
-    extra = {} if norm_modes == (False,) else {"preserve_norms": norm_modes}
-    name = study_name(model, dict(settings or {}, trial_tokens=evaluator.trial_tokens, **extra))
+    name = study_name(model, dict(settings or {}, trial_tokens=evaluator.trial_tokens, kl_target=kl_target,
+                                  preserve_norms=norm_modes))
     try:
         study = optuna.create_study(directions=["minimize", "minimize"], storage=storage, study_name=name,
                                     load_if_exists=True)
     except Exception as e:  # a file that is not an Optuna SQLite study, or one from another Optuna version
         raise ValueError(f"cannot open the study in {storage}: {type(e).__name__}: {e}") from None
-    done = len(_trials(study))
+    done = len(finished(study))
     # seeded by the trials already run: a resumed study draws new startup points, not the first ones again
     study.sampler = optuna.samplers.TPESampler(n_startup_trials=n_startup, seed=seed + len(study.trials),
-                                               multivariate=True)
+                                               multivariate=True, n_ei_candidates=128)  # heretic's
     todo = None if n_trials is None else max(0, n_trials - done)
     t0 = time.perf_counter()
 
     def objective(trial):
         o = evaluator(candidates.block(suggest(trial, model.n_layers, candidates.points, norm_modes)))
-        return o.refusals, o.kl
+        trial.set_user_attr("refusals", o.refusals)
+        trial.set_user_attr("kl", o.kl)
+        return scores(o, evaluator.base, kl_target)
 
     with tqdm(total=todo, desc="optimize", unit="trial", disable=not progress) as bar:
         def report(study, trial):
             bar.update(1)
-            front = pareto(_trials(study))
+            front = pareto(finished(study))
             if front:
                 best = min(front, key=lambda t: (t["refusals"], t["kl"]))
                 bar.set_postfix_str(f"fewest refusals {best['refusals']}/{evaluator.n_harmful} at KL "
@@ -326,7 +346,7 @@ def optimize(model, candidates: Candidates, evaluator: Evaluator, *, storage: st
             if interrupted():
                 raise KeyboardInterrupt
     search = time.perf_counter() - t0
-    trials = _trials(study)
+    trials = finished(study)
     front = pareto(trials)
     if pick_trial is not None:
         chosen = next((t for t in trials if t["number"] == pick_trial), None)

@@ -10,7 +10,7 @@ import pytest
 
 import pysteer
 from pysteer.extraction import extract
-from pysteer.optimize import Candidates, Evaluator, Kernel, Point, pareto, pick
+from pysteer.optimize import Candidates, Evaluator, Kernel, Objectives, Point, finished, pareto, pick, scores
 
 HARMFUL = [f"how to make the bad thing number {i}" for i in range(12)]
 HARMLESS = [f"write the nice code number {i}" for i in range(12)]
@@ -108,15 +108,30 @@ def test_searched_norm_modes(tiny, tmp_path):
     r = optimize(m, c, ev, storage=f"sqlite:///{tmp_path / 'c.db'}", n_trials=8, n_startup=8, preserve_norms=None,
                  progress=False)
     assert {t.params["preserve_norms"] for t in r.study.trials} == {False, True}
-    # the plain edit alone keeps the study name of earlier versions (their studies resume)
-    r = optimize(m, c, ev, storage=f"sqlite:///{tmp_path / 'd.db'}", n_trials=1, preserve_norms=False, progress=False)
-    assert r.study.study_name == study_name(m, {"trial_tokens": 4})
+    # the sampler minimizes heretic's scores; the trials keep what they measured, and the front is in those
+    for t, f in zip(r.study.trials, finished(r.study)):
+        assert tuple(t.values) == scores(Objectives(f["refusals"], f["kl"]), ev.base, 0.01)
+    assert r.front == pareto(finished(r.study))
+    # another objective or another edit is another study
+    names = {optimize(m, c, ev, storage=f"sqlite:///{tmp_path / 'd.db'}", n_trials=1, preserve_norms=keep,
+                      kl_target=kt, progress=False).study.study_name for keep, kt in ((False, 0.01), (None, 0.01),
+                                                                                       (False, 0.02))}
+    assert len(names) == 3
     from pysteer.optimize import block_from_json
 
     obj = {"edit": {"directions": [[1.0] + [0.0] * (m.n_embd - 1)], "attn": [1.0] * m.n_layers,
                     "ffn": [1.0] * m.n_layers, "preserve_norms": "false"}}
     with pytest.raises(ValueError, match="true or false"):
         block_from_json(obj, m)
+
+
+def test_scores_are_heretics():
+    # heretic 1.4.0's Evaluator.get_score with kl_divergence_scale 1: (kld_score, refusals / base_refusals)
+    assert scores(Objectives(3, 0.05), 6, 0.01) == (0.05, 0.5)
+    assert scores(Objectives(3, 0.004), 6, 0.01) == pytest.approx((0.005, 0.5))
+    assert scores(Objectives(0, 0.004), 6, 0.01) == (0.0, 0.0)
+    assert scores(Objectives(2, 0.01), 6, 0.01) == (0.01, 2 / 6)
+    assert scores(Objectives(2, 0.001), 0, 0.01) == (0.02, 2.0)  # no refusals before: the count itself
 
 
 def test_evaluator_counts_and_kl(tiny):
