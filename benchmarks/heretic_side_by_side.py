@@ -101,18 +101,24 @@ def run_pysteer(a, work: pathlib.Path) -> dict:
     exe = pathlib.Path(sys.executable).with_name("pysteer")
     print(f"pysteer: {a.trials} trials ...", flush=True)
     rc, wall, rss = timed([exe, "optimize", a.model, "-o", f"{base}.gguf", "--trials", a.trials, "--startup",
-                           a.startup, "--trial-tokens", a.trial_tokens, "--seed", a.seed, "--quiet"],
+                           a.startup, "--trial-tokens", a.trial_tokens, "--seed", a.seed, "--markers", a.markers,
+                           "--quiet"],
                           work / "pysteer.log")
     if rc != 0:
         raise SystemExit(f"pysteer optimize failed (exit {rc}); see {work / 'pysteer.log'}")
     import optuna
+    from pysteer.optimize import finished
 
     res = json.loads(pathlib.Path(f"{base}.json").read_text())
     study = optuna.load_study(study_name=res["study"]["name"], storage=f"sqlite:///{base}.study.db")
-    trials = [{"number": t.number, "refusals": int(t.values[0]), "kl": float(t.values[1]),
-               "seconds": (t.datetime_complete - t.datetime_start).total_seconds()}
-              for t in study.trials if t.values]
-    return {"wall": wall, "rss_gb": rss, "result": res, "trials": trials}
+    seconds = {t.number: (t.datetime_complete - t.datetime_start).total_seconds() for t in study.trials}
+    trials = [{"number": t["number"], "refusals": t["refusals"], "kl": t["kl"], "seconds": seconds[t["number"]]}
+              for t in finished(study)]
+    import re
+
+    write = re.search(r"abliterated model: .* \((\d+) s\)", (work / "pysteer.log").read_text())
+    return {"wall": wall, "rss_gb": rss, "result": res, "trials": trials,
+            "write_s": float(write.group(1)) if write else None}
 
 
 def heldout(a, work: pathlib.Path, splits, her: dict, pys: dict) -> dict:
@@ -186,6 +192,8 @@ def report(a, splits, her, pys, ev, scores) -> str:
              "| | pysteer | heretic |", "|---|---|---|",
              f"| wall time, whole run | {pys['wall']:.0f} s | {her['wall']:.0f} s |",
              f"| ratio | 1 | {her['wall'] / pys['wall']:.1f}x |",
+             f"| wall time without writing the model (heretic writes none) | {pys['wall'] - (pys.get('write_s') or 0):.0f} s "
+             f"| {her['wall'] / (pys['wall'] - (pys.get('write_s') or 0)):.1f}x |",
              f"| seconds per trial, median | {med([t['seconds'] for t in pys['trials']]):.1f} | "
              f"{med([t['seconds'] for t in her['trials']]):.1f} |",
              f"| peak RSS | {pys['rss_gb']:.2f} GB | {her['rss_gb']:.2f} GB |",
@@ -237,6 +245,8 @@ def main() -> int:
     ap.add_argument("--batch-size", type=int, default=32, help="heretic's batch size (its automatic search "
                     "tries batches up to 128 of generation, minutes on CPU)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--markers", default="heretic", help="marker set pysteer's trials count refusals with "
+                    "(default heretic: heretic's trials count with its markers, so the fronts are comparable)")
     ap.add_argument("--judge", default="qwen2.5-coder-1.5b-instruct", help="judge model ('' for none)")
     ap.add_argument("--work", default=os.path.expanduser("~/.cache/pysteer/heretic-bench"))
     ap.add_argument("--out", default=str(HERE / "results" / "heretic-side-by-side"))

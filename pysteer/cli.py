@@ -354,12 +354,16 @@ def _optimize(args) -> None:
     params.integer("--trial-tokens", args.trial_tokens, 1)
     if args.max_refusals is not None:
         params.integer("--max-refusals", args.max_refusals, 0)
+    from .hookpoints import check_points
+
+    points = check_points(args.points.split(","))
     with _load(args) as m:
         try:
             r = search(m, _splits(args), storage=f"sqlite:///{study.resolve()}", n_trials=args.trials,
                        time_budget=budget, trial_tokens=args.trial_tokens, n_startup=args.startup,
                        seed=args.seed, max_refusals=args.max_refusals, pick_trial=args.pick, markers=args.markers,
-                       preserve_norms={"search": None, "yes": True, "no": False}[args.preserve_norms],
+                       preserve_norms=_choice(args.preserve_norms), projected=_choice(args.projected),
+                       points=points,
                        progress=not args.quiet)
         except KeyboardInterrupt:
             print(f"pysteer optimize: interrupted; the finished trials are kept in {study}: run the same command "
@@ -381,6 +385,11 @@ def _optimize(args) -> None:
             abliterate_blocks(m, r.block, out, info={"trial": r.chosen["number"]}, progress=not args.quiet)
             print(f"abliterated model: {out} ({time.perf_counter() - t0:.0f} s)")
     print("seconds: " + ", ".join(f"{k} {v}" for k, v in r.seconds.items()))
+
+
+def _choice(arg: str):
+    """search/yes/no -> None/True/False."""
+    return {"search": None, "yes": True, "no": False}[arg]
 
 
 def _duration(spec: str) -> float:
@@ -565,6 +574,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pick", type=int, default=None, help="choose this trial number instead")
     p.add_argument("--markers", choices=NAMES, default="pysteer",
                    help="marker set that counts a trial's refusals (default pysteer; heretic's to search as it does)")
+    p.add_argument("--points", default="post", help="residual point(s) the candidate directions are read at, "
+                   "comma-separated (pre, mid, post; several are searched; default post, as heretic)")
+    p.add_argument("--projected", choices=("search", "yes", "no"), default="yes",
+                   help="remove the direction's component along the harmless mean (heretic's projection): always "
+                        "(default, as heretic), searched or never")
     p.add_argument("--preserve-norms", choices=("search", "yes", "no"), default="search",
                    help="the row-norm-preserving edit (heretic's full row normalization): searched (default), "
                         "always or never; it reads each matrix's Gram matrix once (2 x layers x n_embd^2 floats)")

@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 
 from . import params as check
 from .extraction import ExtractResult
-from .hookpoints import PLAIN_SUM_ARCHS
+from .hookpoints import PLAIN_SUM_ARCHS, check_points
 from .interventions import BlockAblate
 from .judge import kl_divergence
 from .markers import marker_set
@@ -80,12 +80,14 @@ class Point:
                    p.get("preserve_norms", False))
 
 
-def suggest(trial, n_layers: int, points: Sequence[str], norm_modes: Sequence[bool] = (False,)) -> Point:
-    """Draw a :class:`Point` from an Optuna trial (``norm_modes``: the values ``preserve_norms`` may take)."""
+def suggest(trial, n_layers: int, points: Sequence[str], norm_modes: Sequence[bool] = (False,),
+            projected_modes: Sequence[bool] = (False, True)) -> Point:
+    """Draw a :class:`Point` from an Optuna trial (``norm_modes``, ``projected_modes``: the values
+    ``preserve_norms`` and ``projected`` may take)."""
     last = n_layers - 1
     trial.suggest_categorical("scope", SCOPES)
     trial.suggest_float("direction_index", 0.4 * last, 0.9 * last)
-    trial.suggest_categorical("projected", (False, True))
+    trial.suggest_categorical("projected", tuple(projected_modes))
     trial.suggest_categorical("point", tuple(points))
     trial.suggest_categorical("preserve_norms", tuple(norm_modes))
     for c in COMPONENTS:
@@ -271,11 +273,11 @@ def _check_arch(model) -> None:
                          f"residual must be the plain sum of block outputs: {', '.join(PLAIN_SUM_ARCHS)})")
 
 
-def _norm_modes(preserve_norms) -> tuple:
-    """The values a trial's ``preserve_norms`` may take: None searches both."""
-    if preserve_norms not in (None, False, True):
-        raise ValueError(f"preserve_norms must be None (search both), True or False, not {preserve_norms!r}")
-    return (False, True) if preserve_norms is None else (preserve_norms,)
+def modes(name: str, value) -> tuple:
+    """The values a trial's yes/no parameter ``name`` may take: None searches both."""
+    if value not in (None, False, True):
+        raise ValueError(f"{name} must be None (search both), True or False, not {value!r}")
+    return (False, True) if value is None else (value,)
 
 
 def study_name(model, settings: dict) -> str:
@@ -287,11 +289,13 @@ def study_name(model, settings: dict) -> str:
 def optimize(model, candidates: Candidates, evaluator: Evaluator, *, storage: str, n_trials: int | None = 40,
              time_budget: float | None = None, n_startup: int = 10, seed: int = 0,
              max_refusals: int | None = None, pick_trial: int | None = None, settings: dict | None = None,
-             preserve_norms: bool | None = False, kl_target: float = 0.01, progress: bool = True) -> Result:
+             preserve_norms: bool | None = False, projected: bool | None = True, kl_target: float = 0.01,
+             progress: bool = True) -> Result:
     """Run (or resume) the study in ``storage`` (an SQLAlchemy URL, e.g. ``sqlite:///study.db``) until it holds
     ``n_trials`` finished trials or ``time_budget`` seconds have passed; then the front and the chosen point
     (``pick_trial``: that trial number instead of the rule). ``preserve_norms``: None searches both edits, True
-    or False fixes one (keeping norms needs ``candidates.norms``). The sampler minimizes :func:`scores` with
+    or False fixes one (keeping norms needs ``candidates.norms``); ``projected`` likewise (default: heretic's
+    projection always). The sampler minimizes :func:`scores` with
     ``kl_target``; the front and the chosen point are in the measures themselves."""
     import optuna
 
@@ -307,11 +311,11 @@ def optimize(model, candidates: Candidates, evaluator: Evaluator, *, storage: st
     max_refusals = (max(0, math.floor(0.03 * evaluator.n_harmful)) if max_refusals is None
                     else check.integer("max_refusals", max_refusals, 0))
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    norm_modes = _norm_modes(preserve_norms)
+    norm_modes, projected_modes = modes("preserve_norms", preserve_norms), modes("projected", projected)
     if True in norm_modes and candidates.norms is None:
         raise ValueError("keeping row norms needs Candidates(..., norms=WriteGeometry.read(model))")
     name = study_name(model, dict(settings or {}, trial_tokens=evaluator.trial_tokens, kl_target=kl_target,
-                                  preserve_norms=norm_modes))
+                                  preserve_norms=norm_modes, projected=projected_modes))
     try:
         study = optuna.create_study(directions=["minimize", "minimize"], storage=storage, study_name=name,
                                     load_if_exists=True)
@@ -325,7 +329,7 @@ def optimize(model, candidates: Candidates, evaluator: Evaluator, *, storage: st
     t0 = time.perf_counter()
 
     def objective(trial):
-        o = evaluator(candidates.block(suggest(trial, model.n_layers, candidates.points, norm_modes)))
+        o = evaluator(candidates.block(suggest(trial, model.n_layers, candidates.points, norm_modes, projected_modes)))
         trial.set_user_attr("refusals", o.refusals)
         trial.set_user_attr("kl", o.kl)
         return scores(o, evaluator.base, kl_target)
@@ -399,17 +403,21 @@ def format_front(r: Result) -> str:
 
 
 def search(model, splits, *, storage: str, n_trials: int | None = 40, time_budget: float | None = None,
-           points: Sequence[str] = ("pre", "mid", "post"), trial_tokens: int = 32, n_startup: int = 10,
+           points: Sequence[str] = ("post",), trial_tokens: int = 32, n_startup: int = 10,
            seed: int = 0, max_refusals: int | None = None, pick_trial: int | None = None,
-           preserve_norms: bool | None = None, markers: str = "pysteer", progress: bool = True) -> Result:
+           preserve_norms: bool | None = None, projected: bool | None = True, markers: str = "pysteer",
+           progress: bool = True) -> Result:
     """The whole search on a :class:`pysteer.datasets.PromptSplits`: candidates from the train split (class
     means at the last token of every layer), trials scored on the validation split; the test split is left
     for ``pysteer ablate-test --edit``. ``preserve_norms`` as :func:`optimize` (default: searched, where the model has
-    every attn_output and ffn_down); ``markers``: the marker set that counts refusals."""
+    every attn_output and ffn_down), ``projected`` too; ``points``: the residual points the candidates are read
+    at (searched when several); ``markers``: the marker set that counts refusals."""
     from .extraction import extract
 
     _check_arch(model)  # before the extraction, not after
-    _norm_modes(preserve_norms)  # checked before the row norms are read
+    modes("preserve_norms", preserve_norms)  # checked before the row norms are read
+    modes("projected", projected)
+    points = check_points(points)
     marker_set(markers)  # and the marker set
     if preserve_norms is None and WriteGeometry.missing(model):
         preserve_norms = False  # searched where the model has the matrices (not mixture-of-experts)
@@ -420,12 +428,11 @@ def search(model, splits, *, storage: str, n_trials: int | None = 40, time_budge
     t2 = time.perf_counter()
     evaluator = Evaluator(model, *splits.val, trial_tokens=trial_tokens, markers=markers)
     t3 = time.perf_counter()
-    settings = {"points": list(points), "train": [len(x) for x in splits.train], "val": [len(x) for x in splits.val],
-                "val_sha": hashlib.sha256(json.dumps(splits.val).encode()).hexdigest()[:12]}
-    if markers != "pysteer":  # another objective, another study (the default keeps earlier studies' names)
-        settings["markers"] = markers
+    settings = {"points": list(points), "markers": markers, "train": [len(x) for x in splits.train],
+                "val": [len(x) for x in splits.val], "val_sha": hashlib.sha256(json.dumps(splits.val).encode()).hexdigest()[:12]}
     r = optimize(model, Candidates(res, model.n_layers, norms), evaluator, storage=storage, n_trials=n_trials,
                  time_budget=time_budget, n_startup=n_startup, seed=seed, max_refusals=max_refusals,
-                 pick_trial=pick_trial, settings=settings, preserve_norms=preserve_norms, progress=progress)
+                 pick_trial=pick_trial, settings=settings, preserve_norms=preserve_norms, projected=projected,
+                 progress=progress)
     r.seconds.update(row_norms=round(t1 - t0, 1), extract=round(t2 - t1, 1), baseline=round(t3 - t2, 1))
     return r

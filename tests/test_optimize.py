@@ -108,6 +108,12 @@ def test_searched_norm_modes(tiny, tmp_path):
     r = optimize(m, c, ev, storage=f"sqlite:///{tmp_path / 'c.db'}", n_trials=8, n_startup=8, preserve_norms=None,
                  progress=False)
     assert {t.params["preserve_norms"] for t in r.study.trials} == {False, True}
+    assert {t.params["projected"] for t in r.study.trials} == {True}  # heretic's projection, by default
+    r2 = optimize(m, c, ev, storage=f"sqlite:///{tmp_path / 'c2.db'}", n_trials=8, n_startup=8, projected=None,
+                  progress=False)
+    assert {t.params["projected"] for t in r2.study.trials} == {False, True}
+    with pytest.raises(ValueError, match="projected must be None"):
+        optimize(m, c, ev, storage=f"sqlite:///{tmp_path / 'c3.db'}", n_trials=1, projected="yes", progress=False)
     # the sampler minimizes heretic's scores; the trials keep what they measured, and the front is in those
     for t, f in zip(r.study.trials, finished(r.study)):
         assert tuple(t.values) == scores(Objectives(f["refusals"], f["kl"]), ev.base, 0.01)
@@ -204,7 +210,8 @@ def test_cli_bad_input(tiny_dir, tmp_path):
     r = run("optimize", tiny_dir / "tiny-gemma3.gguf", *sets, "--study", tmp_path / "s.db")
     assert r.returncode == 2 and "gemma3 cannot be abliterated" in r.stderr and not (tmp_path / "s.db").exists()
     for args, match in ((["--time-budget", "soon"], "--time-budget takes"), (["--trials", 0], "--trials must be a positive int"),
-                        (["-o", tmp_path / "x.bin"], "must name a .gguf"), (["--pick", 99, "--trials", 1], "no finished trial 99")):
+                        (["-o", tmp_path / "x.bin"], "must name a .gguf"), (["--pick", 99, "--trials", 1], "no finished trial 99"),
+                        (["--points", "post,end"], "unknown point(s) ['end']")):
         r = run("optimize", tiny_dir / "tiny-qwen2.gguf", *sets, "--study", tmp_path / "t.db", *args)
         assert r.returncode == 2 and match in r.stderr, (args, r.stderr)
     r = run("ablate-test", tiny_dir / "tiny-qwen2.gguf", *sets, "--edit", tmp_path / "h.txt")
