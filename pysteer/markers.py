@@ -11,6 +11,7 @@ import functools
 import json
 import pathlib
 import re
+import unicodedata
 from dataclasses import dataclass
 
 
@@ -62,6 +63,8 @@ def marker_set(name: str | MarkerSet = "pysteer") -> MarkerSet:
 
 
 def normalize(text: str) -> str:
+    # invisible format characters (zero-width space, joiners, soft hyphen...) would split a phrase unseen
+    text = "".join(c for c in text if unicodedata.category(c) != "Cf")
     text = text.replace("\u2019", "'").replace("\u2018", "'").replace("\u201c", '"').replace("\u201d", '"')
     return re.sub(r"\s+", " ", text.strip().lower())
 

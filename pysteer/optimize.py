@@ -367,24 +367,26 @@ def optimize(model, candidates: Candidates, evaluator: Evaluator, *, storage: st
 
 @contextlib.contextmanager
 def _stop_on_ctrl_c(study):
-    """Ctrl-C lets the running trial finish and ends the search cleanly (the study file stays consistent);
-    a second Ctrl-C interrupts at once. Yields a function: was the search interrupted?"""
+    """Ctrl-C (or SIGTERM, as ``timeout`` and service managers stop a process) lets the running trial finish and
+    ends the search cleanly: the study file keeps no trial half-run. A second signal interrupts at once. Yields a
+    function: was the search interrupted?"""
     hits = []
     if threading.current_thread() is not threading.main_thread():
         yield lambda: False
         return
 
-    def on_int(signum, frame):
+    def on_signal(signum, frame):
         hits.append(signum)
         if len(hits) > 1:
             raise KeyboardInterrupt
         study.stop()
 
-    previous = signal.signal(signal.SIGINT, on_int)
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield lambda: bool(hits)
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for s, h in previous.items():
+            signal.signal(s, h)
 
 
 def format_front(r: Result) -> str:

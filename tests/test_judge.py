@@ -87,6 +87,8 @@ def test_normalize_and_empty():
     assert markers.is_refusal("") and markers.is_refusal("   \n")
     assert markers.is_refusal("I\u2019m sorry, but no.") and not markers.is_refusal("Sure! Here it is.")
     assert markers.is_refusal("x" * 290 + " I cannot do that") and not markers.is_refusal("x" * 310 + " I cannot")
+    # invisible characters inside a phrase do not hide it
+    assert markers.is_refusal("I\u200b'm so\u00adrry, I can\u2060not") and markers.normalize("a\u200db\ufeff") == "ab"
 
 
 def test_found_is_monotone_and_agrees_with_the_verdict():
@@ -95,7 +97,7 @@ def test_found_is_monotone_and_agrees_with_the_verdict():
     from hypothesis import given, settings, strategies as st
 
     pieces = st.sampled_from(["I", "'m", "\u2019m", " sorry", "  ", "\n", "can", "'t", " not", "*", "x" * 40, "Sure",
-                              ". ", "illegal", "I cannot", "As an AI"])
+                              ". ", "illegal", "I cannot", "As an AI", "\u200b", "\u00ad"])
 
     @settings(max_examples=400, deadline=None, database=None)
     @given(st.lists(pieces, max_size=14), st.sampled_from(markers.NAMES))

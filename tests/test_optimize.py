@@ -244,7 +244,8 @@ def test_cli_bad_input(tiny_dir, tmp_path):
     assert r.returncode == 2 and "none.gguf" in r.stderr  # the judge is resolved before any work
 
 
-def test_ctrl_c_keeps_the_study(tiny_dir, tmp_path):
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_ctrl_c_keeps_the_study(tiny_dir, tmp_path, sig):
     """SIGINT in the middle of a search: exit 130, the finished trials stay in the study file, and the message
     says how to resume; the same command then continues from them."""
     import signal
@@ -270,7 +271,7 @@ def test_ctrl_c_keeps_the_study(tiny_dir, tmp_path):
     while not db.exists() and time.time() < deadline and p.poll() is None:  # the study opens as the search starts
         time.sleep(0.2)
     time.sleep(3)  # a tiny model's trials take a fraction of a second each
-    p.send_signal(signal.SIGINT)
+    p.send_signal(getattr(signal, sig))
     try:
         out, err = p.communicate(timeout=60)  # the running trial finishes, then the search stops
     finally:
@@ -281,6 +282,9 @@ def test_ctrl_c_keeps_the_study(tiny_dir, tmp_path):
     assert "run the same command again to resume" in err and not (tmp_path / "r.json").exists()
     kept = complete()
     assert kept >= 1
+    names = optuna.get_all_study_names(f"sqlite:///{db}")
+    states = {t.state for t in optuna.load_study(study_name=names[0], storage=f"sqlite:///{db}").trials}
+    assert states == {optuna.trial.TrialState.COMPLETE}  # the running trial finished: none left half-run
     r = subprocess.run(args + ["--trials", str(kept + 1)], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     res = json.loads((tmp_path / "r.json").read_text())
