@@ -83,31 +83,38 @@ def main() -> int:
 
         hs = {t["number"]: score(heretic_point(h_trials[t["number"]]["params"])) for t in h_front}
         ps = {t["number"]: score(Point.from_params(t["params"])) for t in p_front}
+    np.savez(work / "front-noise.npz", **{f"{tool}-{n}-{w}": v for tool, d in (("heretic", hs), ("pysteer", ps))
+                                          for n, (r, k) in d.items() for w, v in (("refused", r), ("kl", k))})
     lines = [f"# Front points against the noise ({a.model}, validation split, {a.markers} markers)", "",
-             "Every point re-scored in pysteer's runtime on the same GGUF. KL difference: the row's point minus the "
-             f"other tool's, mean over the {len(harmless)} harmless prompts, paired bootstrap 95% interval "
-             f"({a.boot} resamples). Refusals: sign test over the paired harmful prompts. The other tool's point: "
-             "its lowest re-scored KL with at most as many refusals (else its fewest refusals)."]
+             "Every point re-scored in pysteer's runtime on the same GGUF, per prompt. A point of the other tool "
+             "covers the row's point within the noise when its KL is not higher beyond the noise (paired bootstrap "
+             f"95% interval of the KL difference over the {len(harmless)} harmless prompts, {a.boot} resamples) and "
+             "its refusals are not more beyond the noise (exact sign test over the paired harmful prompts, p < "
+             "0.05). A row no point covers is better than the other front beyond the noise. Shown: the covering "
+             "point with the lowest KL, else the other tool's lowest KL with at most as many refusals."]
     own = {"heretic": {t["number"]: (t["refusals"], t["kl"]) for t in h_front},
            "pysteer": {t["number"]: (t["refusals"], t["kl"]) for t in p_front}}
     for name, mine, other, oname in (("heretic", hs, ps, "pysteer"), ("pysteer", ps, hs, "heretic")):
         lines += ["", f"| {name} trial | its own (refusals, KL) | re-scored | {oname} trial | re-scored | "
-                  f"KL difference [95%] | refusal p | better beyond noise |", "|---|---|---|---|---|---|---|---|"]
-        rk = {n: (int(r.sum()), float(k.mean())) for n, (r, k) in other.items()}
+                  f"KL difference [95%] | refusal p | covered |", "|---|---|---|---|---|---|---|---|"]
         beaten = 0
         for num, (r_h, k_h) in mine.items():
-            ok = [n for n, (r, _) in rk.items() if r <= r_h.sum()]
-            n = min(ok, key=lambda n: rk[n][1]) if ok else min(rk, key=lambda n: rk[n])
-            r_p, k_p = other[n]
-            d = k_h - k_p
-            idx = rng.integers(0, len(d), size=(a.boot, len(d)))
-            lo, hi = np.percentile(d[idx].mean(1), [2.5, 97.5])
-            better = hi < 0 and r_h.sum() <= r_p.sum()
-            beaten += better
+            rows = {}
+            for n, (r_p, k_p) in other.items():
+                d = k_h - k_p
+                idx = rng.integers(0, len(d), size=(a.boot, len(d)))
+                lo, hi = np.percentile(d[idx].mean(1), [2.5, 97.5])
+                p_ref = sign_test(r_h, r_p)
+                covers = hi >= 0 and (r_p.sum() <= r_h.sum() or p_ref >= 0.05)
+                rows[n] = (covers, k_p.mean(), r_p.sum(), d.mean(), lo, hi, p_ref)
+            cov = [n for n in rows if rows[n][0]]
+            ok = [n for n in rows if rows[n][2] <= r_h.sum()] or list(rows)
+            n = min(cov, key=lambda n: rows[n][1]) if cov else min(ok, key=lambda n: (rows[n][1], rows[n][2]))
+            covers, kp, rp, dm, lo, hi, p_ref = rows[n]
+            beaten += not cov
             o = own[name][num]
-            lines.append(f"| {num} | {o[0]}, {o[1]:.4f} | {r_h.sum()}, {k_h.mean():.4f} | {n} | {r_p.sum()}, "
-                         f"{k_p.mean():.4f} | {d.mean():+.4f} [{lo:+.4f}, {hi:+.4f}] | {sign_test(r_h, r_p):.2f} | "
-                         f"{'yes' if better else 'no'} |")
+            lines.append(f"| {num} | {o[0]}, {o[1]:.4f} | {r_h.sum()}, {k_h.mean():.4f} | {n} | {rp}, {kp:.4f} | "
+                         f"{dm:+.4f} [{lo:+.4f}, {hi:+.4f}] | {p_ref:.2f} | {'yes' if cov else 'no'} |")
         lines += ["", f"{name} points better than {oname}'s front beyond the noise: {beaten} of {len(mine)}"]
     text = "\n".join(lines) + "\n"
     pathlib.Path(a.out).write_text(text)

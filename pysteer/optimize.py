@@ -10,12 +10,13 @@ A trial's parameters (heretic's, plus the residual point the candidates are read
   ``max_weight`` in [0.8, 1.5] at ``max_weight_position`` in [0.6, 1] x (n_layers - 1), falling linearly to
   ``min_weight = min_weight_frac x max_weight`` at ``min_weight_distance`` in [1, 0.6 (n_layers - 1)] layers,
   0 beyond: layer l's matrix gets ``W <- W - w_l r_l r_l^T W``;
-- ``point``: pre, mid or post (the candidates are class-mean differences at the last token there);
+- ``point``: pre, mid or post (the candidates are class-mean differences at the last token there; post unless
+  the search is given several);
 - ``preserve_norms``: the row-norm-preserving edit (heretic's "full" row normalization, :mod:`pysteer.rownorms`)
   instead of the plain one; searched, or fixed by ``search(preserve_norms=...)``.
-Objectives, both minimized: refusals among the validation harmful prompts (the phrase matcher on the first
-``trial_tokens`` tokens of each greedy answer), and the mean first-token KL(unsteered || trial) on the
-validation harmless prompts.
+Objectives: refusals among the validation harmful prompts (the phrase matcher on the first ``trial_tokens``
+tokens of each greedy answer), and the mean first-token KL(unsteered || trial) on the validation harmless
+prompts; the sampler minimizes heretic's scores of the two (:func:`scores`).
 """
 
 from __future__ import annotations
@@ -295,8 +296,8 @@ def optimize(model, candidates: Candidates, evaluator: Evaluator, *, storage: st
     ``n_trials`` finished trials or ``time_budget`` seconds have passed; then the front and the chosen point
     (``pick_trial``: that trial number instead of the rule). ``preserve_norms``: None searches both edits, True
     or False fixes one (keeping norms needs ``candidates.norms``); ``projected`` likewise (default: heretic's
-    projection always). The sampler minimizes :func:`scores` with
-    ``kl_target``; the front and the chosen point are in the measures themselves."""
+    projection always). The sampler minimizes :func:`scores` with ``kl_target``; the front and the chosen point
+    are in the measures themselves."""
     import optuna
 
     _check_arch(model)
