@@ -111,7 +111,8 @@ def run_pysteer(a, work: pathlib.Path) -> dict:
 
     res = json.loads(pathlib.Path(f"{base}.json").read_text())
     study = optuna.load_study(study_name=res["study"]["name"], storage=f"sqlite:///{base}.study.db")
-    seconds = {t.number: (t.datetime_complete - t.datetime_start).total_seconds() for t in study.trials}
+    seconds = {t.number: (t.datetime_complete - t.datetime_start).total_seconds() for t in study.trials
+               if t.datetime_complete is not None}
     trials = [{"number": t["number"], "refusals": t["refusals"], "kl": t["kl"], "seconds": seconds[t["number"]]}
               for t in finished(study)]
     import re

@@ -331,6 +331,12 @@ def _optimize(args) -> None:
     from .optimize import finished, format_front, search
     from .runtime import resolve_path
 
+    from .hookpoints import check_points
+
+    try:
+        points = check_points([x.strip() for x in args.points.split(",")])
+    except ValueError as e:
+        raise UsageError(f"--points {args.points!r}: {e}") from None
     model_path = resolve_path(args.model)
     reads = (model_path,) + tuple(f for f in (args.harmful, args.harmless) if pathlib.Path(f).is_file())
     out = _output_gguf(args.output, "-o", inputs=reads)
@@ -354,9 +360,6 @@ def _optimize(args) -> None:
     params.integer("--trial-tokens", args.trial_tokens, 1)
     if args.max_refusals is not None:
         params.integer("--max-refusals", args.max_refusals, 0)
-    from .hookpoints import check_points
-
-    points = check_points(args.points.split(","))
     with _load(args) as m:
         try:
             r = search(m, _splits(args), storage=f"sqlite:///{study.resolve()}", n_trials=args.trials,
@@ -365,13 +368,14 @@ def _optimize(args) -> None:
                        preserve_norms=_choice(args.preserve_norms), projected=_choice(args.projected),
                        points=points,
                        progress=not args.quiet)
-        except KeyboardInterrupt:
-            print(f"pysteer optimize: interrupted; the finished trials are kept in {study}: run the same command "
+        except (KeyboardInterrupt, _Terminated):
+            print(f"pysteer optimize: stopped; the finished trials are kept in {study}: run the same command "
                   "again to resume", file=sys.stderr)
             raise
         print(format_front(r))
         obj = r.to_json(m)
         obj["study"]["storage"] = str(study)
+        obj["study"]["markers"] = args.markers  # the marker set the trials counted with
         with atomic_output(js) as tmp:
             tmp.write_text(_json(obj))
         pareto_figure({"pysteer": r.front}, png, trials={"pysteer": finished(r.study)}, chosen=r.chosen,

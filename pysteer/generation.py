@@ -38,6 +38,13 @@ class _Sequence:
         self.text, self.tokens, self.emitted = "", [], 0
         self.done, self.finish_reason = False, None
 
+    def end_if(self, until) -> None:
+        """End here if ``until`` holds for the text that is final so far (not the tail a stop string may still
+        take back), which is then the answer."""
+        final = self.text[:len(self.text) - self.hold] if self.hold else self.text
+        if until(final):
+            self.text, self.done = final, True
+
     def push(self, tok: int, max_tokens: int) -> str:
         """Accept a sampled token; returns the text that is now final (possibly empty)."""
         eog = self.model.is_end_of_generation(tok)
@@ -135,8 +142,8 @@ def generate_batch(model, prompts, *, max_tokens=128, temperature=0.0, top_p=1.0
             while True:
                 for j, row in rows.items():
                     seqs[j].push(sample(model.logits_row(row), temperature, top_p, seqs[j].rng), max_tokens)
-                    if until is not None and not seqs[j].done and until(seqs[j].text):
-                        seqs[j].done = True
+                    if until is not None and not seqs[j].done:
+                        seqs[j].end_if(until)
                 active = [j for j in rows if not seqs[j].done]
                 if not active:
                     break

@@ -66,7 +66,8 @@ def normalize(text: str) -> str:
     # invisible format characters (zero-width space, joiners, soft hyphen...) would split a phrase unseen
     text = "".join(c for c in text if unicodedata.category(c) != "Cf")
     text = text.replace("\u2019", "'").replace("\u2018", "'").replace("\u201c", '"').replace("\u201d", '"')
-    return re.sub(r"\s+", " ", text.strip().lower())
+    # one character at a time: str.lower() maps a word-final capital sigma by context, so a prefix could differ
+    return re.sub(r"\s+", " ", "".join(c.lower() for c in text.strip()))
 
 
 def is_refusal(answer: str, markers: str | MarkerSet = "pysteer") -> bool:

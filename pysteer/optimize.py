@@ -22,12 +22,14 @@ prompts; the sampler minimizes heretic's scores of the two (:func:`scores`).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import math
 import signal
 import threading
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -160,7 +162,7 @@ class Evaluator:
         self._model = model
         self._harmful, self._harmless = list(harmful), list(harmless)
         self.trial_tokens = check.integer("trial_tokens", trial_tokens, 1)
-        self._matcher = marker_set(markers)
+        self.markers = self._matcher = marker_set(markers)
         with model.steer():
             self._base_logits = model.logits_batch(self._harmless)[:, -1]
             self.base = self._count(model.generate_batch(self._harmful, max_tokens=self.trial_tokens,
@@ -316,12 +318,17 @@ def optimize(model, candidates: Candidates, evaluator: Evaluator, *, storage: st
     if True in norm_modes and candidates.norms is None:
         raise ValueError("keeping row norms needs Candidates(..., norms=WriteGeometry.read(model))")
     name = study_name(model, dict(settings or {}, trial_tokens=evaluator.trial_tokens, kl_target=kl_target,
-                                  preserve_norms=norm_modes, projected=projected_modes))
+                                  preserve_norms=norm_modes, projected=projected_modes,
+                                  markers=dataclasses.asdict(evaluator.markers)))
     try:
         study = optuna.create_study(directions=["minimize", "minimize"], storage=storage, study_name=name,
                                     load_if_exists=True)
     except Exception as e:  # a file that is not an Optuna SQLite study, or one from another Optuna version
         raise ValueError(f"cannot open the study in {storage}: {type(e).__name__}: {e}") from None
+    others = [n for n in optuna.get_all_study_names(storage) if n != name and n.startswith(name[:-12])]
+    if others:  # e.g. made by an earlier pysteer, whose objectives differ: a run does not resume them
+        warnings.warn(f"{storage} also holds {len(others)} other studies of this model, made with other search "
+                      f"settings or an earlier pysteer; this run resumes only {name}", stacklevel=2)
     done = len(finished(study))
     # seeded by the trials already run: a resumed study draws new startup points, not the first ones again
     study.sampler = optuna.samplers.TPESampler(n_startup_trials=n_startup, seed=seed + len(study.trials),
@@ -345,11 +352,9 @@ def optimize(model, candidates: Candidates, evaluator: Evaluator, *, storage: st
                                     f"{best['kl']:.3f}; front {len(front)}")
         if todo != 0:
             # a point whose direction is zero fails alone (ValueError); anything else stops the search
-            with _stop_on_ctrl_c(study) as interrupted:
+            with _stop_on_signals(study):
                 study.optimize(objective, n_trials=todo, timeout=time_budget, callbacks=[report],
                                catch=(ValueError,), gc_after_trial=False)
-            if interrupted():
-                raise KeyboardInterrupt
     search = time.perf_counter() - t0
     trials = finished(study)
     front = pareto(trials)
@@ -367,27 +372,38 @@ def optimize(model, candidates: Candidates, evaluator: Evaluator, *, storage: st
 
 
 @contextlib.contextmanager
-def _stop_on_ctrl_c(study):
-    """Ctrl-C (or SIGTERM, as ``timeout`` and service managers stop a process) lets the running trial finish and
-    ends the search cleanly: the study file keeps no trial half-run. A second signal interrupts at once. Yields a
-    function: was the search interrupted?"""
+def _stop_on_signals(study):
+    """Ctrl-C or SIGTERM (as ``timeout`` and service managers stop a process) lets the running trial finish and
+    ends the search, so that the study file keeps no trial half-run; then the signal is delivered to the handler
+    that was there before (Ctrl-C: KeyboardInterrupt). A second signal goes to that handler at once."""
     hits = []
     if threading.current_thread() is not threading.main_thread():
-        yield lambda: False
+        yield
         return
 
     def on_signal(signum, frame):
         hits.append(signum)
         if len(hits) > 1:
+            before = previous[signum]
+            if callable(before):
+                before(signum, frame)
             raise KeyboardInterrupt
-        study.stop()
+        try:
+            study.stop()
+        except RuntimeError:  # outside study.optimize (just before or after it): nothing to stop
+            pass
 
-    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    sigs = (signal.SIGINT, signal.SIGTERM)
+    previous = {s: signal.getsignal(s) for s in sigs}
+    for s in sigs:
+        signal.signal(s, on_signal)
     try:
-        yield lambda: bool(hits)
+        yield
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
+    if hits:
+        signal.raise_signal(hits[0])
 
 
 def format_front(r: Result) -> str:
@@ -431,7 +447,7 @@ def search(model, splits, *, storage: str, n_trials: int | None = 40, time_budge
     t2 = time.perf_counter()
     evaluator = Evaluator(model, *splits.val, trial_tokens=trial_tokens, markers=markers)
     t3 = time.perf_counter()
-    settings = {"points": list(points), "markers": markers, "train": [len(x) for x in splits.train],
+    settings = {"points": list(points), "train": [len(x) for x in splits.train],
                 "val": [len(x) for x in splits.val], "val_sha": hashlib.sha256(json.dumps(splits.val).encode()).hexdigest()[:12]}
     r = optimize(model, Candidates(res, model.n_layers, norms), evaluator, storage=storage, n_trials=n_trials,
                  time_budget=time_budget, n_startup=n_startup, seed=seed, max_refusals=max_refusals,

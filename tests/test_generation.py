@@ -61,6 +61,13 @@ def test_until_ends_each_answer_at_its_first_prefix_that_holds(model):
             texts.append(texts[-1] + dec.decode(model.token_bytes(t)))
         assert g == next((t for t in texts if len(t) >= n), f)
     assert any(len(g) < len(f) for f, g in zip(full, got))
+    # with a stop string, until sees only text the stop cannot take back: the answer is a prefix of the stopped one
+    whole = full[1]
+    i = next(i for i in range(3, len(whole) - 2) if whole[i:i + 2].isascii() and whole[i:i + 2].isprintable())
+    stopped = model.generate_batch([prompts[1]], max_tokens=16, stop=[whole[i:i + 2]])[0]
+    for k in range(1, i + 2):
+        cut = model.generate_batch([prompts[1]], max_tokens=16, stop=[whole[i:i + 2]], until=lambda t: len(t) >= k)[0]
+        assert stopped.startswith(cut), (k, cut, stopped)
     with pytest.raises(ValueError, match="until must be a function"):
         model.generate_batch(prompts, max_tokens=4, until="sorry")
 

@@ -2,6 +2,7 @@
 model end to end (resume, JSON, PNG, the written GGUF against the runtime edit, ablate-test --edit); bad input."""
 
 import json
+import warnings
 import subprocess
 import sys
 
@@ -118,17 +119,36 @@ def test_searched_norm_modes(tiny, tmp_path):
     for t, f in zip(r.study.trials, finished(r.study)):
         assert tuple(t.values) == scores(Objectives(f["refusals"], f["kl"]), ev.base, 0.01)
     assert r.front == pareto(finished(r.study))
-    # another objective or another edit is another study
-    names = {optimize(m, c, ev, storage=f"sqlite:///{tmp_path / 'd.db'}", n_trials=1, preserve_norms=keep,
-                      kl_target=kt, progress=False).study.study_name for keep, kt in ((False, 0.01), (None, 0.01),
-                                                                                       (False, 0.02))}
-    assert len(names) == 3
+    # another objective or another edit is another study, and the study file says so
+    ev2 = Evaluator(m, HARMFUL[6:8], HARMLESS[6:8], trial_tokens=4, markers="heretic")
+    runs = [(ev, False, 0.01, True), (ev, None, 0.01, True), (ev, False, 0.02, True), (ev, False, 0.01, None),
+            (ev2, False, 0.01, True)]
+    names = set()
+    for i, (e, keep, kt, proj) in enumerate(runs):
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            names.add(optimize(m, c, e, storage=f"sqlite:///{tmp_path / 'd.db'}", n_trials=1, preserve_norms=keep,
+                               kl_target=kt, projected=proj, progress=False).study.study_name)
+        assert bool(i) == any("also holds" in str(x.message) for x in w)
+    assert len(names) == len(runs)
     from pysteer.optimize import block_from_json
 
     obj = {"edit": {"directions": [[1.0] + [0.0] * (m.n_embd - 1)], "attn": [1.0] * m.n_layers,
                     "ffn": [1.0] * m.n_layers, "preserve_norms": "false"}}
     with pytest.raises(ValueError, match="true or false"):
         block_from_json(obj, m)
+
+
+def test_finished_reads_measures_or_old_values():
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    st = optuna.create_study(directions=["minimize", "minimize"])
+    st.add_trial(optuna.trial.create_trial(values=[3, 0.5], params={"x": 1.0},
+                                           distributions={"x": optuna.distributions.FloatDistribution(0, 2)}))
+    st.add_trial(optuna.trial.create_trial(values=[0.2, 0.25], params={"x": 0.5}, user_attrs={"refusals": 4, "kl": 0.2},
+                                           distributions={"x": optuna.distributions.FloatDistribution(0, 2)}))
+    assert [(t["refusals"], t["kl"]) for t in finished(st)] == [(3, 0.5), (4, 0.2)]
 
 
 def test_scores_are_heretics():
@@ -160,7 +180,15 @@ def test_evaluator_counts_and_kl(tiny):
     phrase = normalize(answers[0])[1:3]
     ms = MarkerSet("test", (phrase,), None, False)
     want = sum(map(ms, answers))
-    assert 0 < want and Evaluator(m, HARMFUL[6:9], HARMLESS[6:9], trial_tokens=8, markers=ms)(block).refusals == want
+    ev_ms = Evaluator(m, HARMFUL[6:9], HARMLESS[6:9], trial_tokens=8, markers=ms)
+    calls = []
+    real = m.generate_batch
+    m.generate_batch = lambda *a, **k: calls.append(k.get("until")) or real(*a, **k)
+    try:
+        assert 0 < want and ev_ms(block).refusals == want
+    finally:
+        del m.generate_batch
+    assert calls == [ms.found]  # the answers were ended at their first marker
 
 
 def test_cli_search_resume_export_and_test(tiny_dir, tmp_path):
@@ -185,6 +213,16 @@ def test_cli_search_resume_export_and_test(tiny_dir, tmp_path):
     trials = optuna.load_study(study_name=res2["study"]["name"], storage=f"sqlite:///{tmp_path / 'ab.study.db'}").trials
     first, resumed = [t.params for t in trials[:2]], [t.params for t in trials[4:]]
     assert all(p not in first for p in resumed)  # the resumed startup trials are new points, not the first again
+    # pysteer's extras and heretic's marker set from the command line: another study, in the same file
+    r = run("optimize", model, *sets, "--trials", 2, "--startup", 2, "--trial-tokens", 6, "--projected", "no",
+            "--points", "mid,post", "--markers", "heretic", "--json", tmp_path / "c.json", "--png", tmp_path / "c.png",
+            "--study", tmp_path / "ab.study.db")
+    assert r.returncode == 0 and "also holds 1 other studies" in r.stderr, r.stderr
+    res3 = json.loads((tmp_path / "c.json").read_text())
+    assert res3["study"]["markers"] == "heretic" and res3["study"]["name"] != res2["study"]["name"]
+    params = [t.params for t in optuna.load_study(study_name=res3["study"]["name"],
+                                                   storage=f"sqlite:///{tmp_path / 'ab.study.db'}").trials]
+    assert {p["projected"] for p in params} == {False} and {p["point"] for p in params} <= {"mid", "post"}
     # the written GGUF, loaded plainly, gives the runtime edit's logits (F32 tiny model: float rounding only)
     from pysteer.optimize import block_from_json
 
@@ -211,9 +249,11 @@ def test_cli_bad_input(tiny_dir, tmp_path):
     assert r.returncode == 2 and "gemma3 cannot be abliterated" in r.stderr and not (tmp_path / "s.db").exists()
     for args, match in ((["--time-budget", "soon"], "--time-budget takes"), (["--trials", 0], "--trials must be a positive int"),
                         (["-o", tmp_path / "x.bin"], "must name a .gguf"), (["--pick", 99, "--trials", 1], "no finished trial 99"),
-                        (["--points", "post,end"], "unknown point(s) ['end']")):
+                        (["--points", "post, end"], "--points 'post, end': unknown point(s) ['end']")):
         r = run("optimize", tiny_dir / "tiny-qwen2.gguf", *sets, "--study", tmp_path / "t.db", *args)
         assert r.returncode == 2 and match in r.stderr, (args, r.stderr)
+    r = run("optimize", tmp_path / "none.gguf", *sets, "--points", "last")  # checked before the model is sought
+    assert r.returncode == 2 and "--points 'last'" in r.stderr, r.stderr
     r = run("ablate-test", tiny_dir / "tiny-qwen2.gguf", *sets, "--edit", tmp_path / "h.txt")
     assert r.returncode == 2 and "is not a pysteer optimize result" in r.stderr
     deep = tmp_path / "deep.json"
@@ -278,7 +318,7 @@ def test_ctrl_c_keeps_the_study(tiny_dir, tmp_path, sig):
         if p.poll() is None:
             p.kill()
             p.communicate()
-    assert p.returncode == 130, err
+    assert p.returncode == {"SIGINT": 130, "SIGTERM": 143}[sig], err
     assert "run the same command again to resume" in err and not (tmp_path / "r.json").exists()
     kept = complete()
     assert kept >= 1
