@@ -221,7 +221,12 @@ def block_from_json(obj: dict, model=None) -> BlockAblate:
         raise ValueError(f"not a pysteer optimize result (no edit.directions/attn/ffn): {ex}") from None
     if keep and model is None:
         raise ValueError("this edit keeps row norms: give the model it was made for (block_from_json(obj, model))")
-    return BlockAblate(directions, attn, ffn, norms=WriteGeometry.read(model, progress=False) if keep else None)
+    block = BlockAblate(directions, attn, ffn)
+    if not keep:
+        return block
+    edited = np.flatnonzero((block.attn != 0) | (block.ffn != 0))  # the row norms of these layers alone
+    return BlockAblate(block.directions, block.attn, block.ffn,
+                       norms=WriteGeometry.read(model, layers=edited, progress=False))
 
 
 def pareto(trials: list[dict]) -> list[dict]:

@@ -161,3 +161,35 @@ def test_norm_preserving_edit_written_and_read_back(tiny_dir, tmp_path, arch):
             W0, W1 = matrix(path, h0, name), matrix(out, h1, name)
             np.testing.assert_allclose(np.linalg.norm(W1, axis=1), np.linalg.norm(W0, axis=1), rtol=1e-5)
             assert np.array_equal(W0, W1) == (w == 0)
+
+
+def test_row_norms_read_in_part_and_refused_past_memory(tiny_dir, monkeypatch):
+    """Some layers' row norms can be read alone (the optimize JSON reads those it edits); a layer not read is
+    refused, not guessed; Gram matrices that would not fit in memory are refused before any reading."""
+    from pysteer import rownorms
+    from pysteer.optimize import block_from_json
+
+    with pysteer.load(tiny_dir / "tiny-llama.gguf", n_ctx=256) as m:
+        L, E = m.n_layers, m.n_embd
+        v = np.random.default_rng(3).normal(size=E)
+        v /= np.linalg.norm(v)
+        full, part = WriteGeometry.read(m, progress=False), WriteGeometry.read(m, layers=[1], progress=False)
+        for k in (0, 1):
+            assert np.array_equal(part.write_map(1, k, v, 1.2), full.write_map(1, k, v, 1.2))
+        with pytest.raises(ValueError, match="layer 0 were not read"):
+            part.write_map(0, 1, v, 1.0)
+        with pytest.raises(ValueError, match="layers must be in"):
+            WriteGeometry.read(m, layers=[L], progress=False)
+        w = np.zeros(L)
+        w[1:] = 1.0
+        obj = {"edit": {"directions": [v.tolist()], "attn": w.tolist(), "ffn": w.tolist(), "preserve_norms": True}}
+        block = block_from_json(obj, m)
+        with pytest.raises(ValueError, match="layer 0 were not read"):
+            block.norms.write_map(0, 0, v, 1.0)
+        with m.steer(block):
+            got = m.logits_batch(PROMPTS[:2])[:, -1]
+        with m.steer(pysteer.BlockAblate(v, w, w, norms=full)):
+            assert np.array_equal(m.logits_batch(PROMPTS[:2])[:, -1], got)
+        monkeypatch.setattr(rownorms, "available_memory", lambda: 1000)
+        with pytest.raises(ValueError, match=r"needs 0\.0 GiB .* --preserve-norms no"):
+            WriteGeometry.read(m, progress=False)
