@@ -379,36 +379,47 @@ def optimize(model, candidates: Candidates, evaluator: Evaluator, *, storage: st
 @contextlib.contextmanager
 def _stop_on_signals(study):
     """Ctrl-C or SIGTERM (as ``timeout`` and service managers stop a process) lets the running trial finish and
-    ends the search, so that the study file keeps no trial half-run; then the signal is delivered to the handler
-    that was there before (Ctrl-C: KeyboardInterrupt). A second signal goes to that handler at once."""
+    ends the search, so that the study file keeps no trial half-run; then the signal goes on as it would have:
+    to the handler there before when it is a function (Ctrl-C: KeyboardInterrupt), SIGTERM's default ends the
+    process, and otherwise (a signal the process ignored: a background job's Ctrl-C) KeyboardInterrupt. A second
+    signal goes on at once."""
     hits = []
     if threading.current_thread() is not threading.main_thread():
         yield
         return
+    sigs = (signal.SIGINT, signal.SIGTERM)
+    previous = {s: signal.getsignal(s) for s in sigs}
+
+    def restore():
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+    def go_on(signum, frame):
+        restore()
+        before = previous[signum]
+        if callable(before):
+            before(signum, frame)
+        elif before == signal.SIG_DFL and signum != signal.SIGINT:
+            signal.raise_signal(signum)
+        raise KeyboardInterrupt
 
     def on_signal(signum, frame):
         hits.append(signum)
         if len(hits) > 1:
-            before = previous[signum]
-            if callable(before):
-                before(signum, frame)
-            raise KeyboardInterrupt
+            go_on(signum, frame)
         try:
             study.stop()
         except RuntimeError:  # outside study.optimize (just before or after it): nothing to stop
             pass
 
-    sigs = (signal.SIGINT, signal.SIGTERM)
-    previous = {s: signal.getsignal(s) for s in sigs}
     for s in sigs:
         signal.signal(s, on_signal)
     try:
         yield
     finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
+        restore()
     if hits:
-        signal.raise_signal(hits[0])
+        go_on(hits[0], None)
 
 
 def format_front(r: Result) -> str:
