@@ -375,7 +375,6 @@ def _optimize(args) -> None:
         print(format_front(r))
         obj = r.to_json(m)
         obj["study"]["storage"] = str(study)
-        obj["study"]["markers"] = args.markers  # the marker set the trials counted with
         with atomic_output(js) as tmp:
             tmp.write_text(_json(obj))
         pareto_figure({"pysteer": r.front}, png, trials={"pysteer": finished(r.study)}, chosen=r.chosen,

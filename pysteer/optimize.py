@@ -196,13 +196,14 @@ class Result:
     base_refusals: int
     n_harmful: int
     seconds: dict = field(default_factory=dict)
+    markers: str = "pysteer"  # the marker set that counted the refusals
 
     def to_json(self, model) -> dict:
         """Everything needed to apply the chosen point again (:func:`block_from_json`) and to see the front."""
         b = self.block
         return {"model": model.path.name, "sha256": model.sha256, "rule": self.rule, "chosen": self.chosen,
                 "front": self.front, "base_refusals": self.base_refusals, "n_harmful": self.n_harmful,
-                "seconds": self.seconds, "study": {"name": self.study.study_name},
+                "seconds": self.seconds, "markers": self.markers, "study": {"name": self.study.study_name},
                 "edit": {"directions": b.directions.tolist(), "attn": b.attn.tolist(), "ffn": b.ffn.tolist(),
                          "preserve_norms": b.norms is not None}}
 
@@ -373,7 +374,8 @@ def optimize(model, candidates: Candidates, evaluator: Evaluator, *, storage: st
         chosen, rule = pick(front, max_refusals)
     block = candidates.block(Point.from_params(chosen["params"]))
     return Result(study, front, chosen, rule, block, evaluator.base, evaluator.n_harmful,
-                  {"search": round(search, 1), "trials_run": len(trials) - done, "trials": len(trials)})
+                  {"search": round(search, 1), "trials_run": len(trials) - done, "trials": len(trials)},
+                  evaluator.markers.name)
 
 
 @contextlib.contextmanager

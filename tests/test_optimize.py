@@ -219,7 +219,7 @@ def test_cli_search_resume_export_and_test(tiny_dir, tmp_path):
             "--study", tmp_path / "ab.study.db")
     assert r.returncode == 0 and "also holds 1 other studies" in r.stderr, r.stderr
     res3 = json.loads((tmp_path / "c.json").read_text())
-    assert res3["study"]["markers"] == "heretic" and res3["study"]["name"] != res2["study"]["name"]
+    assert res3["markers"] == "heretic" and res2["markers"] == "pysteer" and res3["study"]["name"] != res2["study"]["name"]
     params = [t.params for t in optuna.load_study(study_name=res3["study"]["name"],
                                                    storage=f"sqlite:///{tmp_path / 'ab.study.db'}").trials]
     assert {p["projected"] for p in params} == {False} and {p["point"] for p in params} <= {"mid", "post"}
