@@ -38,10 +38,14 @@ class _Sequence:
         self.text, self.tokens, self.emitted = "", [], 0
         self.done, self.finish_reason = False, None
 
+    def settled(self) -> int:
+        """Length of the text that is final: all of it once done, else all but the tail a stop string may still
+        take back (never less than what was already emitted)."""
+        return len(self.text) if self.done else max(self.emitted, len(self.text) - self.hold)
+
     def end_if(self, until) -> None:
-        """End here if ``until`` holds for the text that is final so far (not the tail a stop string may still
-        take back), which is then the answer."""
-        final = self.text[:len(self.text) - self.hold] if self.hold else self.text
+        """End here if ``until`` holds for the text that is final so far, which is then the answer."""
+        final = self.text[:self.settled()]
         if until(final):
             self.text, self.done = final, True
 
@@ -58,7 +62,7 @@ class _Sequence:
             i = self.text.find(s, max(0, self.emitted - len(s) + 1))
             if i >= 0:
                 self.text, self.done, self.finish_reason = self.text[:i], True, "stop"
-        safe = len(self.text) if self.done else max(self.emitted, len(self.text) - self.hold)
+        safe = self.settled()
         new, self.emitted = self.text[self.emitted:safe], safe
         return new
 

@@ -68,6 +68,10 @@ def test_until_ends_each_answer_at_its_first_prefix_that_holds(model):
     for k in range(1, i + 2):
         cut = model.generate_batch([prompts[1]], max_tokens=16, stop=[whole[i:i + 2]], until=lambda t: len(t) >= k)[0]
         assert stopped.startswith(cut), (k, cut, stopped)
+    # a stop string longer than the text so far: none of that text is final yet
+    for n in range(3, min(len(whole), 12)):
+        cut = model.generate_batch([prompts[1]], max_tokens=16, stop=[whole[:n]], until=lambda t: len(t) >= 1)[0]
+        assert cut == "", (n, cut)
     with pytest.raises(ValueError, match="until must be a function"):
         model.generate_batch(prompts, max_tokens=4, until="sorry")
 
