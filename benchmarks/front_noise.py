@@ -26,7 +26,7 @@ from pysteer.datasets import PromptSplits
 from pysteer.extraction import extract
 from pysteer.judge import kl_divergence
 from pysteer.markers import marker_set
-from pysteer.optimize import Candidates, Kernel, Point
+from pysteer.optimize import Candidates, Kernel, Point, pareto
 from pysteer.rownorms import WriteGeometry
 
 HERE = pathlib.Path(__file__).resolve().parent
@@ -60,8 +60,6 @@ def main() -> int:
     her = json.loads((work / "heretic-run.json").read_text())
     pys = json.loads((work / "pysteer.json").read_text())
     h_trials = {t["number"]: t for t in her["trials"]}
-    from pysteer.optimize import pareto
-
     h_front = pareto([{"number": t["number"], "refusals": t["refusals"], "kl": t["kl_divergence"]}
                       for t in her["trials"]])
     p_front = pys["front"]

@@ -20,6 +20,7 @@ import argparse
 import json
 import os
 import pathlib
+import re
 import shutil
 import subprocess
 import sys
@@ -115,8 +116,6 @@ def run_pysteer(a, work: pathlib.Path) -> dict:
                if t.datetime_complete is not None}
     trials = [{"number": t["number"], "refusals": t["refusals"], "kl": t["kl"], "seconds": seconds[t["number"]]}
               for t in finished(study)]
-    import re
-
     write = re.search(r"abliterated model: .* \((\d+) s\)", (work / "pysteer.log").read_text())
     return {"wall": wall, "rss_gb": rss, "result": res, "trials": trials,
             "write_s": float(write.group(1)) if write else None}

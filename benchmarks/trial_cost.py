@@ -15,9 +15,8 @@ import argparse
 import statistics
 import time
 
-import numpy as np
-
 import pysteer
+from pysteer.batching import shared_prefix
 from pysteer.datasets import PromptSplits
 from pysteer.extraction import extract
 from pysteer.markers import marker_set
@@ -42,11 +41,9 @@ def main() -> None:
                   Kernel(0.9, 0.85 * (L - 1), 0.3, 0.15 * (L - 1)), preserve_norms=True)
     block = c.block(point)
     found = marker_set("heretic").found
-    prefix = 0
     toks_hl, toks_h = hooked.encode_prompts(harmless), hooked.encode_prompts(harmful)
-    import os
-
-    prefix = len(os.path.commonprefix([list(t) for t in toks_hl]))
+    # decoded once per pack, as batching decodes them
+    pre_hl, pre_h = shared_prefix(toks_hl, 1), shared_prefix(toks_h, 1)
     jobs = {
         "harmless first-token logits": lambda m: m.logits_batch(harmless),
         f"harmful answers, {a.trial_tokens} tokens": lambda m: m.generate_batch(harmful, max_tokens=a.trial_tokens),
@@ -70,15 +67,16 @@ def main() -> None:
     def gen_tokens(texts):
         return sum(len(hooked.tokenize(t, add_special=False)) for t in texts)
 
-    print(f"{a.model}, {a.rounds} rounds (median s); prompts share a {prefix}-token system block, decoded once per pack")
+    print(f"{a.model}, {a.rounds} rounds (median s); the prompts share a {pre_hl}-token (harmless) and {pre_h}-token "
+          "(harmful) prefix, decoded once per pack")
     print("| job | tokens decoded, trial / plain | trial s | plain s | ratio |")
     print("|---|---|---|---|---|")
     for j in jobs:
         if j.startswith("harmless"):
-            n = sum(len(t) - prefix for t in toks_hl) + prefix
+            n = sum(len(t) - pre_hl for t in toks_hl) + pre_hl
             tok = f"{n} / {n}"
         else:
-            pre = sum(len(t) - prefix for t in toks_h) + prefix
+            pre = sum(len(t) - pre_h for t in toks_h) + pre_h
             tok = f"{pre} + {gen_tokens(answers[(j, 'trial')])} / {pre} + {gen_tokens(answers[(j, 'plain')])}"
         t, p = statistics.median(times[(j, "trial")]), statistics.median(times[(j, "plain")])
         print(f"| {j} | {tok} | {t:.2f} | {p:.2f} | {t / p:.3f} |")

@@ -328,10 +328,9 @@ def _export(args) -> None:
 def _optimize(args) -> None:
     from .figures import pareto_figure
     from .files import atomic_output
+    from .hookpoints import check_points
     from .optimize import finished, format_front, search
     from .runtime import resolve_path
-
-    from .hookpoints import check_points
 
     try:
         points = check_points([x.strip() for x in args.points.split(",")])

@@ -162,25 +162,25 @@ class Evaluator:
         self._model = model
         self._harmful, self._harmless = list(harmful), list(harmless)
         self.trial_tokens = check.integer("trial_tokens", trial_tokens, 1)
-        self.markers = self._matcher = marker_set(markers)
+        self.markers = marker_set(markers)
         with model.steer():
             self._base_logits = model.logits_batch(self._harmless)[:, -1]
             self.base = self._count(model.generate_batch(self._harmful, max_tokens=self.trial_tokens,
-                                                         until=self._matcher.found))
+                                                         until=self.markers.found))
 
     @property
     def n_harmful(self) -> int:
         return len(self._harmful)
 
     def _count(self, answers) -> int:
-        return sum(self._matcher(a) for a in answers)
+        return sum(self.markers(a) for a in answers)
 
     def __call__(self, intervention) -> Objectives:
         m = self._model
         with m.steer(intervention):
             # an answer ends once a marker is found: its verdict is settled (the count is the same)
             refusals = self._count(m.generate_batch(self._harmful, max_tokens=self.trial_tokens,
-                                                    until=self._matcher.found))
+                                                    until=self.markers.found))
             kl = float(kl_divergence(self._base_logits, m.logits_batch(self._harmless)[:, -1]).mean())
         return Objectives(refusals, kl)
 
@@ -465,8 +465,8 @@ def search(model, splits, *, storage: str, n_trials: int | None = 40, time_budge
     t2 = time.perf_counter()
     evaluator = Evaluator(model, *splits.val, trial_tokens=trial_tokens, markers=markers)
     t3 = time.perf_counter()
-    settings = {"points": list(points), "train": [len(x) for x in splits.train],
-                "val": [len(x) for x in splits.val], "val_sha": hashlib.sha256(json.dumps(splits.val).encode()).hexdigest()[:12]}
+    settings = {"points": list(points), "train": [len(x) for x in splits.train], "val": [len(x) for x in splits.val],
+                "val_sha": hashlib.sha256(json.dumps(splits.val).encode()).hexdigest()[:12]}
     r = optimize(model, Candidates(res, model.n_layers, norms), evaluator, storage=storage, n_trials=n_trials,
                  time_budget=time_budget, n_startup=n_startup, seed=seed, max_refusals=max_refusals,
                  pick_trial=pick_trial, settings=settings, preserve_norms=preserve_norms, projected=projected,
