@@ -2,6 +2,9 @@
 weight edit ``W <- W - w r r^T W`` of attn_output / ffn_down, checked against a numpy forward pass of the edited
 weights; across ubatches, packed decodes, the pruned last layer and generation."""
 
+import os
+import sys
+
 import numpy as np
 import pytest
 
@@ -190,6 +193,9 @@ def test_row_norms_read_in_part_and_refused_past_memory(tiny_dir, monkeypatch):
             got = m.logits_batch(PROMPTS[:2])[:, -1]
         with m.steer(pysteer.BlockAblate(v, w, w, norms=full)):
             assert np.array_equal(m.logits_batch(PROMPTS[:2])[:, -1], got)
+        if sys.platform.startswith("linux"):  # read from /proc/meminfo: between 1 MiB and the machine's memory
+            total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+            assert 2**20 < rownorms.available_memory() <= total
         monkeypatch.setattr(rownorms, "available_memory", lambda: 1000)
         with pytest.raises(ValueError, match=r"needs 0\.0 GiB .* --preserve-norms no"):
             WriteGeometry.read(m, progress=False)

@@ -87,6 +87,7 @@ def test_normalize_and_empty():
     assert markers.is_refusal("") and markers.is_refusal("   \n")
     assert markers.is_refusal("I\u2019m sorry, but no.") and not markers.is_refusal("Sure! Here it is.")
     assert markers.is_refusal("x" * 290 + " I cannot do that") and not markers.is_refusal("x" * 310 + " I cannot")
+    assert markers.normalize("\u03a4\u039f\u03a3") == "\u03c4\u03bf\u03c3"  # no word-final sigma: a prefix stays one
     # invisible characters inside a phrase do not hide it
     assert markers.is_refusal("I\u200b'm so\u00adrry, I can\u2060not") and markers.normalize("a\u200db\ufeff") == "ab"
 
@@ -108,7 +109,8 @@ def test_found_is_monotone_and_agrees_with_the_verdict():
         for t in texts:
             f = ms.found(t)
             assert f or not seen, (name, t)
-            assert not f or ms(t)
+            # the same verdict, but for an empty answer (which some sets count as a refusal)
+            assert f == ms(t) or (ms.empty and not markers.normalize(t.translate({ord(c): None for c in ms.strip})))
             seen = seen or f
     check()
     assert not markers.marker_set("heretic").found("") and markers.marker_set("heretic")("")

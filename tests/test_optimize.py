@@ -115,6 +115,9 @@ def test_searched_norm_modes(tiny, tmp_path):
     assert {t.params["projected"] for t in r2.study.trials} == {False, True}
     with pytest.raises(ValueError, match="projected must be None"):
         optimize(m, c, ev, storage=f"sqlite:///{tmp_path / 'c3.db'}", n_trials=1, projected="yes", progress=False)
+    for bad, match in ((-0.01, "kl_target must be >= 0"), (float("nan"), "kl_target must be a finite number")):
+        with pytest.raises(ValueError, match=match):
+            optimize(m, c, ev, storage=f"sqlite:///{tmp_path / 'c3.db'}", n_trials=1, kl_target=bad, progress=False)
     # the sampler minimizes heretic's scores; the trials keep what they measured, and the front is in those
     for t, f in zip(r.study.trials, finished(r.study)):
         assert tuple(t.values) == scores(Objectives(f["refusals"], f["kl"]), ev.base, 0.01)
