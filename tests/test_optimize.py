@@ -332,3 +332,68 @@ def test_ctrl_c_keeps_the_study(tiny_dir, tmp_path, sig):
     assert r.returncode == 0, r.stderr
     res = json.loads((tmp_path / "r.json").read_text())
     assert res["seconds"]["trials_run"] == 1 and res["seconds"]["trials"] == kept + 1
+
+
+class _Study:
+    """A stand-in for optuna's study: records stop() calls; ``outside`` makes stop() fail as optuna's does
+    when no optimize() is running."""
+
+    def __init__(self, outside=False):
+        self.stops, self.outside = 0, outside
+
+    def stop(self):
+        self.stops += 1
+        if self.outside:
+            raise RuntimeError("`Study.stop` is supposed to be invoked inside an objective function or a callback.")
+
+
+@pytest.mark.parametrize("outside", [False, True])
+def test_a_signal_stops_the_study_then_goes_on(outside):
+    """One Ctrl-C asks the study to stop and lets the block finish; KeyboardInterrupt comes after it (also when
+    the signal lands outside optimize(), where study.stop raises RuntimeError); the handlers are restored."""
+    import signal
+
+    from pysteer.optimize import _stop_on_signals
+
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    study, finished_block = _Study(outside), False
+    with pytest.raises(KeyboardInterrupt):
+        with _stop_on_signals(study):
+            signal.raise_signal(signal.SIGINT)
+            finished_block = True  # the running trial goes on
+    assert finished_block and study.stops == 1
+    assert {s: signal.getsignal(s) for s in before} == before
+
+
+def test_a_second_signal_goes_on_at_once():
+    import signal
+
+    from pysteer.optimize import _stop_on_signals
+
+    study, reached = _Study(), False
+    with pytest.raises(KeyboardInterrupt):
+        with _stop_on_signals(study):
+            signal.raise_signal(signal.SIGINT)
+            signal.raise_signal(signal.SIGINT)
+            reached = True
+    assert not reached and study.stops == 1
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_sigterm_reaches_the_handler_there_before():
+    """A program's own SIGTERM handler still runs once the search has stopped."""
+    import signal
+
+    from pysteer.optimize import _stop_on_signals
+
+    seen = []
+    old = signal.signal(signal.SIGTERM, lambda signum, frame: seen.append(signum))
+    try:
+        study = _Study()
+        with pytest.raises(KeyboardInterrupt):
+            with _stop_on_signals(study):
+                signal.raise_signal(signal.SIGTERM)
+                assert not seen  # not yet: the trial runs on
+        assert seen == [signal.SIGTERM] and study.stops == 1
+    finally:
+        signal.signal(signal.SIGTERM, old)
