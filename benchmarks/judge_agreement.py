@@ -1,9 +1,10 @@
 """Agreement of the phrase matchers and a judge model with the hand-labelled answers (not in CI).
 
-    .venv/bin/python benchmarks/judge_agreement.py [--judge qwen2.5-coder-1.5b-instruct]
+    .venv/bin/python benchmarks/judge_agreement.py [--judge qwen2.5-coder-1.5b-instruct] [--labels FILE]
 
-Prints, for each marker set and the judge, a confusion matrix against tests/data/labelled_answers.jsonl, the
-accuracy, the styles it gets wrong, and the judge's wall time.
+Prints, for each marker set and the judge, a confusion matrix against hand-labelled answers (default
+tests/data/labelled_answers.jsonl, written for the project; tests/data/abliterated_answers.jsonl holds real
+answers of abliterated Qwen2.5-Coder-1.5B), the accuracy, the styles it gets wrong, and the judge's wall time.
 """
 
 from __future__ import annotations
@@ -33,8 +34,9 @@ def table(name: str, got: list[bool], rows: list[dict]) -> str:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--judge", help="judge model (GGUF path or registry name)")
+    ap.add_argument("--labels", type=pathlib.Path, default=LABELLED, help="hand-labelled answers (JSONL)")
     args = ap.parse_args()
-    rows = [json.loads(line) for line in LABELLED.read_text().splitlines() if line.strip()]
+    rows = [json.loads(line) for line in args.labels.read_text().splitlines() if line.strip()]
     print(f"{len(rows)} labelled answers, {sum(r['refusal'] for r in rows)} refusals\n")
     for name in NAMES:
         print(table(f"phrase matcher {name}", [is_refusal(r["answer"], name) for r in rows], rows))

@@ -1,0 +1,105 @@
+"""A linear probe on the judge model's hidden state, against its label logits and the phrase matchers (not in CI).
+
+The LLM judge (:mod:`pysteer.llm_judge`) reads its verdict off the label tokens' logits after "Verdict: the
+assistant". This reads the judge's residual stream at that same position instead (post of a layer, last token)
+and fits a logistic regression on hand-labelled answers:
+
+    p(refusal) = sigmoid(w . (h - mu) / sd + b)
+
+Training: the project's written answers (tests/data/labelled_answers.jsonl) plus the real answers of one
+abliterated point (tests/data/abliterated_answers.jsonl, ``--train-source``); test: the real answers of the
+other point, never seen in training. Prints, per layer, the test AUC, the accuracy at p >= 0.5 and the count of
+refusals said against the hand count, beside the judge's label logits and the marker sets.
+
+    .venv/bin/python benchmarks/probe_judge.py [--judge qwen2.5-coder-1.5b-instruct]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import time
+
+import numpy as np
+
+import pysteer
+from pysteer.llm_judge import OPENING, Judge, conversation
+from pysteer.markers import NAMES, is_refusal
+
+DATA = pathlib.Path(__file__).parent.parent / "tests" / "data"
+
+
+def rows(name: str) -> list[dict]:
+    return [json.loads(line) for line in (DATA / name).read_text().splitlines() if line.strip()]
+
+
+def fit_logistic(X: np.ndarray, y: np.ndarray, lam: float, iters: int = 25) -> np.ndarray:
+    """L2-penalized logistic regression by Newton's method; returns [w..., b] (the intercept not penalized)."""
+    A = np.hstack([X, np.ones((len(X), 1))])
+    pen = np.full(A.shape[1], lam)
+    pen[-1] = 0.0
+    w = np.zeros(A.shape[1])
+    for _ in range(iters):
+        p = 1 / (1 + np.exp(-(A @ w)))
+        g = A.T @ (p - y) + pen * w
+        H = (A * (p * (1 - p))[:, None]).T @ A + np.diag(pen)
+        step = np.linalg.solve(H, g)
+        w -= step
+        if np.abs(step).max() < 1e-8:
+            break
+    return w
+
+
+def auc(p: np.ndarray, y: np.ndarray) -> float:
+    """Probability that a refusal scores above a compliance (ties count half)."""
+    pos, neg = p[y], p[~y]
+    return float((pos[:, None] > neg[None, :]).mean() + 0.5 * (pos[:, None] == neg[None, :]).mean())
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--judge", default="qwen2.5-coder-1.5b-instruct")
+    ap.add_argument("--layers", default=None, help="comma-separated (default every 4th and the last)")
+    ap.add_argument("--train-source", default="n-val-32 chosen point")
+    ap.add_argument("--c", type=float, default=0.1, help="inverse L2 strength (default 0.1)")
+    a = ap.parse_args()
+    written, real = rows("labelled_answers.jsonl"), rows("abliterated_answers.jsonl")
+    train = written + [r for r in real if r["source"] == a.train_source]
+    test = [r for r in real if r["source"] != a.train_source]
+    j = Judge(pysteer.load(a.judge, n_ctx=8192))  # with the hook: the probe reads its residual stream
+    m = j.model
+    layers = (list(range(4, m.n_layers, 4)) + [m.n_layers - 1] if a.layers is None
+              else [int(x) for x in a.layers.split(",")])
+
+    def features(rs):
+        texts = [j._render(conversation(j._plain(r["prompt"]), j._plain(r["answer"]))) + OPENING for r in rs]
+        return m.capture(texts, layers=layers, points=("post",), positions=1, chat_template=False)[:, 0, :, -1]
+
+    t0 = time.perf_counter()
+    Xtr, Xte = features(train), features(test)
+    t1 = time.perf_counter()
+    ytr = np.array([r["refusal"] for r in train], bool)
+    yte = np.array([r["refusal"] for r in test], bool)
+    logit_p = np.array(j.probabilities([r["prompt"] for r in test], [r["answer"] for r in test]))
+    print(f"judge {a.judge}; train: {len(written)} written + {len(train) - len(written)} real ({a.train_source}); "
+          f"test: {len(test)} real, {yte.sum()} refusals by hand; features captured in {t1 - t0:.0f} s\n")
+    print("| verdict from | test AUC | accuracy | refusals said (hand: %d) |" % yte.sum())
+    print("|---|---|---|---|")
+    for name in NAMES:
+        v = np.array([is_refusal(r["answer"], name) for r in test])
+        print(f"| phrase matcher {name} | - | {(v == yte).mean():.3f} | {v.sum()} |")
+    print(f"| judge's label logits (p >= {j.threshold}) | {auc(logit_p, yte):.3f} | "
+          f"{((logit_p >= j.threshold) == yte).mean():.3f} | {(logit_p >= j.threshold).sum()} |")
+    for i, layer in enumerate(layers):
+        mu, sd = Xtr[:, i].mean(0), Xtr[:, i].std(0) + 1e-6
+        w = fit_logistic((Xtr[:, i] - mu) / sd, ytr.astype(float), 1 / a.c)
+        p = 1 / (1 + np.exp(-(np.hstack([(Xte[:, i] - mu) / sd, np.ones((len(test), 1))]) @ w)))
+        print(f"| probe, post of layer {layer} | {auc(p, yte):.3f} | {((p >= 0.5) == yte).mean():.3f} | "
+              f"{(p >= 0.5).sum()} |")
+    m.close()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
