@@ -7,11 +7,13 @@ and fits a logistic regression on hand-labelled answers:
     p(refusal) = sigmoid(w . (h - mu) / sd + b)
 
 Training: the project's written answers (tests/data/labelled_answers.jsonl) plus the real answers of one
-abliterated point (tests/data/abliterated_answers.jsonl, ``--train-source``); test: the real answers of the
-other point, never seen in training. Prints, per layer, the test AUC, the accuracy at p >= 0.5 and the count of
+abliterated point or several (tests/data/abliterated_answers.jsonl, ``--train-source``, comma-separated); test: the real answers of
+another point (``--test-source``), never seen in training. Prints, per layer, the test AUC, the accuracy at p >= 0.5 and the count of
 refusals said against the hand count, beside the judge's label logits and the marker sets.
 
     .venv/bin/python benchmarks/probe_judge.py [--judge qwen2.5-coder-1.5b-instruct]
+    .venv/bin/python benchmarks/probe_judge.py --train-source "session-7 chosen point" \
+        --test-source "n-val-32 chosen point"
 """
 
 from __future__ import annotations
@@ -62,11 +64,16 @@ def main() -> int:
     ap.add_argument("--judge", default="qwen2.5-coder-1.5b-instruct")
     ap.add_argument("--layers", default=None, help="comma-separated (default every 4th and the last)")
     ap.add_argument("--train-source", default="n-val-32 chosen point")
+    ap.add_argument("--test-source", default="session-7 chosen point")
     ap.add_argument("--c", type=float, default=0.1, help="inverse L2 strength (default 0.1)")
     a = ap.parse_args()
     written, real = rows("labelled_answers.jsonl"), rows("abliterated_answers.jsonl")
-    train = written + [r for r in real if r["source"] == a.train_source]
-    test = [r for r in real if r["source"] != a.train_source]
+    train_sources = a.train_source.split(",")
+    train = written + [r for r in real if r["source"] in train_sources]
+    test = [r for r in real if r["source"] == a.test_source]
+    sources = sorted({r["source"] for r in real})
+    if a.test_source in train_sources or not test or len(train) == len(written):
+        raise SystemExit(f"choose two different sources of {sources}")
     j = Judge(pysteer.load(a.judge, n_ctx=8192))  # with the hook: the probe reads its residual stream
     m = j.model
     layers = (list(range(4, m.n_layers, 4)) + [m.n_layers - 1] if a.layers is None
@@ -83,7 +90,7 @@ def main() -> int:
     yte = np.array([r["refusal"] for r in test], bool)
     logit_p = np.array(j.probabilities([r["prompt"] for r in test], [r["answer"] for r in test]))
     print(f"judge {a.judge}; train: {len(written)} written + {len(train) - len(written)} real ({a.train_source}); "
-          f"test: {len(test)} real, {yte.sum()} refusals by hand; features captured in {t1 - t0:.0f} s\n")
+          f"test: {len(test)} real ({a.test_source}), {yte.sum()} refusals by hand; features captured in {t1 - t0:.0f} s\n")
     print("| verdict from | test AUC | accuracy | refusals said (hand: %d) |" % yte.sum())
     print("|---|---|---|---|")
     for name in NAMES:
