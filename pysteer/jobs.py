@@ -282,6 +282,9 @@ def _sureness_lines(s: dict) -> list[str]:
     lines = [f"refusals by {by}" + (f" (phrase matcher: harmful base {h['base']['matched']}, ablated "
                                     f"{h['steered']['matched']}; harmless base {hl['base']['matched']}, ablated "
                                     f"{hl['steered']['matched']})" if "matched" in h["base"] else "")]
+    if by.startswith("markers"):  # pysteer's matcher found 9 of 63 hand-labelled ablated refusals (BENCHMARKS)
+        lines.append("a phrase matcher's count is a lower bound on ablated models: it misses deflections (answers "
+                     "that do something harmless instead); read the ablated answers above (README: Deflections)")
     lines += [f"refusal rate (95% interval): harmful base {ci(h['base'])}, ablated {ci(h['steered'])}; "
              f"harmless base {ci(hl['base'])}, ablated {ci(hl['steered'])}"]
     sp = hl.get("first_token_kl_spread")

@@ -93,6 +93,7 @@ def test_ablate_test_json(setup):
     r = run("ablate-test", model, "--direction", d / "dir.gguf", *sets, "--n", 2, "--max-tokens", 6,
             "--layers", "1:3")
     assert r.returncode == 0 and "ablated on [1, 2] layers" in r.stdout and "| base answer" in r.stdout
+    assert "a phrase matcher's count is a lower bound" in r.stdout  # said where a matcher counted
     # with the model as its own judge: the judge's verdicts count, heretic's markers are shown beside
     r = run("ablate-test", model, "--direction", d / "dir.gguf", *sets, "--n", 3, "--max-tokens", 6, "--json",
             "--judge", "self", "--markers", "heretic")
@@ -111,6 +112,7 @@ def test_ablate_test_json(setup):
             "--judge", "self")
     assert r.returncode == 0 and "phrase matcher (pysteer) and judge disagree on" in r.stdout
     assert "refusals by judge (phrase matcher:" in r.stdout
+    assert "a phrase matcher's count is a lower bound" not in r.stdout
 
 
 def test_generate_chat_sweep_export_metrics(setup):
