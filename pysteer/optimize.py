@@ -289,10 +289,14 @@ def modes(name: str, value) -> tuple:
     return (False, True) if value is None else (value,)
 
 
+def _study_prefix(model) -> str:
+    """What every study name of this model file starts with."""
+    return f"{model.path.stem}-{model.sha256[:12]}-"
+
+
 def study_name(model, settings: dict) -> str:
     """One study per model file and search settings: a resumed run continues only a study it can extend."""
-    key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
-    return f"{model.path.stem}-{model.sha256[:12]}-{key}"
+    return _study_prefix(model) + hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
 
 
 def optimize(model, candidates: Candidates, evaluator: Evaluator, *, storage: str, n_trials: int | None = 40,
@@ -331,7 +335,7 @@ def optimize(model, candidates: Candidates, evaluator: Evaluator, *, storage: st
                                     load_if_exists=True)
     except Exception as e:  # a file that is not an Optuna SQLite study, or one from another Optuna version
         raise ValueError(f"cannot open the study in {storage}: {type(e).__name__}: {e}") from None
-    others = [n for n in optuna.get_all_study_names(storage) if n != name and n.startswith(name[:-12])]
+    others = [n for n in optuna.get_all_study_names(storage) if n != name and n.startswith(_study_prefix(model))]
     if others:  # e.g. made by an earlier pysteer, whose objectives differ: a run does not resume them
         warnings.warn(f"{storage} also holds {len(others)} other studies of this model, made with other search "
                       f"settings or an earlier pysteer; this run resumes only {name}", stacklevel=2)

@@ -126,6 +126,10 @@ def test_searched_norm_modes(tiny, tmp_path):
     ev2 = Evaluator(m, HARMFUL[6:8], HARMLESS[6:8], trial_tokens=4, markers="heretic")
     runs = [(ev, False, 0.01, True), (ev, None, 0.01, True), (ev, False, 0.02, True), (ev, False, 0.01, None),
             (ev2, False, 0.01, True)]
+    import optuna
+
+    # another model's study in the same file is no concern of this model's runs
+    optuna.create_study(study_name="other-0123456789ab-0123456789ab", storage=f"sqlite:///{tmp_path / 'd.db'}")
     names = set()
     for i, (e, keep, kt, proj) in enumerate(runs):
         with warnings.catch_warnings(record=True) as w:
