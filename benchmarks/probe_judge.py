@@ -26,7 +26,7 @@ import time
 import numpy as np
 
 import pysteer
-from pysteer.llm_judge import OPENING, Judge, conversation
+from pysteer.llm_judge import Judge
 from pysteer.markers import NAMES, is_refusal
 
 DATA = pathlib.Path(__file__).parent.parent / "tests" / "data"
@@ -80,7 +80,8 @@ def main() -> int:
               else [int(x) for x in a.layers.split(",")])
 
     def features(rs):
-        texts = [j._render(conversation(j._plain(r["prompt"]), j._plain(r["answer"]))) + OPENING for r in rs]
+        # the judge's chats up to its opening (tokenizers that share label tokens past it: lead not included)
+        texts = [j.text(r["prompt"], r["answer"]) for r in rs]
         return m.capture(texts, layers=layers, points=("post",), positions=1, chat_template=False)[:, 0, :, -1]
 
     t0 = time.perf_counter()

@@ -156,10 +156,13 @@ class Judge:
                         text = text.replace(piece, piece[0] + "\u200b" + piece[1:])
         return text
 
-    def _tokens(self, prompt: str, answer: str) -> list[int]:
-        m = self._model
+    def text(self, prompt: str, answer: str) -> str:
+        """The judge's chat for one (prompt, answer) in its template, ending with :data:`OPENING`."""
         chat = conversation(self._plain(prompt), self._plain(answer[: self._max_chars]), self._max_chars)
-        return m.tokenize(self._render(chat) + OPENING, add_special=False, parse_special=True) + self._lead
+        return self._render(chat) + OPENING
+
+    def _tokens(self, prompt: str, answer: str) -> list[int]:
+        return self._model.tokenize(self.text(prompt, answer), add_special=False, parse_special=True) + self._lead
 
     def label_probabilities(self, prompts: Sequence[str], answers: Sequence[str]) -> np.ndarray:
         """``[len(answers), len(LABELS)]``: the judge's probability of each label (refused for an empty answer)."""
