@@ -26,10 +26,11 @@ void Hook::set_ops(std::vector<std::pair<std::string, Op>> ops, std::string row_
 }
 
 void Hook::set_capture(const std::vector<std::string> & names, const std::vector<std::vector<int64_t>> & slots,
-                       const std::string & marker) {
+                       const std::string & marker, const std::string & stop_after) {
     cap_names_ = names;
     cap_slots_ = slots;
     marker_ = marker;
+    stop_after_ = stop_after;
     rebuild();
 }
 
@@ -37,6 +38,7 @@ void Hook::clear_capture() {
     cap_names_.clear();
     cap_slots_.clear();
     marker_.clear();
+    stop_after_.clear();
     rebuild();
 }
 
@@ -45,6 +47,7 @@ void Hook::rebuild() {
     for (size_t i = 0; i < ops_.size(); ++i) watches_[ops_[i].first].ops.push_back(i);
     for (size_t i = 0; i < cap_names_.size(); ++i) watches_[cap_names_[i]].slot_offsets = cap_slots_[i];
     if (!marker_.empty()) watches_[marker_].marker = true;
+    if (!stop_after_.empty()) watches_[stop_after_].stop = true;
     if (!row_marker_.empty()) watches_[row_marker_].marker = true;
 }
 
@@ -80,7 +83,7 @@ bool Hook::eval_callback(ggml_tensor * t, bool ask, void * user_data) {
     const Watch & w = it->second;
     // Capture-only names matter only while capturing: generation watches just the edited tensors (and the
     // first tensor of each ubatch when an op needs to know its rows).
-    if (w.ops.empty() && !self->capturing() && !(w.marker && self->tracking() && !self->row_marker_.empty()))
+    if (w.ops.empty() && !self->capturing() && !w.stop && !(w.marker && self->tracking() && !self->row_marker_.empty()))
         return false;
     if (ask) return true;
     const auto t0 = std::chrono::steady_clock::now();
@@ -94,7 +97,10 @@ bool Hook::eval_callback(ggml_tensor * t, bool ask, void * user_data) {
     }
     self->callback_ns_ += std::chrono::duration_cast<std::chrono::nanoseconds>(
         std::chrono::steady_clock::now() - t0).count();
-    return true;  // returning false would not stop llama_decode (it only ends this split); abort_callback does
+    // Returning false ends the graph split being computed (on CPU the whole ubatch graph) but not llama_decode,
+    // which goes on to the next ubatch: a capture (and the prefix decoded for it) needs nothing past its last
+    // node. Errors abort instead.
+    return !(w.stop && self->error_.empty());
 }
 
 void Hook::on_eval(ggml_tensor * t, const Watch & w) {

@@ -29,6 +29,7 @@ struct Watch {
     std::vector<size_t> ops;             // indices into Hook::ops_
     std::vector<int64_t> slot_offsets;   // capture: element offset of each (point, layer) block in one sample
     bool marker = false;                 // capture: the embedding output, first watched node of every ubatch
+    bool stop = false;                   // capture: the last captured node; the rest of the graph is skipped
 };
 
 // Where the rows of one decode go. Token indices are positions in the llama_batch; with a unified KV cache
@@ -60,9 +61,10 @@ class Hook {
     size_t n_ops() const { return ops_.size(); }
     void set_device_path(DevicePath p) { device_path_ = p; }
 
-    // Capture (between decodes only).
+    // Capture (between decodes only). stop_after: a captured name after which every decode computes nothing
+    // more until clear_capture ("" = the whole graph); its logits and later layers' KV cells are then garbage.
     void set_capture(const std::vector<std::string> & names, const std::vector<std::vector<int64_t>> & slots,
-                     const std::string & marker);
+                     const std::string & marker, const std::string & stop_after = "");
     void clear_capture();
     void begin_decode(DecodePlan plan);
     bool capturing() const { return plan_.out != nullptr; }
@@ -93,6 +95,7 @@ class Hook {
     std::vector<std::string> cap_names_;
     std::vector<std::vector<int64_t>> cap_slots_;
     std::string marker_;
+    std::string stop_after_;
     std::string row_marker_;
     bool host_ops_ = false;                   // some op runs in the hook itself (save / ablate_delta)
     std::vector<std::vector<float>> saved_;  // save: the rows of the last ubatch, by slot

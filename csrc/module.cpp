@@ -64,10 +64,12 @@ struct PyHook {
     }
 
     void set_capture(const std::vector<std::string> & names, const std::vector<std::vector<int64_t>> & slots,
-                     const std::string & marker) {
+                     const std::string & marker, const std::string & stop_after) {
         if (names.size() != slots.size()) throw std::invalid_argument("names and slots differ in length");
         for (const auto & n : names) check_name(n);
         check_name(marker);
+        if (!stop_after.empty() && std::find(names.begin(), names.end(), stop_after) == names.end())
+            throw std::invalid_argument("stop_after must be one of the captured names");
         int64_t top = 0;
         for (const auto & v : slots) {
             for (int64_t s : v) {
@@ -75,7 +77,7 @@ struct PyHook {
                 top = std::max(top, s);
             }
         }
-        hook.set_capture(names, slots, marker);
+        hook.set_capture(names, slots, marker, stop_after);
         max_slot = top;
     }
 
@@ -170,7 +172,8 @@ PYBIND11_MODULE(_core, m) {
 
     py::class_<PyHook>(m, "Hook")
         .def(py::init<const py::dict &, int64_t>(), py::arg("ggml_functions"), py::arg("n_embd"))
-        .def("set_capture", &PyHook::set_capture, py::arg("names"), py::arg("slots"), py::arg("marker"))
+        .def("set_capture", &PyHook::set_capture, py::arg("names"), py::arg("slots"), py::arg("marker"),
+             py::arg("stop_after") = "")
         .def("clear_capture", &PyHook::clear_capture)
         .def("set_ops", &PyHook::set_ops, py::arg("ops"), py::arg("row_marker") = "")
         .def_property_readonly("n_ops", [](PyHook & h) { return h.hook.n_ops(); })

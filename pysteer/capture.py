@@ -76,7 +76,8 @@ def capture(model, prompts, *, layers=None, points=("pre", "mid", "post"), posit
 
     out = np.full((N, P, L, K, E), _UNWRITTEN, dtype=np.uint32).view(np.float32)
     logits_out = np.empty((N, K, model.n_vocab), dtype=np.float32) if return_logits else None
-    with model.watch(points, layers, K * E):
+    # Without logits, nothing past the last captured tensor is needed: llama.cpp stops there.
+    with model.watch(points, layers, K * E, stop=not return_logits):
         run(model, tokens, positions=K, n_out=K if k_outputs else 1, logits=logits_out, capture_out=out,
             progress=progress)
     if (out.view(np.uint32) == _UNWRITTEN).any():

@@ -57,6 +57,12 @@ def tensor_name(arch: str, point: Point, layer: int) -> str:
     raise ValueError(f"unknown point {point!r}; choose from {POINTS}")
 
 
+def graph_order(point_layer: tuple[str, int]) -> tuple[int, int]:
+    """Sort key of a (point, layer) in llama.cpp's graph: ``pre`` of layer i is ``post`` of layer i - 1."""
+    point, layer = point_layer
+    return (layer - 1, 2) if point == "pre" else (layer, POINTS.index(point))
+
+
 def check_points(points: Sequence[str]) -> tuple[Point, ...]:
     if isinstance(points, str):
         points = (points,)

@@ -107,10 +107,12 @@ class Hook:
         self._h.set_ops([(name, int(kind), np.ascontiguousarray(dirs, np.float32), float(c), float(s), bool(a),
                           int(slot)) for name, kind, dirs, c, s, a, slot in ops], row_marker)
 
-    def watch(self, names, slots, marker: str) -> None:
+    def watch(self, names, slots, marker: str, stop_after: str = "") -> None:
         """Copy rows of tensors ``names`` into capture slots (element offsets per name) during decodes that
-        :meth:`start` a capture; ``marker`` is the first residual tensor of every ubatch."""
-        self._h.set_capture(list(names), [list(map(int, s)) for s in slots], marker)
+        :meth:`start` a capture; ``marker`` is the first residual tensor of every ubatch. ``stop_after`` (one of
+        ``names``): until :meth:`unwatch`, decodes compute nothing past it, so their logits and later layers'
+        KV cells are garbage."""
+        self._h.set_capture(list(names), [list(map(int, s)) for s in slots], marker, stop_after)
 
     def unwatch(self) -> None:
         self._h.clear_capture()

@@ -630,10 +630,12 @@ class Model:
         return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy()
 
     @contextmanager
-    def watch(self, points: Sequence[str], layers: Sequence[int], sample: int) -> Iterator[None]:
+    def watch(self, points: Sequence[str], layers: Sequence[int], sample: int, *,
+              stop: bool = False) -> Iterator[None]:
         """Within the block (which holds the model), capturing decodes copy ``points`` x ``layers`` rows: (point
         p, layer l) of a token goes to element offset ``(p * len(layers) + l) * sample`` of its slot (one tensor
-        may serve several)."""
+        may serve several). With ``stop`` every decode in the block computes nothing past the last of those
+        tensors: logits are garbage, and so are the later layers' KV cells, which no decode after it reuses."""
         if self._hook is None:
             raise ValueError("this Model was created with hook=False and cannot capture")
         slots: dict[str, list[int]] = {}
@@ -641,12 +643,16 @@ class Model:
             for l, layer in enumerate(layers):
                 slots.setdefault(hookpoints.tensor_name(self.arch, point, layer), []).append(
                     (p * len(layers) + l) * sample)
+        last = max(((point, layer) for point in points for layer in layers), key=hookpoints.graph_order)
         with self.exclusive():
-            self._hook.watch(list(slots), list(slots.values()), hookpoints.embedding_name(self.arch))
+            self._hook.watch(list(slots), list(slots.values()), hookpoints.embedding_name(self.arch),
+                             hookpoints.tensor_name(self.arch, *last) if stop else "")
             try:
                 yield
             finally:
                 self._hook.unwatch()
+                if stop:
+                    self._prefix = None  # its cells past the stop were never computed
 
     def capture(self, prompts, layers=None, points=("pre", "mid", "post"), positions: int = 1,
                 chat_template: Template = True, *, return_logits: bool = False, progress: bool = False):

@@ -225,6 +225,26 @@ def test_shared_prefix_is_decoded_once(tiny_path):
             assert m.hook_stats["edited_rows"] - before == c + sum(len(t) - c for t in toks)
 
 
+def test_capture_stops_after_its_last_tensor(tiny_path):
+    """Without logits, a capture computes nothing past its last tensor: an edit on a later layer never runs
+    (counted by the hook), the activations are those of a full decode, and the KV cells left uncomputed are not
+    reused by the next decode, which shares the prompts' prefix."""
+    with pysteer.load(tiny_path, n_ctx=512) as m:
+        want = m.logits_batch(PROMPTS)
+        r = np.zeros(m.n_embd, np.float32)
+        r[0] = 1
+        for point, layer, edited in (("post", 0, False), ("pre", 2, False), ("mid", 2, True)):
+            m.logits_batch(["an unrelated text"], chat_template=False)  # the cache holds no prefix now
+            with m.steer(pysteer.Ablate(r, layers=[2], points=["mid"]), path="hook"):
+                before = m.hook_stats["edited_rows"]
+                early = m.capture(PROMPTS, layers=[layer], points=[point])  # decodes the shared prefix itself
+                assert (m.hook_stats["edited_rows"] > before) == edited, (point, layer)
+                full, _ = m.capture(PROMPTS, layers=[layer], points=[point], return_logits=True)
+            assert np.array_equal(early, full)
+            m.capture(PROMPTS, layers=[0], points=["post"])
+            assert np.array_equal(m.logits_batch(PROMPTS), want)
+
+
 def test_shared_prefix_and_packs_fit_a_small_cache(tiny_dir):
     """n_batch == n_ctx: a pack of suffixes plus the shared prefix must still fit the KV cache."""
     prompts = [f"the {w} and {i} make it" + " so" * (i % 5) for i, w in enumerate(["a", "how", "to", "you"] * 16)]
