@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/judge_agreement.py [--judge qwen2.5-coder-1.5b-instruct] [--labels FILE]
 
 Prints, for each marker set and the judge, a confusion matrix against hand-labelled answers (default
-tests/data/labelled_answers.jsonl, written for the project; tests/data/abliterated_answers.jsonl holds real
+pysteer/data/labelled_answers.jsonl, written for the project; pysteer/data/abliterated_answers.jsonl holds real
 answers of abliterated Qwen2.5-Coder-1.5B), the accuracy, the styles it gets wrong, and the judge's wall time.
 """
 
@@ -17,7 +17,7 @@ import time
 
 from pysteer.markers import NAMES, is_refusal
 
-LABELLED = pathlib.Path(__file__).parent.parent / "tests" / "data" / "labelled_answers.jsonl"
+LABELLED = pathlib.Path(__file__).parent.parent / "pysteer" / "data" / "labelled_answers.jsonl"
 
 
 def table(name: str, got: list[bool], rows: list[dict]) -> str:

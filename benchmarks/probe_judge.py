@@ -6,8 +6,9 @@ and fits a logistic regression on hand-labelled answers:
 
     p(refusal) = sigmoid(w . (h - mu) / sd + b)
 
-Training: the project's written answers (tests/data/labelled_answers.jsonl) plus the real answers of one
-abliterated point or several (tests/data/abliterated_answers.jsonl, ``--train-source``, comma-separated); test: the real answers of
+The product's probe is :class:`pysteer.probe_judge.ProbeJudge` (one layer); this compares layers. Training: the
+project's written answers (pysteer/data/labelled_answers.jsonl) plus the real answers of one abliterated point or
+several (pysteer/data/abliterated_answers.jsonl, ``--train-source``, comma-separated); test: the real answers of
 another point (``--test-source``), never seen in training. Prints, per layer, the test AUC, the accuracy at p >= 0.5 and the count of
 refusals said against the hand count, beside the judge's label logits and the marker sets.
 
@@ -27,30 +28,12 @@ import numpy as np
 
 import pysteer
 from pysteer.llm_judge import Judge
+from pysteer.capture import capture_tokens
 from pysteer.markers import NAMES, is_refusal
-
-DATA = pathlib.Path(__file__).parent.parent / "tests" / "data"
-
+from pysteer.probe_judge import DATA, fit_logistic
 
 def rows(name: str) -> list[dict]:
     return [json.loads(line) for line in (DATA / name).read_text().splitlines() if line.strip()]
-
-
-def fit_logistic(X: np.ndarray, y: np.ndarray, lam: float, iters: int = 25) -> np.ndarray:
-    """L2-penalized logistic regression by Newton's method; returns [w..., b] (the intercept not penalized)."""
-    A = np.hstack([X, np.ones((len(X), 1))])
-    pen = np.full(A.shape[1], lam)
-    pen[-1] = 0.0
-    w = np.zeros(A.shape[1])
-    for _ in range(iters):
-        p = 1 / (1 + np.exp(-(A @ w)))
-        g = A.T @ (p - y) + pen * w
-        H = (A * (p * (1 - p))[:, None]).T @ A + np.diag(pen)
-        step = np.linalg.solve(H, g)
-        w -= step
-        if np.abs(step).max() < 1e-8:
-            break
-    return w
 
 
 def auc(p: np.ndarray, y: np.ndarray) -> float:
@@ -80,9 +63,10 @@ def main() -> int:
               else [int(x) for x in a.layers.split(",")])
 
     def features(rs):
-        # the judge's chats up to its opening (tokenizers that share label tokens past it: lead not included)
-        texts = [j.text(r["prompt"], r["answer"]) for r in rs]
-        return m.capture(texts, layers=layers, points=("post",), positions=1, chat_template=False)[:, 0, :, -1]
+        # the judge's chats as it reads them (ProbeJudge's features, at several layers)
+        todo, tokens = j.chats([r["prompt"] for r in rs], [r["answer"] for r in rs])
+        assert len(todo) == len(rs), "a labelled answer is empty"
+        return capture_tokens(m, tokens, layers=layers, points=("post",), positions=1)[:, 0, :, -1]
 
     t0 = time.perf_counter()
     Xtr, Xte = features(train), features(test)

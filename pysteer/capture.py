@@ -62,12 +62,24 @@ def capture(model, prompts, *, layers=None, points=("pre", "mid", "post"), posit
     ``positions - 1``). With ``return_logits`` also returns the logits there, ``[len(prompts), positions,
     n_vocab]``. ``layers`` is a layer spec (None = all layers). Prompts are strings or lists of chat messages.
     """
+    positions = params.integer("positions", positions, 1)
+    tokens = model.encode_prompts(prompts, chat_template=chat_template, min_tokens=positions)
+    return capture_tokens(model, tokens, layers=layers, points=points, positions=positions,
+                          return_logits=return_logits, progress=progress)
+
+
+def capture_tokens(model, tokens: list[list[int]], *, layers=None, points=("pre", "mid", "post"),
+                   positions: int = 1, return_logits: bool = False, progress: bool = False):
+    """:func:`capture` of token lists (each a whole sequence: nothing is added)."""
     if not model.has_hook:
         raise ValueError("this Model was created with hook=False and cannot capture")
     points = hookpoints.check_points(points)
     layers = hookpoints.check_layers(layers, model.n_layers)
     positions = params.integer("positions", positions, 1)
-    tokens = model.encode_prompts(prompts, chat_template=chat_template, min_tokens=positions)
+    bad = next((i for i, t in enumerate(tokens) if not positions <= len(t) <= model.n_ctx), None)
+    if bad is not None:
+        raise ValueError(f"sequence {bad} has {len(tokens[bad])} tokens; capture takes {positions} "
+                         f"(positions) to n_ctx={model.n_ctx}")
 
     N, P, L, K, E = len(tokens), len(points), len(layers), positions, model.n_embd
     # The last layer's mid/post keep only output rows, so the captured tokens must all be outputs there.

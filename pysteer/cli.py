@@ -409,20 +409,27 @@ def _duration(spec: str) -> float:
 def _judge_model(args, m=None):
     """The Judge named by --judge (None without it): 'self' or the model's own file reuse the loaded model."""
     if not args.judge:
+        if args.probe or args.probe_layer is not None:
+            raise UsageError("--probe reads a judge model's hidden state: give --judge MODEL (or --judge self)")
         return None
     from .llm_judge import Judge
+    from .probe_judge import ProbeJudge
     from .runtime import resolve_path
 
+    probe = args.probe or args.probe_layer is not None
     if m is not None and (args.judge == "self" or resolve_path(args.judge).resolve() == m.path.resolve()):
-        return Judge(m)
+        return ProbeJudge(Judge(m), layer=args.probe_layer, progress=True) if probe else Judge(m)
     if args.judge == "self":
         raise UsageError("--judge self needs a model; give a GGUF path or registry name")
+    if probe:
+        return ProbeJudge.load(args.judge, n_threads=args.threads, layer=args.probe_layer, progress=True)
     return Judge.load(args.judge, n_threads=args.threads)
 
 
 def _judge(args) -> None:
     from .files import atomic_output, read_jsonl
     from .markers import marker_set
+    from .probe_judge import ProbeJudge
 
     src = pathlib.Path(args.answers)
     if not src.is_file():
@@ -454,7 +461,8 @@ def _judge(args) -> None:
     else:
         sys.stdout.write(text)
     n = sum(r["refusal"] for r in rows)
-    by = f"judge {args.judge}" if judge is not None else f"phrase matcher {matcher.name}"
+    by = f"phrase matcher {matcher.name}" if judge is None else f"judge {args.judge}" + (
+        f", probe of layer {judge.layer}" if isinstance(judge, ProbeJudge) else "")
     print(f"pysteer judge: {n} of {len(rows)} answers are refusals ({by})", file=sys.stderr)
     if judge is not None:
         d = sum(r["refusal"] != r["refusal_markers"] for r in rows)
@@ -507,6 +515,11 @@ def _judge_args(p) -> None:
 
     p.add_argument("--judge", metavar="MODEL", help="also judge refusals with this GGUF (path or registry name; "
                    "'self' for the model under test): its verdicts count, the phrase matcher's are shown beside")
+    p.add_argument("--probe", action="store_true",
+                   help="the judge's verdicts from a linear probe on its hidden state, fitted once per judge model "
+                   "on pysteer's hand-labelled answers (sees deflections that its label logits miss)")
+    p.add_argument("--probe-layer", type=int, default=None, metavar="N",
+                   help="the layer the probe reads (implies --probe; default n_layers // 6)")
     p.add_argument("--markers", choices=NAMES, default="pysteer",
                    help="phrase matcher's marker set (default pysteer; andyrdt's or heretic's for comparison)")
 

@@ -166,12 +166,10 @@ def test_user_errors_are_one_line(setup, tiny_dir, args, match):
 
 def test_judge_command(tmp_path):
     """`pysteer judge` adds the phrase matcher's verdict to any answers, keeping every other field."""
-    import pathlib
-
     from pysteer.markers import is_refusal
+    from pysteer.probe_judge import DATA
 
-    labelled = [json.loads(line) for line in
-                (pathlib.Path(__file__).parent / "data" / "labelled_answers.jsonl").read_text().splitlines()][:40]
+    labelled = [json.loads(line) for line in (DATA / "labelled_answers.jsonl").read_text().splitlines()][:40]
     labelled = [{k: v for k, v in e.items() if k not in ("refusal", "coherent")} for e in labelled]
     src = tmp_path / "answers.jsonl"
     src.write_text("\n".join(json.dumps(e) for e in labelled) + "\n\n")

@@ -18,7 +18,7 @@ from pysteer.selection import Candidate, choose
 from reference import Weights, forward, logits_from_last_post
 
 LABELLED = [json.loads(line) for line in
-            (pathlib.Path(__file__).parent / "data" / "labelled_answers.jsonl").read_text().splitlines() if line]
+            (pathlib.Path(pysteer.__file__).parent / "data" / "labelled_answers.jsonl").read_text().splitlines() if line]
 
 
 def _by_style(*styles):

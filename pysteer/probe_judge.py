@@ -1,0 +1,153 @@
+"""A refusal judge read off a judge model's residual stream: a linear probe at the verdict position.
+
+On abliterated models most refusals left are deflections ("Here is how to avoid insider trading"), which the
+phrase matchers and the judge's label logits (:mod:`pysteer.llm_judge`) hardly see. The probe reads the judge
+model's ``post`` of one layer at the last token of its chat (:meth:`Judge.tokens`, where the label logits are
+read) and says
+
+    p(refusal) = sigmoid(w · (h - mu) / sd + b)
+
+with (w, b) an L2-penalized logistic regression (penalty 1/C on w) fitted on hand-labelled answers: by default
+the 471 shipped with pysteer (``data/labelled_answers.jsonl``, written for the project, and
+``data/abliterated_answers.jsonl``, real answers of abliterated Qwen2.5-Coder-1.5B points). The fit runs the
+first time a judge model is used and is cached under ``$PYSTEER_CACHE/probes`` by the model's sha256, the layer,
+C and the training rows. A decode stops at the probed layer (:func:`pysteer.capture.capture_tokens`), so an
+early layer costs a fraction of a forward pass. An empty answer is a refusal, as with the other judges.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import pathlib
+from typing import Sequence
+
+import numpy as np
+
+from . import params
+from ._pypi import cache_root
+from .capture import capture_tokens
+from .llm_judge import OPENING, SYSTEM, Judge
+
+DATA = pathlib.Path(__file__).parent / "data"
+TRAINING_FILES = ("labelled_answers.jsonl", "abliterated_answers.jsonl")
+
+
+def shipped_rows() -> list[dict]:
+    """The hand-labelled answers shipped with pysteer: dicts with prompt, answer, refusal (and more)."""
+    return [json.loads(line) for name in TRAINING_FILES
+            for line in (DATA / name).read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def fit_logistic(X: np.ndarray, y: np.ndarray, lam: float, iters: int = 50) -> np.ndarray:
+    """Minimizes sum log(1 + e^{-s_i z_i}) + lam/2 |w|^2 (z = X w + b, s = ±1; b not penalized) by Newton's
+    method; returns ``[w..., b]``."""
+    A = np.hstack([X, np.ones((len(X), 1))])
+    pen = np.full(A.shape[1], float(lam))
+    pen[-1] = 0.0
+    w = np.zeros(A.shape[1])
+    for _ in range(iters):
+        p = 1 / (1 + np.exp(-(A @ w)))
+        g = A.T @ (p - y) + pen * w
+        H = (A * (p * (1 - p))[:, None]).T @ A + np.diag(pen)
+        step = np.linalg.solve(H, g)
+        w -= step
+        if np.abs(step).max() < 1e-9:
+            break
+    return w
+
+
+class ProbeJudge:
+    """Refusal verdicts from a linear probe on a :class:`Judge`'s model (loaded with the hook; the steered
+    model itself is allowed, and is read unsteered)."""
+
+    def __init__(self, judge: Judge, *, layer: int | None = None, c: float = 0.1, threshold: float = 0.5,
+                 train: Sequence[dict] | None = None, cache: bool = True, progress: bool = False):
+        m = judge.model
+        if not m.has_hook:
+            raise ValueError("the probe reads the judge model's residual stream: load it with the hook "
+                             "(ProbeJudge.load does)")
+        self._judge = judge
+        self.layer = params.integer("layer", m.n_layers // 6 if layer is None else layer, 0)
+        if self.layer >= m.n_layers:
+            raise ValueError(f"layer {self.layer} out of range: the judge model has layers 0..{m.n_layers - 1}")
+        if not 0 < params.number("c", c) or not np.isfinite(c):
+            raise ValueError(f"c (the inverse L2 strength) must be positive, not {c!r}")
+        if not 0 < params.number("threshold", threshold) < 1:
+            raise ValueError(f"threshold must be in (0, 1), not {threshold!r}")
+        self.c, self.threshold, self._progress = float(c), float(threshold), progress
+        rows = shipped_rows() if train is None else list(train)
+        self._check_rows(rows)
+        rows = [r for r in rows if r["answer"].strip()]  # empty answers are refusals by rule, never probed
+        if {r["refusal"] for r in rows} != {True, False}:
+            raise ValueError("the training rows with text need refusals and compliances both")
+        self._mu, self._sd, self._w = self._fitted(rows, cache)
+
+    @classmethod
+    def load(cls, model: str, *, n_ctx: int = 8192, n_threads: int | None = None, **kw) -> "ProbeJudge":
+        """A ProbeJudge on the GGUF ``model`` (a path or a registry name)."""
+        from .runtime import load
+
+        return cls(Judge(load(model, n_ctx=n_ctx, n_threads=n_threads)), **kw)
+
+    @property
+    def model(self):
+        return self._judge.model
+
+    @staticmethod
+    def _check_rows(rows: list[dict]) -> None:
+        for i, r in enumerate(rows):
+            if not (isinstance(r, dict) and isinstance(r.get("prompt"), str) and isinstance(r.get("answer"), str)
+                    and isinstance(r.get("refusal"), bool)):
+                raise ValueError(f"training row {i} needs a str prompt, a str answer and a bool refusal")
+
+
+    def _key(self, rows: list[dict]) -> str:
+        h = hashlib.sha256()
+        for part in (self.model.sha256, str(self.layer), repr(self.c), SYSTEM, OPENING,
+                     json.dumps([[r["prompt"], r["answer"], r["refusal"]] for r in rows])):
+            h.update(part.encode("utf-8") + b"\0")
+        return h.hexdigest()[:24]
+
+    def _fitted(self, rows: list[dict], cache: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        path = cache_root() / "probes" / f"{self._key(rows)}.npz"
+        if cache and path.is_file():
+            with np.load(path) as z:
+                return z["mu"], z["sd"], z["w"]
+        X = self.features([r["prompt"] for r in rows], [r["answer"] for r in rows])
+        mu, sd = X.mean(0), X.std(0) + 1e-6
+        w = fit_logistic((X - mu) / sd, np.array([r["refusal"] for r in rows], float), 1 / self.c)
+        if cache:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp.npz")
+            np.savez(tmp, mu=mu, sd=sd, w=w)
+            tmp.replace(path)  # another process may fit the same probe: whole files only
+        return mu, sd, w
+
+    def _features(self, tokens: list[list[int]]) -> np.ndarray:
+        """``[len(tokens), n_embd]`` float64: post of :attr:`layer` at the last token of each chat, unsteered."""
+        m = self.model
+        with m.exclusive(), m.steer():
+            return capture_tokens(m, tokens, layers=[self.layer], points=("post",), positions=1,
+                                  progress=self._progress)[:, 0, 0, 0].astype(np.float64)
+
+    def features(self, prompts: Sequence[str], answers: Sequence[str]) -> np.ndarray:
+        """``[len(answers), n_embd]``: the judge model's post of :attr:`layer` at the verdict position (NaN rows
+        for empty answers)."""
+        todo, tokens = self._judge.chats(prompts, answers)
+        out = np.full((len(answers), self.model.n_embd), np.nan)
+        if todo:
+            out[todo] = self._features(tokens)
+        return out
+
+    def probabilities(self, prompts: Sequence[str], answers: Sequence[str]) -> list[float]:
+        """p(refusal) per answer (1.0 for an empty one)."""
+        todo, tokens = self._judge.chats(prompts, answers)
+        out = np.ones(len(prompts))
+        if todo:
+            z = np.hstack([(self._features(tokens) - self._mu) / self._sd, np.ones((len(todo), 1))]) @ self._w
+            out[todo] = 1 / (1 + np.exp(-z))
+        return out.tolist()
+
+    def verdicts(self, prompts: Sequence[str], answers: Sequence[str]) -> list[bool]:
+        return [p >= self.threshold for p in self.probabilities(prompts, answers)]
