@@ -360,17 +360,21 @@ def _optimize(args) -> None:
     if args.max_refusals is not None:
         params.integer("--max-refusals", args.max_refusals, 0)
     with _load(args) as m:
+        judge = _judge_model(args, m)  # before the search: a bad judge fails now, not in minutes
         try:
             r = search(m, _splits(args), storage=f"sqlite:///{study.resolve()}", n_trials=args.trials,
                        time_budget=budget, trial_tokens=args.trial_tokens, n_startup=args.startup,
                        seed=args.seed, max_refusals=args.max_refusals, pick_trial=args.pick, markers=args.markers,
                        preserve_norms=_choice(args.preserve_norms), projected=_choice(args.projected),
-                       points=points,
+                       points=points, judge=judge,
                        progress=not args.quiet)
         except (KeyboardInterrupt, _Terminated):
             print(f"pysteer optimize: stopped; the finished trials are kept in {study}: run the same command "
                   "again to resume", file=sys.stderr)
             raise
+        finally:
+            if judge is not None and judge.model is not m:
+                judge.model.close()
         print(format_front(r))
         obj = r.to_json(m)
         obj["study"]["storage"] = str(study)
@@ -589,6 +593,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pick", type=int, default=None, help="choose this trial number instead")
     p.add_argument("--markers", choices=NAMES, default="pysteer",
                    help="marker set that counts a trial's refusals (default pysteer; heretic's to search as it does)")
+    p.add_argument("--judge", metavar="MODEL", help="also count the refusals this judge model sees in the answers "
+                   "no marker ended ('self' for the model under test; best with --probe)")
+    p.add_argument("--probe", action="store_true", help="the judge's verdicts from its probe (see ablate-test)")
+    p.add_argument("--probe-layer", type=int, default=None, metavar="N", help="the layer the probe reads")
     p.add_argument("--points", default="post", help="residual point(s) the candidate directions are read at, "
                    "comma-separated (pre, mid, post; several are searched; default post, as heretic)")
     p.add_argument("--projected", choices=("search", "yes", "no"), default="yes",

@@ -109,6 +109,11 @@ class Judge:
     def model(self):
         return self._model
 
+    @property
+    def name(self) -> str:
+        """What gives the verdicts, for reports and study names."""
+        return f"{self._model.path.name} label logits, p >= {self.threshold:g}"
+
     def _label_tokens(self) -> tuple[list[int], list[int]]:
         """The tokens the labels share (appended to every judged chat) and the first token of each after them,
         as they follow the opening (tokenized together: SentencePiece tokenizers add a space to a lone word);

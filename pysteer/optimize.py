@@ -158,11 +158,12 @@ class Evaluator:
     """Scores interventions on fixed validation prompts against the unsteered model (computed once)."""
 
     def __init__(self, model, harmful: Sequence[str], harmless: Sequence[str], *, trial_tokens: int = 32,
-                 markers: str = "pysteer"):
+                 markers: str = "pysteer", judge=None):
         self._model = model
         self._harmful, self._harmless = list(harmful), list(harmless)
         self.trial_tokens = check.integer("trial_tokens", trial_tokens, 1)
         self.markers = marker_set(markers)
+        self.judge = judge  # a Judge or ProbeJudge: it also reads the answers no marker ended
         with model.steer():
             self._base_logits = model.logits_batch(self._harmless)[:, -1]
             self.base = self._count(model.generate_batch(self._harmful, max_tokens=self.trial_tokens,
@@ -173,16 +174,20 @@ class Evaluator:
         return len(self._harmful)
 
     def _count(self, answers) -> int:
-        return sum(self.markers(a) for a in answers)
+        """Refusals: answers with a marker, and with a judge also those it says refuse (it reads unsteered)."""
+        matched = [self.markers(a) for a in answers]
+        rest = [i for i, x in enumerate(matched) if not x]
+        if self.judge is None or not rest:
+            return sum(matched)
+        return sum(matched) + sum(self.judge.verdicts([self._harmful[i] for i in rest], [answers[i] for i in rest]))
 
     def __call__(self, intervention) -> Objectives:
         m = self._model
         with m.steer(intervention):
             # an answer ends once a marker is found: its verdict is settled (the count is the same)
-            refusals = self._count(m.generate_batch(self._harmful, max_tokens=self.trial_tokens,
-                                                    until=self.markers.found))
+            answers = m.generate_batch(self._harmful, max_tokens=self.trial_tokens, until=self.markers.found)
             kl = float(kl_divergence(self._base_logits, m.logits_batch(self._harmless)[:, -1]).mean())
-        return Objectives(refusals, kl)
+        return Objectives(self._count(answers), kl)
 
 
 @dataclass
@@ -197,13 +202,14 @@ class Result:
     n_harmful: int
     seconds: dict = field(default_factory=dict)
     markers: str = "pysteer"  # the marker set that counted the refusals
+    judge: str | None = None  # the judge that counted them too (its name), if any
 
     def to_json(self, model) -> dict:
         """Everything needed to apply the chosen point again (:func:`block_from_json`) and to see the front."""
         b = self.block
         return {"model": model.path.name, "sha256": model.sha256, "rule": self.rule, "chosen": self.chosen,
                 "front": self.front, "base_refusals": self.base_refusals, "n_harmful": self.n_harmful,
-                "seconds": self.seconds, "markers": self.markers, "study": {"name": self.study.study_name},
+                "seconds": self.seconds, "markers": self.markers, "judge": self.judge, "study": {"name": self.study.study_name},
                 "edit": {"directions": b.directions.tolist(), "attn": b.attn.tolist(), "ffn": b.ffn.tolist(),
                          "preserve_norms": b.norms is not None}}
 
@@ -329,7 +335,8 @@ def optimize(model, candidates: Candidates, evaluator: Evaluator, *, storage: st
         raise ValueError("keeping row norms needs Candidates(..., norms=WriteGeometry.read(model))")
     name = study_name(model, dict(settings or {}, trial_tokens=evaluator.trial_tokens, kl_target=kl_target,
                                   preserve_norms=norm_modes, projected=projected_modes,
-                                  markers=dataclasses.asdict(evaluator.markers)))
+                                  markers=dataclasses.asdict(evaluator.markers),
+                                  judge=None if evaluator.judge is None else evaluator.judge.name))
     try:
         study = optuna.create_study(directions=["minimize", "minimize"], storage=storage, study_name=name,
                                     load_if_exists=True)
@@ -379,7 +386,7 @@ def optimize(model, candidates: Candidates, evaluator: Evaluator, *, storage: st
     block = candidates.block(Point.from_params(chosen["params"]))
     return Result(study, front, chosen, rule, block, evaluator.base, evaluator.n_harmful,
                   {"search": round(search, 1), "trials_run": len(trials) - done, "trials": len(trials)},
-                  evaluator.markers.name)
+                  evaluator.markers.name, None if evaluator.judge is None else evaluator.judge.name)
 
 
 @contextlib.contextmanager
@@ -447,12 +454,14 @@ def search(model, splits, *, storage: str, n_trials: int | None = 40, time_budge
            points: Sequence[str] = ("post",), trial_tokens: int = 32, n_startup: int = 10,
            seed: int = 0, max_refusals: int | None = None, pick_trial: int | None = None,
            preserve_norms: bool | None = None, projected: bool | None = True, markers: str = "pysteer",
-           progress: bool = True) -> Result:
+           judge=None, progress: bool = True) -> Result:
     """The whole search on a :class:`pysteer.datasets.PromptSplits`: candidates from the train split (class
     means at the last token of every layer), trials scored on the validation split; the test split is left
     for ``pysteer ablate-test --edit``. ``preserve_norms`` as :func:`optimize` (default: searched, where the model has
     every attn_output and ffn_down), ``projected`` too; ``points``: the residual points the candidates are read
-    at (searched when several); ``markers``: the marker set that counts refusals."""
+    at (searched when several); ``markers``: the marker set that counts refusals; ``judge`` (a
+    :class:`~pysteer.llm_judge.Judge` or :class:`~pysteer.probe_judge.ProbeJudge`) counts those it says refuse
+    among the answers no marker ended."""
     from .extraction import extract
 
     _check_arch(model)  # before the extraction, not after
@@ -467,7 +476,7 @@ def search(model, splits, *, storage: str, n_trials: int | None = 40, time_budge
     t1 = time.perf_counter()
     res = extract(model, *splits.train, positions=1, points=points, progress=progress)
     t2 = time.perf_counter()
-    evaluator = Evaluator(model, *splits.val, trial_tokens=trial_tokens, markers=markers)
+    evaluator = Evaluator(model, *splits.val, trial_tokens=trial_tokens, markers=markers, judge=judge)
     t3 = time.perf_counter()
     settings = {"points": list(points), "train": [len(x) for x in splits.train], "val": [len(x) for x in splits.val],
                 "val_sha": hashlib.sha256(json.dumps(splits.val).encode()).hexdigest()[:12]}

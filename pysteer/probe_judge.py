@@ -94,6 +94,11 @@ class ProbeJudge:
     def model(self):
         return self._judge.model
 
+    @property
+    def name(self) -> str:
+        """What gives the verdicts (its fit's cache key names the training rows), for reports and study names."""
+        return f"{self.model.path.name} probe of layer {self.layer}, C {self.c:g}, p >= {self.threshold:g}, fit {self._fit}"
+
     @staticmethod
     def _check_rows(rows: list[dict]) -> None:
         for i, r in enumerate(rows):
@@ -110,7 +115,8 @@ class ProbeJudge:
         return h.hexdigest()[:24]
 
     def _fitted(self, rows: list[dict], cache: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        path = cache_root() / "probes" / f"{self._key(rows)}.npz"
+        self._fit = self._key(rows)
+        path = cache_root() / "probes" / f"{self._fit}.npz"
         if cache and path.is_file():
             with np.load(path) as z:
                 return z["mu"], z["sd"], z["w"]

@@ -198,6 +198,39 @@ def test_evaluator_counts_and_kl(tiny):
     assert calls == [ms.found]  # the answers were ended at their first marker
 
 
+class _SaysRefused:
+    """A judge that says "refused" to the answers that contain ``word``, noting what it read and under which
+    steering."""
+    name = "test judge"
+    threshold = 0.5
+
+    def __init__(self, m, word):
+        self.m, self.word, self.read = m, word, []
+
+    def verdicts(self, prompts, answers):
+        self.read.append((list(prompts), list(answers), self.m.steering.interventions))
+        return [self.word in a for a in answers]
+
+
+def test_evaluator_counts_a_judges_refusals_among_the_unmatched(tiny):
+    from pysteer.markers import MarkerSet, normalize
+
+    m, res = tiny
+    block = Candidates(res, m.n_layers).block(_point("global", 1.5))
+    with m.steer(block):
+        answers = m.generate_batch(HARMFUL[6:9], max_tokens=8)
+    ms = MarkerSet("test", (normalize(answers[0])[1:4],), None, False)  # matches answer 0 (maybe others)
+    matched = [ms(a) for a in answers]
+    word = next(w for w in answers[1].split() if w)
+    judge = _SaysRefused(m, word)
+    ev = Evaluator(m, HARMFUL[6:9], HARMLESS[6:9], trial_tokens=8, markers=ms, judge=judge)
+    judge.read.clear()
+    o = ev(block)
+    rest = [i for i, x in enumerate(matched) if not x]
+    assert judge.read == [([HARMFUL[6:9][i] for i in rest], [answers[i] for i in rest], ())]  # unsteered
+    assert o.refusals == sum(matched) + sum(word in answers[i] for i in rest) and rest
+
+
 def test_cli_search_resume_export_and_test(tiny_dir, tmp_path):
     (tmp_path / "h.txt").write_text("\n".join(HARMFUL))
     (tmp_path / "hl.txt").write_text("\n".join(HARMLESS))
