@@ -263,6 +263,14 @@ def test_cli_search_resume_export_and_test(tiny_dir, tmp_path):
     params = [t.params for t in optuna.load_study(study_name=res3["study"]["name"],
                                                    storage=f"sqlite:///{tmp_path / 'ab.study.db'}").trials]
     assert {p["projected"] for p in params} == {False} and {p["point"] for p in params} <= {"mid", "post"}
+    # a judge counting too: another study again, and the JSON names it
+    r = run("optimize", model, *sets, "--trials", 2, "--startup", 2, "--trial-tokens", 6, "--judge", "self",
+            "--json", tmp_path / "d.json", "--png", tmp_path / "d.png", "--study", tmp_path / "ab.study.db")
+    assert r.returncode == 0 and "also holds 2 other studies" in r.stderr, r.stderr
+    res4 = json.loads((tmp_path / "d.json").read_text())
+    assert "label logits" in res4["judge"] and res2["judge"] is None and res4["study"]["name"] != res2["study"]["name"]
+    r = run("optimize", model, *sets, "--probe", "--json", tmp_path / "e.json", "--png", tmp_path / "e.png")
+    assert r.returncode == 2 and "--probe reads a judge model" in r.stderr, r.stderr
     # the written GGUF, loaded plainly, gives the runtime edit's logits (F32 tiny model: float rounding only)
     from pysteer.optimize import block_from_json
 
