@@ -2,7 +2,8 @@
 
 Both sides use the same llama.cpp build (the one llama-cpp-python loaded), threads, context, batch packing
 and output rows; the only difference is pysteer's eval callback capturing pre/mid/post of every layer at
-the last --positions tokens. Prints a markdown table and the ratio.
+the last --positions tokens. A third run captures post of one middle layer (--stop-layer) alone: llama.cpp stops
+each graph there, as the probe judge's decodes do. Prints a markdown table and the ratios.
 
     .venv/bin/python benchmarks/bench_capture.py [--model qwen2.5-coder-0.5b-instruct] [--prompts 64]
 """
@@ -46,6 +47,7 @@ def main() -> None:
     ap.add_argument("--n-ctx", type=int, default=4096)
     ap.add_argument("--n-ubatch", type=int, default=512)
     ap.add_argument("--n-batch", type=int, default=512, help="token budget per llama_decode (both sides)")
+    ap.add_argument("--stop-layer", type=int, default=None, help="default the middle layer, (n_layers - 1) // 2")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
 
@@ -61,11 +63,17 @@ def main() -> None:
     def run_capture():
         hooked.capture(prompts, positions=args.positions)
 
-    run_plain(), run_capture()  # warm-up: page in the weights, build the graphs
-    t_plain, t_cap = [], []
-    for _ in range(args.repeats):  # interleaved, so drift in machine load hits both sides alike
+    stop = (hooked.n_layers - 1) // 2 if args.stop_layer is None else args.stop_layer
+
+    def run_stop():
+        hooked.capture(prompts, layers=[stop], points=["post"], positions=args.positions)
+
+    run_plain(), run_capture(), run_stop()  # warm-up: page in the weights, build the graphs
+    t_plain, t_cap, t_stop = [], [], []
+    for _ in range(args.repeats):  # interleaved, so drift in machine load hits all sides alike
         t_plain += timed(run_plain, 1)
         t_cap += timed(run_capture, 1)
+        t_stop += timed(run_stop, 1)
     plain_tps = n_tokens / statistics.median(t_plain)
     cap_tps = n_tokens / statistics.median(t_cap)
     acts_mb = args.prompts * 3 * hooked.n_layers * args.positions * hooked.n_embd * 4 / 1e6
@@ -73,7 +81,7 @@ def main() -> None:
         "model": args.model, "prompts": args.prompts, "tokens": n_tokens, "threads": args.threads,
         "n_ubatch": args.n_ubatch, "n_batch": args.n_batch, "positions": args.positions, "layers": hooked.n_layers,
         "plain_tok_s": plain_tps, "capture_tok_s": cap_tps, "ratio": cap_tps / plain_tps,
-        "plain_s": t_plain, "capture_s": t_cap, "activations_mb": acts_mb,
+        "plain_s": t_plain, "capture_s": t_cap, "activations_mb": acts_mb, "stop_layer": stop, "stop_s": t_stop,
         "build": pysteer.build_info()["ggml_commit"],
     }
     if args.json:
@@ -87,6 +95,9 @@ def main() -> None:
     print(f"| plain llama.cpp prompt eval | {statistics.median(t_plain):.2f} | {plain_tps:.1f} | 1.000 |")
     print(f"| capture pre/mid/post x {hooked.n_layers} layers x {args.positions} positions "
           f"({acts_mb:.0f} MB) | {statistics.median(t_cap):.2f} | {cap_tps:.1f} | {res['ratio']:.3f} |")
+    stop_tps = n_tokens / statistics.median(t_stop)
+    print(f"| capture post of layer {stop} alone (the graph stops there) | {statistics.median(t_stop):.2f} | "
+          f"{stop_tps:.1f} | {stop_tps / plain_tps:.3f} |")
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ def features(judge: str, path: pathlib.Path):
         m = pysteer.load(judge, n_ctx=8192)
         j = Judge(m)
         layers = list(range(1, m.n_layers, 2))
-        _, tokens = j.chats([r["prompt"] for r in rows], [r["answer"] for r in rows])
+        _, _, tokens = j.chats([r["prompt"] for r in rows], [r["answer"] for r in rows])
         t0 = time.perf_counter()
         X = capture_tokens(m, tokens, layers=layers, points=("post",), positions=1)[:, 0, :, 0]
         print(f"{judge}: {len(rows)} chats, {len(layers)} layers captured in {time.perf_counter() - t0:.0f} s")

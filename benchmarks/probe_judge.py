@@ -64,7 +64,7 @@ def main() -> int:
 
     def features(rs):
         # the judge's chats as it reads them (ProbeJudge's features, at several layers)
-        todo, tokens = j.chats([r["prompt"] for r in rs], [r["answer"] for r in rs])
+        _, todo, tokens = j.chats([r["prompt"] for r in rs], [r["answer"] for r in rs])
         assert len(todo) == len(rs), "a labelled answer is empty"
         return capture_tokens(m, tokens, layers=layers, points=("post",), positions=1)[:, 0, :, -1]
 

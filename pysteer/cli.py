@@ -355,6 +355,7 @@ def _optimize(args) -> None:
     from . import params  # every number checked before the model loads and the candidates are extracted
 
     params.integer("--trials", args.trials, 1)
+    _probe_wanted(args)
     params.integer("--startup", args.startup, 0)
     params.integer("--trial-tokens", args.trial_tokens, 1)
     if args.max_refusals is not None:
@@ -410,17 +411,23 @@ def _duration(spec: str) -> float:
     return value
 
 
+def _probe_wanted(args) -> bool:
+    """--probe or --probe-layer, checked to come with --judge."""
+    probe = args.probe or args.probe_layer is not None
+    if probe and not args.judge:
+        raise UsageError("--probe reads a judge model's hidden state: give --judge MODEL (or --judge self)")
+    return probe
+
+
 def _judge_model(args, m=None):
     """The Judge named by --judge (None without it): 'self' or the model's own file reuse the loaded model."""
+    probe = _probe_wanted(args)
     if not args.judge:
-        if args.probe or args.probe_layer is not None:
-            raise UsageError("--probe reads a judge model's hidden state: give --judge MODEL (or --judge self)")
         return None
     from .llm_judge import Judge
     from .probe_judge import ProbeJudge
     from .runtime import resolve_path
 
-    probe = args.probe or args.probe_layer is not None
     if m is not None and (args.judge == "self" or resolve_path(args.judge).resolve() == m.path.resolve()):
         return ProbeJudge(Judge(m), layer=args.probe_layer, progress=True) if probe else Judge(m)
     if args.judge == "self":

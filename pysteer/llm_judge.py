@@ -170,9 +170,9 @@ class Judge:
         """:meth:`text` tokenized, with the tokens all labels share; the verdict is read after the last."""
         return self._model.tokenize(self.text(prompt, answer), add_special=False, parse_special=True) + self._lead
 
-    def chats(self, prompts: Sequence[str], answers: Sequence[str]) -> tuple[list[int], list[list[int]]]:
-        """The answers that are not empty (their indices) and their chats' :meth:`tokens`, checked to fit the
-        judge's context; empty answers are refusals without a decode."""
+    def chats(self, prompts: Sequence[str], answers: Sequence[str]) -> tuple[int, list[int], list[list[int]]]:
+        """How many answers there are, those that are not empty (their indices) and their chats' :meth:`tokens`,
+        checked to fit the judge's context; empty answers are refusals without a decode."""
         if isinstance(prompts, str) or isinstance(answers, str):
             raise ValueError("prompts and answers are lists of str; wrap a single one in a list")
         prompts, answers = list(prompts), list(answers)
@@ -189,12 +189,12 @@ class Judge:
             raise ValueError(f"judging answer {todo[long]} takes {len(tokens[long])} tokens, more than the judge's "
                              f"n_ctx={self._model.n_ctx}; load the judge with a larger n_ctx or lower "
                              "max_answer_chars")
-        return todo, tokens
+        return len(answers), todo, tokens
 
     def label_probabilities(self, prompts: Sequence[str], answers: Sequence[str]) -> np.ndarray:
         """``[len(answers), len(LABELS)]``: the judge's probability of each label (refused for an empty answer)."""
-        todo, tokens = self.chats(prompts, answers)
-        out = np.zeros((len(prompts), len(LABELS)))
+        n, todo, tokens = self.chats(prompts, answers)
+        out = np.zeros((n, len(LABELS)))
         out[:, 0] = 1.0
         if not todo:
             return out

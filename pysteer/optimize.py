@@ -333,10 +333,11 @@ def optimize(model, candidates: Candidates, evaluator: Evaluator, *, storage: st
     norm_modes, projected_modes = modes("preserve_norms", preserve_norms), modes("projected", projected)
     if True in norm_modes and candidates.norms is None:
         raise ValueError("keeping row norms needs Candidates(..., norms=WriteGeometry.read(model))")
-    name = study_name(model, dict(settings or {}, trial_tokens=evaluator.trial_tokens, kl_target=kl_target,
-                                  preserve_norms=norm_modes, projected=projected_modes,
-                                  markers=dataclasses.asdict(evaluator.markers),
-                                  judge=None if evaluator.judge is None else evaluator.judge.name))
+    named = dict(settings or {}, trial_tokens=evaluator.trial_tokens, kl_target=kl_target,
+                 preserve_norms=norm_modes, projected=projected_modes, markers=dataclasses.asdict(evaluator.markers))
+    if evaluator.judge is not None:  # only then: studies made without a judge keep their names and resume
+        named["judge"] = evaluator.judge.name
+    name = study_name(model, named)
     try:
         study = optuna.create_study(directions=["minimize", "minimize"], storage=storage, study_name=name,
                                     load_if_exists=True)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import pathlib
 import tempfile
 from typing import Sequence
@@ -37,6 +38,7 @@ from .capture import capture_tokens
 from .llm_judge import Judge
 
 DATA = pathlib.Path(__file__).parent / "data"
+_FORMAT = "probe-1"  # in the cache key: changed whenever the features or the fit change
 TRAINING_FILES = ("labelled_answers.jsonl", "abliterated_answers.jsonl")
 
 
@@ -70,6 +72,7 @@ class ProbeJudge:
 
     def __init__(self, judge: Judge, *, layer: int | None = None, c: float = 0.1, threshold: float = 0.3,
                  train: Sequence[dict] | None = None, cache: bool = True, progress: bool = False):
+        """``progress``: a bar while the probe is fitted (judging shows none)."""
         m = judge.model
         if not m.has_hook:
             raise ValueError("the probe reads the judge model's residual stream: load it with the hook "
@@ -94,7 +97,12 @@ class ProbeJudge:
         """A ProbeJudge on the GGUF ``model`` (a path or a registry name)."""
         from .runtime import load
 
-        return cls(Judge(load(model, n_ctx=n_ctx, n_threads=n_threads)), **kw)
+        m = load(model, n_ctx=n_ctx, n_threads=n_threads)
+        try:
+            return cls(Judge(m), **kw)
+        except BaseException:
+            m.close()
+            raise
 
     @property
     def model(self):
@@ -115,34 +123,50 @@ class ProbeJudge:
     def _fitted(self, rows: list[dict], cache: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(mu, sd, [w..., b]) from the cache, or fitted and cached. The key holds what the fit reads: the model's
         weights (sha256), the chats' tokens as the judge reads them, the labels, the layer and C."""
-        todo, tokens = self._judge.chats([r["prompt"] for r in rows], [r["answer"] for r in rows])
+        _, todo, tokens = self._judge.chats([r["prompt"] for r in rows], [r["answer"] for r in rows])
         y = np.array([rows[i]["refusal"] for i in todo], float)
-        h = hashlib.sha256(f"{self.model.sha256}\0{self.layer}\0{self.c!r}\0".encode())
+        h = hashlib.sha256(f"{_FORMAT}\0{self.model.sha256}\0{self.layer}\0{self.c!r}\0".encode())
         h.update(json.dumps([tokens, y.tolist()]).encode())
         self._fit = h.hexdigest()[:24]
         path = cache_root() / "probes" / f"{self._fit}.npz"
         if cache and path.is_file():
-            try:
-                with np.load(path) as z:
-                    return z["mu"], z["sd"], z["w"]
-            except (OSError, ValueError, KeyError):
-                pass  # unreadable: fitted again and replaced
-        X = self._features(tokens)
+            fit = self._read(path)
+            if fit is not None:
+                return fit
+        X = self._features(tokens, progress=self._progress)
         mu, sd = X.mean(0), X.std(0) + 1e-6
         w = fit_logistic((X - mu) / sd, y, 1 / self.c)
         if cache:
             path.parent.mkdir(parents=True, exist_ok=True)
-            with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".npz", delete=False) as f:
-                np.savez(f, mu=mu, sd=sd, w=w)
+            with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".tmp", delete=False) as f:
+                try:
+                    np.savez(f, mu=mu, sd=sd, w=w)
+                    f.flush()
+                    os.fsync(f.fileno())
+                except BaseException:
+                    pathlib.Path(f.name).unlink(missing_ok=True)
+                    raise
             pathlib.Path(f.name).replace(path)  # whole files only, also when two processes fit at once
         return mu, sd, w
 
-    def _features(self, tokens: list[list[int]]) -> np.ndarray:
+    def _read(self, path: pathlib.Path):
+        """A cached fit, or None when the file is unreadable or not a fit for this model (then fitted again)."""
+        E = self.model.n_embd
+        try:
+            with np.load(path) as z:
+                mu, sd, w = z["mu"], z["sd"], z["w"]
+        except Exception:  # empty, truncated, not an npz: any of zipfile's, numpy's or pickle's errors
+            return None
+        ok = (mu.shape == sd.shape == (E,) and w.shape == (E + 1,)
+              and all(np.isfinite(a).all() for a in (mu, sd, w)) and (sd > 0).all())
+        return (mu, sd, w) if ok else None
+
+    def _features(self, tokens: list[list[int]], progress: bool = False) -> np.ndarray:
         """``[len(tokens), n_embd]`` float64: post of :attr:`layer` at the last token of each chat, unsteered."""
         m = self.model
         with m.exclusive(), m.steer():
             X = capture_tokens(m, tokens, layers=[self.layer], points=("post",), positions=1,
-                               progress=self._progress)[:, 0, 0, 0].astype(np.float64)
+                               progress=progress)[:, 0, 0, 0].astype(np.float64)
         if not np.isfinite(X).all():
             raise ValueError(f"the judge model's hidden state at layer {self.layer} is not finite: a broken model "
                              "cannot judge")
@@ -151,16 +175,16 @@ class ProbeJudge:
     def features(self, prompts: Sequence[str], answers: Sequence[str]) -> np.ndarray:
         """``[len(answers), n_embd]``: the judge model's post of :attr:`layer` at the verdict position (NaN rows
         for empty answers)."""
-        todo, tokens = self._judge.chats(prompts, answers)
-        out = np.full((len(answers), self.model.n_embd), np.nan)
+        n, todo, tokens = self._judge.chats(prompts, answers)
+        out = np.full((n, self.model.n_embd), np.nan)
         if todo:
             out[todo] = self._features(tokens)
         return out
 
     def probabilities(self, prompts: Sequence[str], answers: Sequence[str]) -> list[float]:
         """p(refusal) per answer (1.0 for an empty one)."""
-        todo, tokens = self._judge.chats(prompts, answers)
-        out = np.ones(len(prompts))
+        n, todo, tokens = self._judge.chats(prompts, answers)
+        out = np.ones(n)
         if todo:
             z = np.hstack([(self._features(tokens) - self._mu) / self._sd, np.ones((len(todo), 1))]) @ self._w
             out[todo] = 1 / (1 + np.exp(-z))

@@ -643,6 +643,8 @@ class Model:
             for l, layer in enumerate(layers):
                 slots.setdefault(hookpoints.tensor_name(self.arch, point, layer), []).append(
                     (p * len(layers) + l) * sample)
+        if not points or not layers:
+            raise ValueError("watch needs at least one point and one layer")
         last = max(((point, layer) for point in points for layer in layers), key=hookpoints.graph_order)
         with self.exclusive():
             self._hook.watch(list(slots), list(slots.values()), hookpoints.embedding_name(self.arch),
@@ -650,9 +652,9 @@ class Model:
             try:
                 yield
             finally:
-                self._hook.unwatch()
                 if stop:
-                    self._prefix = None  # its cells past the stop were never computed
+                    self._prefix = None  # its cells past the stop were never computed (first: nothing may skip it)
+                self._hook.unwatch()
 
     def capture(self, prompts, layers=None, points=("pre", "mid", "post"), positions: int = 1,
                 chat_template: Template = True, *, return_logits: bool = False, progress: bool = False):

@@ -48,7 +48,7 @@ def test_probabilities_are_the_fitted_logistic_of_a_full_decode(tiny_dir, cache)
         j = Judge(m)
         pj = ProbeJudge(j, layer=1, train=ROWS, c=100.0)
         prompts, answers = [r["prompt"] for r in ROWS], [r["answer"] for r in ROWS]
-        _, tokens = j.chats(prompts, answers)
+        _, _, tokens = j.chats(prompts, answers)
         h, _ = capture_tokens(m, tokens, layers=[1], points=("post",), return_logits=True)
         X = h[:, 0, 0, 0].astype(np.float64)
         mu, sd = X.mean(0), X.std(0) + 1e-6
@@ -61,6 +61,7 @@ def test_probabilities_are_the_fitted_logistic_of_a_full_decode(tiny_dir, cache)
         np.testing.assert_allclose(got, want, atol=1e-6)
         assert pj.verdicts(prompts, answers) == [r["refusal"] for r in ROWS]
         assert pj.probabilities(["a", "b"], ["", "  "]) == [1.0, 1.0]  # empty answers: refusals, no decode
+        assert pj.probabilities(iter(prompts), (a for a in answers)) == got.tolist()  # any iterables
 
 
 def test_fit_is_cached_per_model_layer_and_rows(tiny_dir, cache, monkeypatch):
@@ -69,13 +70,22 @@ def test_fit_is_cached_per_model_layer_and_rows(tiny_dir, cache, monkeypatch):
         first = ProbeJudge(j, layer=1, train=ROWS)
         assert len(list(cache.glob("*.npz"))) == 1
         calls = []
-        monkeypatch.setattr(ProbeJudge, "_features", lambda self, t: calls.append(t) or np.zeros((len(t), m.n_embd)))
+        monkeypatch.setattr(ProbeJudge, "_features",
+                            lambda self, t, progress=False: calls.append(t) or np.zeros((len(t), m.n_embd)))
         again = ProbeJudge(j, layer=1, train=ROWS)  # from the cache: no decode
         assert calls == [] and again._w.tolist() == first._w.tolist()
         ProbeJudge(j, layer=0, train=ROWS)  # another layer: fitted anew
         ProbeJudge(j, layer=1, train=ROWS[1:])  # other rows: fitted anew
         ProbeJudge(j, layer=1, train=ROWS, cache=False)
         assert len(calls) == 3 and len(list(cache.glob("*.npz"))) == 3
+        monkeypatch.undo()
+        path = cache / f"{first._fit}.npz"
+        for bad in (b"", path.read_bytes()[:100], b"not an npz at all"):  # a broken file is fitted again
+            path.write_bytes(bad)
+            assert ProbeJudge(j, layer=1, train=ROWS)._w.tolist() == first._w.tolist()
+        np.savez(path, mu=first._mu[:3], sd=first._sd, w=first._w)  # another model's shape
+        assert ProbeJudge(j, layer=1, train=ROWS)._w.tolist() == first._w.tolist()
+        assert sorted(p.suffix for p in cache.iterdir()) == [".npz"] * 3  # no temporary file left
 
 
 def test_bad_input(tiny_dir, cache):
