@@ -9,7 +9,7 @@ read) and says
 
 and the verdict p >= 0.3. (w, b) is an L2-penalized logistic regression (penalty 1/C on w, C = 0.1) fitted on
 hand-labelled answers: by default
-the 471 shipped with pysteer (``data/labelled_answers.jsonl``, written for the project, and
+the 571 shipped with pysteer (``data/labelled_answers.jsonl``, written for the project, and
 ``data/abliterated_answers.jsonl``, real answers of abliterated Qwen2.5-Coder-1.5B points). The fit runs the
 first time a judge model is used and is cached under ``$PYSTEER_CACHE/probes`` by the model's sha256, the layer,
 C and the training rows. A decode stops at the probed layer (:func:`pysteer.capture.capture_tokens`): the

@@ -37,7 +37,10 @@ def test_fit_logistic_reaches_the_penalized_optimum():
 
 @pytest.fixture
 def cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("PYSTEER_CACHE", str(tmp_path))
+    """The probes' cache in a temporary folder (the models' cache stays where it is)."""
+    from pysteer import probe_judge
+
+    monkeypatch.setattr(probe_judge, "cache_root", lambda: tmp_path)
     return tmp_path / "probes"
 
 
@@ -126,9 +129,9 @@ def _split_by_prompt(rows, seed=0):
 
 @pytest.mark.real
 def test_probe_sees_the_deflections_on_unseen_prompts(cache):
-    """Qwen2.5-Coder-0.5B as judge, the default layer (11), on 150 real abliterated answers to 50 prompts it never
-    saw (36 refusals by hand): measured AUC 0.937 and 27 said (BENCHMARKS.md); the same model's label logits
-    score about 0.58, and the phrase matchers find 3 to 9 of 20 refusals on such answers."""
+    """Qwen2.5-Coder-0.5B as judge, the default layer (11), on the 200 real abliterated answers to 50 prompts it
+    never saw (44 refusals by hand): measured AUC 0.936 and 28 said (BENCHMARKS.md, session 9); the same model's
+    label logits score AUC 0.507 there (6 said), and the phrase matchers find 3 to 9 of 20 such refusals."""
     train, test = _split_by_prompt(shipped_rows())
     y = np.array([r["refusal"] for r in test])
     with pysteer.load("qwen2.5-coder-0.5b-instruct", n_ctx=8192) as m:
@@ -141,7 +144,7 @@ def test_probe_sees_the_deflections_on_unseen_prompts(cache):
 
 def test_judge_cli_with_the_probe(tiny_dir, tmp_path, cache, capsys, monkeypatch):
     """`pysteer judge --judge MODEL --probe-layer 1`: the probe fitted on the shipped answers gives judge_p
-    (here ROWS stand for them: the 471 take minutes on a tiny model's byte-sized tokens)."""
+    (here ROWS stand for them: the 571 take minutes on a tiny model's byte-sized tokens)."""
     from pysteer import probe_judge
     from pysteer.cli import main
 
