@@ -153,7 +153,7 @@ class ProbeJudge:
         """A cached fit, or None when the file is unreadable or not a fit for this model (then fitted again)."""
         E = self.model.n_embd
         try:
-            with np.load(path) as z:
+            with open(path, "rb") as f, np.load(f) as z:  # our handle: np.load leaks its own when it fails
                 mu, sd, w = z["mu"], z["sd"], z["w"]
         except Exception:  # empty, truncated, not an npz: any of zipfile's, numpy's or pickle's errors
             return None

@@ -72,7 +72,7 @@ def test_fit_is_cached_per_model_layer_and_rows(tiny_dir, cache, monkeypatch):
         j = Judge(m)
         first = ProbeJudge(j, layer=1, train=ROWS)
         assert len(list(cache.glob("*.npz"))) == 1
-        calls = []
+        calls, features = [], ProbeJudge._features
         monkeypatch.setattr(ProbeJudge, "_features",
                             lambda self, t, progress=False: calls.append(t) or np.zeros((len(t), m.n_embd)))
         again = ProbeJudge(j, layer=1, train=ROWS)  # from the cache: no decode
@@ -81,13 +81,13 @@ def test_fit_is_cached_per_model_layer_and_rows(tiny_dir, cache, monkeypatch):
         ProbeJudge(j, layer=1, train=ROWS[1:])  # other rows: fitted anew
         ProbeJudge(j, layer=1, train=ROWS, cache=False)
         assert len(calls) == 3 and len(list(cache.glob("*.npz"))) == 3
-        monkeypatch.undo()
+        monkeypatch.setattr(ProbeJudge, "_features", features)
         path = cache / f"{first._fit}.npz"
         for bad in (b"", path.read_bytes()[:100], b"not an npz at all"):  # a broken file is fitted again
             path.write_bytes(bad)
             assert ProbeJudge(j, layer=1, train=ROWS)._w.tolist() == first._w.tolist()
         np.savez(path, mu=first._mu[:3], sd=first._sd, w=first._w)  # another model's shape
-        assert ProbeJudge(j, layer=1, train=ROWS)._w.tolist() == first._w.tolist()
+        assert ProbeJudge(j, layer=1, train=ROWS)._mu.tolist() == first._mu.tolist()
         assert sorted(p.suffix for p in cache.iterdir()) == [".npz"] * 3  # no temporary file left
 
 
