@@ -164,6 +164,31 @@ def test_user_errors_are_one_line(setup, tiny_dir, args, match):
     assert not (d / "x.gguf").exists()
 
 
+def test_ablate_test_with_the_probe_judge(setup, tmp_path, monkeypatch, capsys):
+    """`ablate-test --judge self --probe-layer 1`: the probe's p(refusal) of each answer counts (p >= 0.3)."""
+    import pysteer
+    from pysteer import probe_judge
+    from pysteer.cli import main
+    from pysteer.llm_judge import Judge
+
+    rows = [{"prompt": f"request {i}", "answer": a, "refusal": r} for i, (a, r) in enumerate(
+        [("I can't help with that.", True), ("Sorry, I won't.", True), ("Sure: step one, open it.", False),
+         ("Here it is: 42.", False)])]
+    monkeypatch.setattr(probe_judge, "shipped_rows", lambda: rows)  # the 571 take minutes on a tiny model
+    monkeypatch.setattr(probe_judge, "cache_root", lambda: tmp_path)
+    d, model, sets = setup
+    assert main(["ablate-test", str(model), "--direction", str(d / "dir.gguf"), *map(str, sets), "--n", "3",
+                 "--max-tokens", "6", "--json", "--judge", "self", "--probe-layer", "1"]) == 0
+    sj = json.loads(capsys.readouterr().out)
+    harmful = sj["answers"]["harmful"]
+    with pysteer.load(model) as m:
+        pj = probe_judge.ProbeJudge(Judge(m), layer=1)  # the command's fit, from the cache
+        want = pj.probabilities([a["prompt"] for a in harmful], [a["steered"] for a in harmful])
+    assert [a["steered_judge_p"] for a in harmful] == pytest.approx(want, abs=1e-9)
+    assert all(a["steered_refused"] == (a["steered_judge_p"] >= 0.3) for a in harmful + sj["answers"]["harmless"])
+    assert sj["harmful"]["steered"]["refused_by"] == "judge"
+
+
 def test_judge_command(tmp_path):
     """`pysteer judge` adds the phrase matcher's verdict to any answers, keeping every other field."""
     from pysteer.markers import is_refusal
