@@ -284,7 +284,8 @@ def _sureness_lines(s: dict) -> list[str]:
                                     f"{hl['steered']['matched']})" if "matched" in h["base"] else "")]
     if by.startswith("markers"):  # pysteer's matcher found 9 of 63 hand-labelled ablated refusals (BENCHMARKS)
         lines.append("a phrase matcher's count is a lower bound on ablated models: it misses deflections (answers "
-                     "that do something harmless instead); read the ablated answers above (README: Deflections)")
+                     "that do something harmless instead); read the ablated answers above, or count them with "
+                     "--judge self --probe (README: Deflections)")
     lines += [f"refusal rate (95% interval): harmful base {ci(h['base'])}, ablated {ci(h['steered'])}; "
              f"harmless base {ci(hl['base'])}, ablated {ci(hl['steered'])}"]
     sp = hl.get("first_token_kl_spread")
