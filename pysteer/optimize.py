@@ -447,8 +447,13 @@ def format_front(r: Result) -> str:
                      f"{p['point']} | {p['direction_index']:.2f} |")
     lines.append(f"chosen: trial {r.chosen['number']} ({r.rule}): {r.chosen['refusals']}/{r.n_harmful} refusals, "
                  f"KL {r.chosen['kl']:.4f}")
+    more = [t for t in r.front if t["refusals"] > r.chosen["refusals"]]
+    if more and r.rule.startswith("fewest refusals"):  # no point met the bound: the fewest may cost much KL
+        t = min(more, key=lambda t: (t["refusals"], t["kl"]))
+        lines.append(f"next on the front: trial {t['number']}, {t['refusals']}/{r.n_harmful} refusals at KL "
+                     f"{t['kl']:.4f} ({r.chosen['kl'] / max(t['kl'], 1e-12):.1f}x less KL than the chosen); "
+                     f"--pick {t['number']} takes it")
     return "\n".join(lines)
-
 
 
 def search(model, splits, *, storage: str, n_trials: int | None = 40, time_budget: float | None = None,

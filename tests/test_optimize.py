@@ -58,6 +58,17 @@ def test_front_and_rule_by_hand():
     assert pick([t[0], t[4]], 1) == (t[0], "fewest refusals (none reached 1)")
     with pytest.raises(ValueError, match="no finished trials"):
         pick([], 1)
+    # when no point meets the bound, the report names the next point on the front and how to take it
+    from pysteer.optimize import Result, format_front
+
+    params = {"scope": "global", "point": "post", "direction_index": 1.0}
+    front = [{"number": n, "refusals": r, "kl": k, "params": params} for n, r, k in
+             ((5, 2, 0.114), (39, 3, 0.0397), (38, 5, 0.0369))]
+    for bound, hint in ((1, True), (3, False)):
+        chosen, rule = pick(front, bound)
+        text = format_front(Result(None, front, chosen, rule, None, 32, 32, {"trials": 40}))
+        assert ("next on the front: trial 39, 3/32 refusals at KL 0.0397 (2.9x less KL than the chosen); --pick 39 "
+                "takes it" in text) == hint, text
 
 
 @pytest.fixture(scope="module")
