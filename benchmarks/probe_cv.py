@@ -22,6 +22,7 @@ import pysteer
 from pysteer.capture import capture_tokens
 from pysteer.llm_judge import Judge
 from pysteer.probe_judge import fit_logistic, shipped_rows
+from probe_judge import auc  # benchmarks/probe_judge.py, beside this script
 
 
 def features(judge: str, path: pathlib.Path):
@@ -69,8 +70,7 @@ def main() -> int:
                 mu, sd = F[tr].mean(0), F[tr].std(0) + 1e-6
                 w = fit_logistic((F[tr] - mu) / sd, y[tr].astype(float), 1 / c)
                 p = 1 / (1 + np.exp(-(np.hstack([(F[te] - mu) / sd, np.ones((int(te.sum()), 1))]) @ w)))
-                pos, neg = p[y[te]], p[~y[te]]
-                aucs.append((pos[:, None] > neg[None]).mean() + 0.5 * (pos[:, None] == neg[None]).mean())
+                aucs.append(auc(p, y[te]))
                 at3.append(int((p >= 0.3).sum()))
                 at5.append(int((p >= 0.5).sum()))
             print(f"| {layer} | {c:g} | {np.mean(aucs):.3f} ({min(aucs):.3f}) | {at3} | {at5} |")

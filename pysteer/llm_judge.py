@@ -80,6 +80,13 @@ SYSTEM = f"{INSTRUCTIONS}\n\nExamples:\n\n" + "\n\n".join(
     f"Request: {q}\nAnswer: {a}\n{OPENING} {v}" for q, a, v in EXAMPLES)
 
 
+def check_threshold(threshold) -> float:
+    """A verdict threshold on p(refusal), for every judge: in (0, 1)."""
+    if not 0 < params.number("threshold", threshold) < 1:
+        raise ValueError(f"threshold must be in (0, 1), not {threshold!r}")
+    return float(threshold)
+
+
 def conversation(prompt: str, answer: str, max_answer_chars: int = 1500) -> list[dict]:
     """The chat the judge reads for one (prompt, answer); its assistant turn is opened by :data:`OPENING`."""
     return [{"role": "system", "content": SYSTEM},
@@ -90,10 +97,8 @@ class Judge:
     """Refusal verdicts from a judge model (a :class:`pysteer.Model`; the steered model itself is allowed)."""
 
     def __init__(self, model, *, threshold: float = 0.5, max_answer_chars: int = 1500):
-        if not 0 < params.number("threshold", threshold) < 1:
-            raise ValueError(f"threshold must be in (0, 1), not {threshold!r}")
         self._model = model
-        self.threshold = threshold
+        self.threshold = check_threshold(threshold)
         self._max_chars = params.integer("max_answer_chars", max_answer_chars, 1)
         self._lead, self._labels = self._label_tokens()
         self.tokens("request", "answer")  # the template renders (an error now, not after generating answers)

@@ -164,6 +164,7 @@ class Evaluator:
         self.trial_tokens = check.integer("trial_tokens", trial_tokens, 1)
         self.markers = marker_set(markers)
         self.judge = judge  # a Judge or ProbeJudge: it also reads the answers no marker ended
+        self.judge_name = None if judge is None else judge.name
         with model.steer():
             self._base_logits = model.logits_batch(self._harmless)[:, -1]
             self.base = self._count(model.generate_batch(self._harmful, max_tokens=self.trial_tokens,
@@ -249,6 +250,9 @@ def pareto(trials: list[dict]) -> list[dict]:
     return front
 
 
+_FEWEST = "fewest refusals"  # the rule when no point meets the bound (format_front then names the next point)
+
+
 def pick(front: list[dict], max_refusals: int) -> tuple[dict, str]:
     """The chosen point: the lowest KL with at most ``max_refusals`` refusals; else the fewest refusals."""
     if not front:
@@ -256,7 +260,7 @@ def pick(front: list[dict], max_refusals: int) -> tuple[dict, str]:
     ok = [t for t in front if t["refusals"] <= max_refusals]
     if ok:
         return min(ok, key=lambda t: t["kl"]), f"lowest KL with at most {max_refusals} refusals"
-    return min(front, key=lambda t: (t["refusals"], t["kl"])), f"fewest refusals (none reached {max_refusals})"
+    return min(front, key=lambda t: (t["refusals"], t["kl"])), f"{_FEWEST} (none reached {max_refusals})"
 
 
 def scores(o: Objectives, base_refusals: int, kl_target: float) -> tuple[float, float]:
@@ -335,8 +339,8 @@ def optimize(model, candidates: Candidates, evaluator: Evaluator, *, storage: st
         raise ValueError("keeping row norms needs Candidates(..., norms=WriteGeometry.read(model))")
     named = dict(settings or {}, trial_tokens=evaluator.trial_tokens, kl_target=kl_target,
                  preserve_norms=norm_modes, projected=projected_modes, markers=dataclasses.asdict(evaluator.markers))
-    if evaluator.judge is not None:  # only then: studies made without a judge keep their names and resume
-        named["judge"] = evaluator.judge.name
+    if evaluator.judge_name is not None:  # only then: studies made without a judge keep their names and resume
+        named["judge"] = evaluator.judge_name
     name = study_name(model, named)
     try:
         study = optuna.create_study(directions=["minimize", "minimize"], storage=storage, study_name=name,
@@ -387,7 +391,7 @@ def optimize(model, candidates: Candidates, evaluator: Evaluator, *, storage: st
     block = candidates.block(Point.from_params(chosen["params"]))
     return Result(study, front, chosen, rule, block, evaluator.base, evaluator.n_harmful,
                   {"search": round(search, 1), "trials_run": len(trials) - done, "trials": len(trials)},
-                  evaluator.markers.name, None if evaluator.judge is None else evaluator.judge.name)
+                  evaluator.markers.name, evaluator.judge_name)
 
 
 @contextlib.contextmanager
@@ -448,7 +452,7 @@ def format_front(r: Result) -> str:
     lines.append(f"chosen: trial {r.chosen['number']} ({r.rule}): {r.chosen['refusals']}/{r.n_harmful} refusals, "
                  f"KL {r.chosen['kl']:.4f}")
     more = [t for t in r.front if t["refusals"] > r.chosen["refusals"]]
-    if more and r.rule.startswith("fewest refusals"):  # no point met the bound: the fewest may cost much KL
+    if more and r.rule.startswith(_FEWEST):  # no point met the bound: the fewest may cost much KL
         t = min(more, key=lambda t: (t["refusals"], t["kl"]))
         lines.append(f"next on the front: trial {t['number']}, {t['refusals']}/{r.n_harmful} refusals at KL "
                      f"{t['kl']:.4f} ({r.chosen['kl'] / max(t['kl'], 1e-12):.1f}x less KL than the chosen); "

@@ -8,8 +8,7 @@ read) and says
     p(refusal) = sigmoid(w · (h - mu) / sd + b)
 
 and the verdict p >= 0.3. (w, b) is an L2-penalized logistic regression (penalty 1/C on w, C = 0.1) fitted on
-hand-labelled answers: by default
-the 571 shipped with pysteer (``data/labelled_answers.jsonl``, written for the project, and
+hand-labelled answers: by default the 571 shipped with pysteer (``data/labelled_answers.jsonl``, written for the project, and
 ``data/abliterated_answers.jsonl``, real answers of abliterated Qwen2.5-Coder-1.5B points). The fit runs the
 first time a judge model is used and is cached under ``$PYSTEER_CACHE/probes`` by the model's sha256, the layer,
 C and the training rows. A decode stops at the probed layer (:func:`pysteer.capture.capture_tokens`): the
@@ -17,7 +16,7 @@ default, the middle one ((n_layers - 1) // 2), costs half a forward pass. An emp
 the other judges.
 
 The defaults (layer, C, threshold) were chosen by cross-validation on the shipped answers with the test answers'
-prompts never seen in training (``benchmarks/probe_judge.py``); a lower threshold than 0.5 because the written
+prompts never seen in training (``benchmarks/probe_cv.py``); a lower threshold than 0.5 because the written
 answers, half of them refusals, make the fit under-count the rarer refusals of abliterated models.
 """
 
@@ -35,7 +34,7 @@ import numpy as np
 from . import params
 from ._pypi import cache_root
 from .capture import capture_tokens
-from .llm_judge import Judge
+from .llm_judge import Judge, check_threshold
 
 DATA = pathlib.Path(__file__).parent / "data"
 _FORMAT = "probe-1"  # in the cache key: changed whenever the features or the fit change
@@ -81,16 +80,14 @@ class ProbeJudge:
         self.layer = params.integer("layer", (m.n_layers - 1) // 2 if layer is None else layer, 0)
         if self.layer >= m.n_layers:
             raise ValueError(f"layer {self.layer} out of range: the judge model has layers 0..{m.n_layers - 1}")
-        if not 0 < params.number("c", c) or not np.isfinite(c):
+        if not 0 < params.number("c", c):
             raise ValueError(f"c (the inverse L2 strength) must be positive, not {c!r}")
-        if not 0 < params.number("threshold", threshold) < 1:
-            raise ValueError(f"threshold must be in (0, 1), not {threshold!r}")
-        self.c, self.threshold, self._progress = float(c), float(threshold), progress
+        self.c, self.threshold = float(c), check_threshold(threshold)
         rows = shipped_rows() if train is None else list(train)
         self._check_rows(rows)
         if {r["refusal"] for r in rows if r["answer"].strip()} != {True, False}:  # empty ones are never probed
             raise ValueError("the training rows with text need refusals and compliances both")
-        self._mu, self._sd, self._w = self._fitted(rows, cache)
+        self._mu, self._sd, self._w = self._fitted(rows, cache, progress)
 
     @classmethod
     def load(cls, model: str, *, n_ctx: int = 8192, n_threads: int | None = None, **kw) -> "ProbeJudge":
@@ -120,7 +117,7 @@ class ProbeJudge:
                     and isinstance(r.get("refusal"), bool)):
                 raise ValueError(f"training row {i} needs a str prompt, a str answer and a bool refusal")
 
-    def _fitted(self, rows: list[dict], cache: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def _fitted(self, rows: list[dict], cache: bool, progress: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(mu, sd, [w..., b]) from the cache, or fitted and cached. The key holds what the fit reads: the model's
         weights (sha256), the chats' tokens as the judge reads them, the labels, the layer and C."""
         _, todo, tokens = self._judge.chats([r["prompt"] for r in rows], [r["answer"] for r in rows])
@@ -133,7 +130,7 @@ class ProbeJudge:
             fit = self._read(path)
             if fit is not None:
                 return fit
-        X = self._features(tokens, progress=self._progress)
+        X = self._features(tokens, progress=progress)
         mu, sd = X.mean(0), X.std(0) + 1e-6
         w = fit_logistic((X - mu) / sd, y, 1 / self.c)
         if cache:
@@ -171,15 +168,6 @@ class ProbeJudge:
             raise ValueError(f"the judge model's hidden state at layer {self.layer} is not finite: a broken model "
                              "cannot judge")
         return X
-
-    def features(self, prompts: Sequence[str], answers: Sequence[str]) -> np.ndarray:
-        """``[len(answers), n_embd]``: the judge model's post of :attr:`layer` at the verdict position (NaN rows
-        for empty answers)."""
-        n, todo, tokens = self._judge.chats(prompts, answers)
-        out = np.full((n, self.model.n_embd), np.nan)
-        if todo:
-            out[todo] = self._features(tokens)
-        return out
 
     def probabilities(self, prompts: Sequence[str], answers: Sequence[str]) -> list[float]:
         """p(refusal) per answer (1.0 for an empty one)."""
