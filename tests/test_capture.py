@@ -243,6 +243,23 @@ def test_capture_stops_after_its_last_tensor(tiny_path):
             assert np.array_equal(early, full)
             m.capture(PROMPTS, layers=[0], points=["post"])
             assert np.array_equal(m.logits_batch(PROMPTS), want)
+        for points, layers in (([], [0]), (["post"], [])):
+            with pytest.raises(ValueError, match="at least one point and one layer"):
+                with m.watch(points, layers, m.n_embd, stop=True):
+                    pass
+
+
+def test_capture_tokens_checks_lengths(tiny_path):
+    """Token lists go in whole: each must hold the positions read and fit the context."""
+    from pysteer.capture import capture_tokens
+
+    with pysteer.load(tiny_path, n_ctx=256) as m:
+        toks = m.encode(PROMPTS[0])
+        got = capture_tokens(m, [toks], layers=[1], points=["post"], positions=2)
+        assert np.array_equal(got, m.capture([PROMPTS[0]], layers=[1], points=["post"], positions=2))
+        for bad in (toks[:1], toks * 200):
+            with pytest.raises(ValueError, match=f"sequence 1 has {len(bad)} tokens; capture takes 2"):
+                capture_tokens(m, [toks, bad], layers=[1], points=["post"], positions=2)
 
 
 def test_shared_prefix_and_packs_fit_a_small_cache(tiny_dir):

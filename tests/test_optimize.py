@@ -69,6 +69,7 @@ def test_front_and_rule_by_hand():
         text = format_front(Result(None, front, chosen, rule, None, 32, 32, {"trials": 40}))
         assert ("next on the front: trial 39, 3/32 refusals at KL 0.0397 (2.9x less KL than the chosen); --pick 39 "
                 "takes it" in text) == hint, text
+        assert ("next on the front" in text) == hint, text  # no hint where a point met the bound
 
 
 @pytest.fixture(scope="module")

@@ -77,7 +77,7 @@ def test_fit_is_cached_per_model_layer_and_rows(tiny_dir, cache, monkeypatch):
                             lambda self, t, progress=False: calls.append(t) or np.zeros((len(t), m.n_embd)))
         again = ProbeJudge(j, layer=1, train=ROWS)  # from the cache: no decode
         assert calls == [] and again._w.tolist() == first._w.tolist()
-        ProbeJudge(j, layer=0, train=ROWS)  # another layer: fitted anew
+        assert ProbeJudge(j, layer=0, train=ROWS).name != first.name  # another layer: fitted anew, named apart
         ProbeJudge(j, layer=1, train=ROWS[1:])  # other rows: fitted anew
         ProbeJudge(j, layer=1, train=ROWS, cache=False)
         assert len(calls) == 3 and len(list(cache.glob("*.npz"))) == 3
