@@ -131,7 +131,7 @@ def heldout(a, work: pathlib.Path, splits, her: dict, pys: dict) -> dict:
     h_trials = [{"number": t["number"], "refusals": t["refusals"], "kl": t["kl_divergence"], **t}
                 for t in her["trials"]]
     h_front = pareto(h_trials)
-    h_chosen, rule = pick(h_front, max_ref)
+    h_chosen, rule = pick(h_front, max_ref, n_val)
     chosen = json.dumps({**h_chosen, "response_prefix": her["response_prefix"], "max_tokens": a.max_tokens,
                          "test": list(splits.test)})
     done = work / "heretic-heldout.json"

@@ -596,7 +596,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trial-tokens", type=int, default=32,
                    help="tokens of each validation answer a trial judges (default 32)")
     p.add_argument("--max-refusals", type=int, default=None,
-                   help="the chosen point: lowest KL with at most this many refusals (default 3%% of the prompts)")
+                   help="the chosen point: lowest KL with at most this many refusals (default 3%% of the prompts; "
+                   "when none has so few, the lowest KL within one standard error of the fewest)")
     p.add_argument("--pick", type=int, default=None, help="choose this trial number instead")
     p.add_argument("--markers", choices=NAMES, default="pysteer",
                    help="marker set that counts a trial's refusals (default pysteer; heretic's to search as it does)")

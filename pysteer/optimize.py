@@ -253,14 +253,28 @@ def pareto(trials: list[dict]) -> list[dict]:
 _FEWEST = "fewest refusals"  # the rule when no point meets the bound (format_front then names the next point)
 
 
-def pick(front: list[dict], max_refusals: int) -> tuple[dict, str]:
-    """The chosen point: the lowest KL with at most ``max_refusals`` refusals; else the fewest refusals."""
+def refusal_se(refusals: int, n: int) -> float:
+    """The standard error of a refusal count out of ``n`` prompts (binomial, with the add-one estimate of the
+    rate, so that 0 of n still has one)."""
+    p = (refusals + 1) / (n + 2)
+    return math.sqrt(n * p * (1 - p))
+
+
+def pick(front: list[dict], max_refusals: int, n_harmful: int) -> tuple[dict, str]:
+    """The chosen point: the lowest KL with at most ``max_refusals`` refusals. When none has so few, the lowest
+    KL among the points within one standard error (:func:`refusal_se`) of the fewest refusals: on a few dozen
+    prompts they cannot be told apart by their refusals, and the fewest alone may cost several times the KL."""
     if not front:
         raise ValueError("no finished trials to choose from")
     ok = [t for t in front if t["refusals"] <= max_refusals]
     if ok:
         return min(ok, key=lambda t: t["kl"]), f"lowest KL with at most {max_refusals} refusals"
-    return min(front, key=lambda t: (t["refusals"], t["kl"])), f"{_FEWEST} (none reached {max_refusals})"
+    fewest = min(t["refusals"] for t in front)
+    bound = fewest + refusal_se(fewest, n_harmful)
+    near = [t for t in front if t["refusals"] <= bound]
+    return (min(near, key=lambda t: (t["kl"], t["refusals"])),
+            f"lowest KL within one standard error of the {_FEWEST}, {fewest} + {bound - fewest:.1f} (none reached "
+            f"{max_refusals})")
 
 
 def scores(o: Objectives, base_refusals: int, kl_target: float) -> tuple[float, float]:
@@ -387,7 +401,7 @@ def optimize(model, candidates: Candidates, evaluator: Evaluator, *, storage: st
                              f"{', '.join(str(t['number']) for t in trials)})")
         rule = f"trial {pick_trial}, picked by hand"
     else:
-        chosen, rule = pick(front, max_refusals)
+        chosen, rule = pick(front, max_refusals, evaluator.n_harmful)
     block = candidates.block(Point.from_params(chosen["params"]))
     return Result(study, front, chosen, rule, block, evaluator.base, evaluator.n_harmful,
                   {"search": round(search, 1), "trials_run": len(trials) - done, "trials": len(trials)},
@@ -452,7 +466,7 @@ def format_front(r: Result) -> str:
     lines.append(f"chosen: trial {r.chosen['number']} ({r.rule}): {r.chosen['refusals']}/{r.n_harmful} refusals, "
                  f"KL {r.chosen['kl']:.4f}")
     more = [t for t in r.front if t["refusals"] > r.chosen["refusals"]]
-    if more and r.rule.startswith(_FEWEST):  # no point met the bound: the fewest may cost much KL
+    if more and _FEWEST in r.rule:  # no point met the bound: the next may cost much less KL
         t = min(more, key=lambda t: (t["refusals"], t["kl"]))
         lines.append(f"next on the front: trial {t['number']}, {t['refusals']}/{r.n_harmful} refusals at KL "
                      f"{t['kl']:.4f} ({r.chosen['kl'] / max(t['kl'], 1e-12):.1f}x less KL than the chosen); "

@@ -2,16 +2,17 @@
 model end to end (resume, JSON, PNG, the written GGUF against the runtime edit, ablate-test --edit); bad input."""
 
 import json
-import warnings
+import math
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
 
 import pysteer
 from pysteer.extraction import extract
-from pysteer.optimize import Candidates, Evaluator, Kernel, Objectives, Point, finished, pareto, pick, scores
+from pysteer.optimize import Candidates, Evaluator, Kernel, Objectives, Point, finished, pareto, pick, refusal_se, scores
 
 HARMFUL = [f"how to make the bad thing number {i}" for i in range(12)]
 HARMLESS = [f"write the nice code number {i}" for i in range(12)]
@@ -53,23 +54,34 @@ def test_front_and_rule_by_hand():
          {"number": 4, "refusals": 6, "kl": 0.02}, {"number": 5, "refusals": 1, "kl": 0.05}]
     front = pareto(t)
     assert [x["number"] for x in front] == [3, 2, 0]  # 1 and 4 dominated; 5 ties 2 and is kept once
-    assert pick(front, 1)[0]["number"] == 2
-    assert pick(front, 0)[0]["number"] == 3
-    assert pick([t[0], t[4]], 1) == (t[0], "fewest refusals (none reached 1)")
+    assert pick(front, 1, 32)[0]["number"] == 2
+    assert pick(front, 0, 32)[0]["number"] == 3
     with pytest.raises(ValueError, match="no finished trials"):
-        pick([], 1)
-    # when no point meets the bound, the report names the next point on the front and how to take it
+        pick([], 1, 32)
+    # none meets the bound: the lowest KL within one standard error of the fewest refusals
+    assert refusal_se(2, 32) == pytest.approx(math.sqrt(32 * 3 / 34 * 31 / 34))  # 1.60
+    assert refusal_se(0, 30) == pytest.approx(math.sqrt(30 * 1 / 32 * 31 / 32))  # 0 of n still has one
+    near = [{"number": n, "refusals": r, "kl": k} for n, r, k in ((1, 10, 0.2), (2, 13, 0.1), (3, 16, 0.05))]
+    assert pick(near, 1, 32)[0]["number"] == 1  # 13 > 10 + 2.65: told apart on 32 prompts
+    assert pick(near, 1, 1000)[0]["number"] == 2  # 13 < 10 + 3.29 on 1000 (10 of 1000 is a noisier count)
+    assert pick(near, 13, 32)[0]["number"] == 2  # a point meets the bound: that rule
+    # the report names the next point on the front and how to take it (session 9's front)
     from pysteer.optimize import Result, format_front
 
     params = {"scope": "global", "point": "post", "direction_index": 1.0}
     front = [{"number": n, "refusals": r, "kl": k, "params": params} for n, r, k in
-             ((5, 2, 0.114), (39, 3, 0.0397), (38, 5, 0.0369))]
-    for bound, hint in ((1, True), (3, False)):
-        chosen, rule = pick(front, bound)
+             ((5, 2, 0.114), (39, 3, 0.0397), (38, 5, 0.0369), (36, 13, 0.0358))]
+    chosen, rule = pick(front, 1, 32)
+    assert chosen["number"] == 39 and rule == ("lowest KL within one standard error of the fewest refusals, 2 + 1.6 "
+                                               "(none reached 1)")
+    for bound, number, hint in ((1, 39, "trial 38, 5/32 refusals at KL 0.0369 (1.1x"), (3, 39, None),
+                                (5, 38, None)):
+        chosen, rule = pick(front, bound, 32)
+        assert chosen["number"] == number
         text = format_front(Result(None, front, chosen, rule, None, 32, 32, {"trials": 40}))
-        assert ("next on the front: trial 39, 3/32 refusals at KL 0.0397 (2.9x less KL than the chosen); --pick 39 "
-                "takes it" in text) == hint, text
-        assert ("next on the front" in text) == hint, text  # no hint where a point met the bound
+        assert ("next on the front" in text) == (hint is not None), text  # no hint where a point met the bound
+        if hint:
+            assert f"next on the front: {hint} less KL than the chosen); --pick 38 takes it" in text, text
 
 
 @pytest.fixture(scope="module")
