@@ -355,6 +355,8 @@ def _optimize(args) -> None:
     from . import params  # every number checked before the model loads and the candidates are extracted
 
     params.integer("--trials", args.trials, 1)
+    if args.read_out == "yes" and args.preserve_norms == "yes":
+        raise UsageError("--read-out yes fits read-outs for plain edits; it needs --preserve-norms search or no")
     _probe_wanted(args)
     params.integer("--startup", args.startup, 0)
     params.integer("--trial-tokens", args.trial_tokens, 1)
@@ -367,6 +369,7 @@ def _optimize(args) -> None:
                        time_budget=budget, trial_tokens=args.trial_tokens, n_startup=args.startup,
                        seed=args.seed, max_refusals=args.max_refusals, pick_trial=args.pick, markers=args.markers,
                        preserve_norms=_choice(args.preserve_norms), projected=_choice(args.projected),
+                       read_out=_choice(args.read_out),
                        points=points, judge=judge,
                        progress=not args.quiet)
         except (KeyboardInterrupt, _Terminated):
@@ -613,6 +616,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preserve-norms", choices=("search", "yes", "no"), default="search",
                    help="the row-norm-preserving edit (heretic's full row normalization): searched (default), "
                         "always or never; it reads each matrix's Gram matrix once (2 x layers x n_embd^2 floats)")
+    p.add_argument("--read-out", choices=("yes", "no"), default="no",
+                   help="plain edits read the direction through a read-out fitted to the train prompts' writes "
+                        "(fires on harmful, not harmless ones; its strength is searched): yes or no (default)")
     p.add_argument("--json", metavar="FILE", help="result JSON (default OUT.json or pysteer-optimize-MODEL.json)")
     p.add_argument("--png", metavar="FILE", help="Pareto-front PNG (default OUT-pareto.png)")
     p.set_defaults(func=_optimize)

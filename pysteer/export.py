@@ -154,7 +154,8 @@ def abliterate_blocks(model, block, out, *, info: dict | None = None, modified_t
                       error_feedback: bool = True, progress: bool = True) -> pathlib.Path:
     """Write the GGUF that carries a :class:`pysteer.BlockAblate` in its weights: ``W <- W - w_l r_l r_l^T W``
     for each layer's attn_output (weights ``block.attn``) and ffn_down (``block.ffn``), biases alike (the
-    row-norm-preserving edit where ``block.norms`` is set); the embedding and every other tensor are copied.
+    row-norm-preserving edit where ``block.norms`` is set, ``W <- W - w_l r_l b^T W`` with ``block.read_outs``);
+    the embedding and every other tensor are copied.
     Re-quantized as :func:`abliterate` does."""
     if model.arch not in hookpoints.PLAIN_SUM_ARCHS:
         raise ValueError(f"{model.arch} normalizes block outputs; the weight edit would not be the runtime one")
@@ -167,7 +168,7 @@ def abliterate_blocks(model, block, out, *, info: dict | None = None, modified_t
     names = {t.name for t in src.tensors}
     edits = {}
     for layer in range(model.n_layers):
-        r = block.directions[layer if len(block.directions) > 1 else 0].astype(np.float64)
+        r = block.direction(layer)
         for k, (comp, w) in enumerate((("attn_output", block.attn[layer]), ("ffn_down", block.ffn[layer]))):
             if w > 0 and f"blk.{layer}.{comp}.weight" not in names:
                 raise ValueError(f"the edit weights layer {layer}'s {comp}, but the model has no "
@@ -175,9 +176,10 @@ def abliterate_blocks(model, block, out, *, info: dict | None = None, modified_t
             for kind in ("weight", "bias"):
                 name = f"blk.{layer}.{comp}.{kind}"
                 if w > 0 and name in names:
-                    edits[name] = (r, float(w), None if block.norms is None else block.norms.write_map(layer, k, r, w))
+                    edits[name] = (r, float(w), block.write_map(layer, k))
     keys = {"abliterated": "weighted rank-1 edits of attn_output and ffn_down (pysteer optimize)"
-                           + (", row norms kept" if block.norms is not None else ""),
+                           + (", row norms kept" if block.norms is not None else "")
+                           + (", fitted read-outs" if block.read_outs is not None else ""),
             "abliterated_attn_weights": [float(x) for x in block.attn],
             "abliterated_ffn_weights": [float(x) for x in block.ffn]}
     keys.update({f"abliterated_{k}": str(v) for k, v in (info or {}).items()})

@@ -163,9 +163,11 @@ class BlockAblate(Intervention):
     it: it keeps the rows before the block and subtracts ``w_l r_l (r_l . (after - before))`` after it.
 
     ``norms`` (a :class:`pysteer.rownorms.WriteGeometry` of the model): the row-norm-preserving edit instead
-    (heretic's "full" row normalization, exact), ``y <- s * (y - a (b . y))``; see :mod:`pysteer.rownorms`."""
+    (heretic's "full" row normalization, exact), ``y <- s * (y - a (b . y))``; see :mod:`pysteer.rownorms`.
+    ``read_outs`` (``[n_layers, 2, n_embd]``, component 0 attention, 1 FFN): ``y <- y - w_l r_l (b . y)`` with the
+    fitted read-out b of that write instead of r (:mod:`pysteer.readout`); for the plain edit only."""
 
-    def __init__(self, directions, attn, ffn, *, norms=None):
+    def __init__(self, directions, attn, ffn, *, norms=None, read_outs=None):
         d = np.asarray(directions)
         if d.ndim == 2 and d.dtype.kind in "iuf":
             self.directions = np.stack([vectors.checked(row, f"directions[{i}]", unit=True) for i, row in enumerate(d)])
@@ -180,6 +182,16 @@ class BlockAblate(Intervention):
             raise TypeError(f"norms must be a pysteer.rownorms.WriteGeometry (WriteGeometry.read(model)), not "
                             f"{type(norms).__name__}")
         self.norms = norms
+        self.read_outs = None
+        if read_outs is not None:
+            if norms is not None:
+                raise ValueError("read_outs are fitted for the plain edit; give them without norms")
+            ro = np.asarray(read_outs)
+            shape = (len(self.attn), 2, self._width())
+            if ro.shape != shape or ro.dtype.kind not in "iuf" or not np.isfinite(ro).all():
+                raise ValueError(f"read_outs must be a finite array of shape {list(shape)} (layers, attn/ffn, "
+                                 f"n_embd), not {getattr(ro, 'shape', None)} of {ro.dtype}")
+            self.read_outs = ro.astype(np.float64)
 
     @staticmethod
     def _weights(w, name: str) -> np.ndarray:
@@ -205,18 +217,35 @@ class BlockAblate(Intervention):
             self.norms.check(model)
         ops = []
         for layer in range(model.n_layers):
-            r = self.directions[layer if len(self.directions) > 1 else 0].astype(np.float64)
+            r = self.direction(layer)
             points = (("pre", "mid", self.attn[layer]), ("mid", "post", self.ffn[layer]))
             for k, (before, after, w) in enumerate(points):
                 if w == 0:
                     continue
                 d = (math.sqrt(w) * r).astype(np.float32)[None, :]
-                edit = d if self.norms is None else self.norms.write_map(layer, k, r, w).astype(np.float32)
+                m = self.write_map(layer, k)
+                edit = d if m is None else m.astype(np.float32)
                 # one slot per component: layers run in order, so a slot is read before the next layer fills it
                 ops += [TensorOp(hookpoints.tensor_name(model.arch, before, layer), SAVE, d, slot=k),
                         TensorOp(hookpoints.tensor_name(model.arch, after, layer), ABLATE_DELTA, edit, slot=k)]
         return ops
 
+    def direction(self, layer: int) -> np.ndarray:
+        """Layer ``layer``'s unit direction r (float64)."""
+        return self.directions[layer if len(self.directions) > 1 else 0].astype(np.float64)
+
+    def write_map(self, layer: int, component: int) -> np.ndarray | None:
+        """The rows (a, b, s) of layer ``layer``'s edited write ``y' = s * (y - a (b . y))`` (component 0:
+        attention, 1: FFN), or None for the plain ``y - w r (r . y)``: the hook and the export both apply it."""
+        w = (self.attn, self.ffn)[component][layer]
+        r = self.direction(layer)
+        if self.norms is not None:
+            return self.norms.write_map(layer, component, r, w)
+        if self.read_outs is not None:
+            return np.stack([w * r, self.read_outs[layer, component], np.ones_like(r)])
+        return None
+
     def __repr__(self):
+        kind = ", row norms kept" if self.norms else ", fitted read-outs" if self.read_outs is not None else ""
         return (f"BlockAblate({len(self.directions)} directions, attn layers {np.flatnonzero(self.attn).tolist()}, "
-                f"ffn layers {np.flatnonzero(self.ffn).tolist()}{', row norms kept' if self.norms else ''})")
+                f"ffn layers {np.flatnonzero(self.ffn).tolist()}{kind})")

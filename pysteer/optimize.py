@@ -13,7 +13,9 @@ A trial's parameters (heretic's, plus the residual point the candidates are read
 - ``point``: pre, mid or post (the candidates are class-mean differences at the last token there; post unless
   the search is given several);
 - ``preserve_norms``: the row-norm-preserving edit (heretic's "full" row normalization, :mod:`pysteer.rownorms`)
-  instead of the plain one; searched, or fixed by ``search(preserve_norms=...)``.
+  instead of the plain one; searched, or fixed by ``search(preserve_norms=...)``;
+- ``read_out`` (pysteer's own, plain edits only, with ``search(read_out=True)``): the harmless weight alpha in
+  [0.1, 100] (log) of the fitted read-outs ``y <- y - w r (b . y)`` (:mod:`pysteer.readout`).
 Objectives: refusals among the validation harmful prompts (the phrase matcher on the first ``trial_tokens``
 tokens of each greedy answer), and the mean first-token KL(unsteered || trial) on the validation harmless
 prompts; the sampler minimizes heretic's scores of the two (:func:`scores`).
@@ -42,6 +44,7 @@ from .hookpoints import PLAIN_SUM_ARCHS, check_points
 from .interventions import BlockAblate
 from .judge import kl_divergence
 from .markers import marker_set
+from .readout import RIDGE, WriteSamples
 from .rownorms import WriteGeometry
 
 SCOPES = ("global", "per layer")
@@ -72,6 +75,7 @@ class Point:
     attn: Kernel
     ffn: Kernel
     preserve_norms: bool = False
+    read_out: float = 0.0  # alpha of the fitted read-outs; 0: the plain edit reads r
 
     @classmethod
     def from_params(cls, p: dict) -> "Point":
@@ -80,19 +84,23 @@ class Point:
                           p[f"{c}.min_weight_frac"] * p[f"{c}.max_weight"], p[f"{c}.min_weight_distance"])
                 for c in COMPONENTS}
         return cls(p["scope"], p["direction_index"], p["projected"], p["point"], kern["attn"], kern["ffn"],
-                   p.get("preserve_norms", False))
+                   p.get("preserve_norms", False), p.get("read_out", 0.0))
+
+
+READ_OUT_RANGE = (0.1, 100.0)
 
 
 def suggest(trial, n_layers: int, points: Sequence[str], norm_modes: Sequence[bool] = (False,),
-            projected_modes: Sequence[bool] = (False, True)) -> Point:
+            projected_modes: Sequence[bool] = (False, True), read_out: bool = False) -> Point:
     """Draw a :class:`Point` from an Optuna trial (``norm_modes``, ``projected_modes``: the values
-    ``preserve_norms`` and ``projected`` may take)."""
+    ``preserve_norms`` and ``projected`` may take; ``read_out``: draw the read-outs' alpha for plain edits)."""
     last = n_layers - 1
     trial.suggest_categorical("scope", SCOPES)
     trial.suggest_float("direction_index", 0.4 * last, 0.9 * last)
     trial.suggest_categorical("projected", tuple(projected_modes))
     trial.suggest_categorical("point", tuple(points))
-    trial.suggest_categorical("preserve_norms", tuple(norm_modes))
+    if not trial.suggest_categorical("preserve_norms", tuple(norm_modes)) and read_out:
+        trial.suggest_float("read_out", *READ_OUT_RANGE, log=True)
     for c in COMPONENTS:
         trial.suggest_float(f"{c}.max_weight", 0.8, 1.5)
         trial.suggest_float(f"{c}.max_weight_position", 0.6 * last, 1.0 * last)
@@ -104,11 +112,13 @@ def suggest(trial, n_layers: int, points: Sequence[str], norm_modes: Sequence[bo
 class Candidates:
     """Per point and layer, the unit refusal direction at the last token and the unit harmless mean."""
 
-    def __init__(self, res: ExtractResult, n_layers: int, norms: WriteGeometry | None = None):
+    def __init__(self, res: ExtractResult, n_layers: int, norms: WriteGeometry | None = None,
+                 writes: WriteSamples | None = None):
         if tuple(res.layers) != tuple(range(n_layers)):
             raise ValueError("the search needs candidates on every layer; extract with layers=None")
         self.points = tuple(res.points)
         self.norms = norms  # the model's row norms, for points that keep them
+        self.writes = writes  # the train prompts' writes, for points with fitted read-outs
         self._dirs = res.unit_directions()[:, :, -1].astype(np.float64)  # [P, L, E]
         m = res.means[1][:, :, -1].astype(np.float64)
         self._harmless = m / np.maximum(np.linalg.norm(m, axis=-1, keepdims=True), 1e-30)
@@ -140,11 +150,20 @@ class Candidates:
             raise ValueError("this point keeps row norms; give Candidates the model's WriteGeometry")
         norms = self.norms if p.preserve_norms else None
         if p.scope == "global":
-            return BlockAblate(d[:1], attn, ffn, norms=norms)
-        zero = np.linalg.norm(d, axis=-1) == 0
-        d[zero] = np.eye(1, d.shape[1])[0]  # any unit vector: its weights are 0
-        attn[zero] = ffn[zero] = 0.0
-        return BlockAblate(d, attn, ffn, norms=norms)
+            d = d[:1]
+        else:
+            zero = np.linalg.norm(d, axis=-1) == 0
+            d[zero] = np.eye(1, d.shape[1])[0]  # any unit vector: its weights are 0
+            attn[zero] = ffn[zero] = 0.0
+        block = BlockAblate(d, attn, ffn, norms=norms)
+        if not p.read_out > 0:
+            return block
+        if p.preserve_norms or self.writes is None:
+            raise ValueError("fitted read-outs need a plain edit and Candidates(..., writes=WriteSamples.capture(...))")
+        outs = np.zeros((L, 2, d.shape[1]))
+        for layer, k in zip(*np.nonzero(np.stack([attn, ffn], axis=1))):
+            outs[layer, k] = self.writes.read_out(layer, k, block.direction(layer), p.read_out)
+        return BlockAblate(d, attn, ffn, read_outs=outs)
 
 
 @dataclass
@@ -212,7 +231,11 @@ class Result:
                 "front": self.front, "base_refusals": self.base_refusals, "n_harmful": self.n_harmful,
                 "seconds": self.seconds, "markers": self.markers, "judge": self.judge, "study": {"name": self.study.study_name},
                 "edit": {"directions": b.directions.tolist(), "attn": b.attn.tolist(), "ffn": b.ffn.tolist(),
-                         "preserve_norms": b.norms is not None}}
+                         "preserve_norms": b.norms is not None,
+                         # [layer, component, b] of each edited write (the others read nothing)
+                         "read_outs": None if b.read_outs is None else [
+                             [int(i), int(k), b.read_outs[i, k].tolist()]
+                             for i, k in zip(*np.nonzero(np.stack([b.attn, b.ffn], axis=1)))]}}
 
 
 def block_from_json(obj: dict, model=None) -> BlockAblate:
@@ -225,11 +248,22 @@ def block_from_json(obj: dict, model=None) -> BlockAblate:
             raise TypeError(f"edit.preserve_norms must be true or false, not {keep!r}")
         directions = np.asarray(e["directions"], np.float64)
         attn, ffn = e["attn"], e["ffn"]
+        outs = e.get("read_outs")
     except (KeyError, TypeError, AttributeError) as ex:
         raise ValueError(f"not a pysteer optimize result (no edit.directions/attn/ffn): {ex}") from None
     if keep and model is None:
         raise ValueError("this edit keeps row norms: give the model it was made for (block_from_json(obj, model))")
     block = BlockAblate(directions, attn, ffn)
+    if outs is not None and keep:
+        raise ValueError("edit.read_outs are for the plain edit, and this edit keeps row norms")
+    if outs is not None:
+        read_outs = np.zeros((len(block.attn), 2, block.directions.shape[1]))
+        try:
+            for layer, k, vector in outs:
+                read_outs[layer, k] = vector
+        except (TypeError, ValueError, IndexError) as ex:
+            raise ValueError(f"edit.read_outs must list [layer, component, vector] of the edited writes: {ex}") from None
+        return BlockAblate(block.directions, block.attn, block.ffn, read_outs=read_outs)
     if not keep:
         return block
     edited = np.flatnonzero((block.attn != 0) | (block.ffn != 0))  # the row norms of these layers alone
@@ -326,13 +360,14 @@ def study_name(model, settings: dict) -> str:
 def optimize(model, candidates: Candidates, evaluator: Evaluator, *, storage: str, n_trials: int | None = 40,
              time_budget: float | None = None, n_startup: int = 10, seed: int = 0,
              max_refusals: int | None = None, pick_trial: int | None = None, settings: dict | None = None,
-             preserve_norms: bool | None = False, projected: bool | None = True, kl_target: float = 0.01,
-             progress: bool = True) -> Result:
+             preserve_norms: bool | None = False, projected: bool | None = True, read_out: bool = False,
+             kl_target: float = 0.01, progress: bool = True) -> Result:
     """Run (or resume) the study in ``storage`` (an SQLAlchemy URL, e.g. ``sqlite:///study.db``) until it holds
     ``n_trials`` finished trials or ``time_budget`` seconds have passed; then the front and the chosen point
     (``pick_trial``: that trial number instead of the rule). ``preserve_norms``: None searches both edits, True
     or False fixes one (keeping norms needs ``candidates.norms``); ``projected`` likewise (default: heretic's
-    projection always). The sampler minimizes :func:`scores` with ``kl_target``; the front and the chosen point
+    projection always); ``read_out``: plain edits also draw the fitted read-outs' alpha (needs
+    ``candidates.writes``). The sampler minimizes :func:`scores` with ``kl_target``; the front and the chosen point
     are in the measures themselves."""
     import optuna
 
@@ -351,10 +386,17 @@ def optimize(model, candidates: Candidates, evaluator: Evaluator, *, storage: st
     norm_modes, projected_modes = modes("preserve_norms", preserve_norms), modes("projected", projected)
     if True in norm_modes and candidates.norms is None:
         raise ValueError("keeping row norms needs Candidates(..., norms=WriteGeometry.read(model))")
+    if read_out not in (False, True):
+        raise ValueError(f"read_out must be True or False, not {read_out!r}")
+    if read_out and (candidates.writes is None or False not in norm_modes):
+        raise ValueError("fitted read-outs need plain edits (preserve_norms None or False) and "
+                         "Candidates(..., writes=WriteSamples.capture(model, ...))")
     named = dict(settings or {}, trial_tokens=evaluator.trial_tokens, kl_target=kl_target,
                  preserve_norms=norm_modes, projected=projected_modes, markers=dataclasses.asdict(evaluator.markers))
     if evaluator.judge_name is not None:  # only then: studies made without a judge keep their names and resume
         named["judge"] = evaluator.judge_name
+    if read_out:  # likewise
+        named["read_out"] = [*READ_OUT_RANGE, RIDGE]
     name = study_name(model, named)
     try:
         study = optuna.create_study(directions=["minimize", "minimize"], storage=storage, study_name=name,
@@ -373,7 +415,8 @@ def optimize(model, candidates: Candidates, evaluator: Evaluator, *, storage: st
     t0 = time.perf_counter()
 
     def objective(trial):
-        o = evaluator(candidates.block(suggest(trial, model.n_layers, candidates.points, norm_modes, projected_modes)))
+        o = evaluator(candidates.block(suggest(trial, model.n_layers, candidates.points, norm_modes, projected_modes,
+                                               read_out)))
         trial.set_user_attr("refusals", o.refusals)
         trial.set_user_attr("kl", o.kl)
         return scores(o, evaluator.base, kl_target)
@@ -477,12 +520,13 @@ def format_front(r: Result) -> str:
 def search(model, splits, *, storage: str, n_trials: int | None = 40, time_budget: float | None = None,
            points: Sequence[str] = ("post",), trial_tokens: int = 32, n_startup: int = 10,
            seed: int = 0, max_refusals: int | None = None, pick_trial: int | None = None,
-           preserve_norms: bool | None = None, projected: bool | None = True, markers: str = "pysteer",
-           judge=None, progress: bool = True) -> Result:
+           preserve_norms: bool | None = None, projected: bool | None = True, read_out: bool = False,
+           markers: str = "pysteer", judge=None, progress: bool = True) -> Result:
     """The whole search on a :class:`pysteer.datasets.PromptSplits`: candidates from the train split (class
     means at the last token of every layer), trials scored on the validation split; the test split is left
     for ``pysteer ablate-test --edit``. ``preserve_norms`` as :func:`optimize` (default: searched, where the model has
-    every attn_output and ffn_down), ``projected`` too; ``points``: the residual points the candidates are read
+    every attn_output and ffn_down), ``projected`` and ``read_out`` too (the read-outs are fitted to the train
+    split's writes); ``points``: the residual points the candidates are read
     at (searched when several); ``markers``: the marker set that counts refusals; ``judge`` (a
     :class:`~pysteer.llm_judge.Judge` or :class:`~pysteer.probe_judge.ProbeJudge`) counts those it says refuse
     among the answers no marker ended."""
@@ -491,6 +535,10 @@ def search(model, splits, *, storage: str, n_trials: int | None = 40, time_budge
     _check_arch(model)  # before the extraction, not after
     modes("preserve_norms", preserve_norms)  # checked before the row norms are read
     modes("projected", projected)
+    if read_out not in (False, True):
+        raise ValueError(f"read_out must be True or False, not {read_out!r}")
+    if read_out and preserve_norms is True:
+        raise ValueError("fitted read-outs are for plain edits; with preserve_norms=True no trial would use them")
     points = check_points(points)
     marker_set(markers)  # and the marker set
     if preserve_norms is None and WriteGeometry.missing(model):
@@ -500,13 +548,18 @@ def search(model, splits, *, storage: str, n_trials: int | None = 40, time_budge
     t1 = time.perf_counter()
     res = extract(model, *splits.train, positions=1, points=points, progress=progress)
     t2 = time.perf_counter()
+    writes = WriteSamples.capture(model, *splits.train, progress=progress) if read_out else None
+    t_writes = time.perf_counter() - t2
+    t2 = time.perf_counter()
     evaluator = Evaluator(model, *splits.val, trial_tokens=trial_tokens, markers=markers, judge=judge)
     t3 = time.perf_counter()
     settings = {"points": list(points), "train": [len(x) for x in splits.train], "val": [len(x) for x in splits.val],
                 "val_sha": hashlib.sha256(json.dumps(splits.val).encode()).hexdigest()[:12]}
-    r = optimize(model, Candidates(res, model.n_layers, norms), evaluator, storage=storage, n_trials=n_trials,
-                 time_budget=time_budget, n_startup=n_startup, seed=seed, max_refusals=max_refusals,
-                 pick_trial=pick_trial, settings=settings, preserve_norms=preserve_norms, projected=projected,
-                 progress=progress)
-    r.seconds.update(row_norms=round(t1 - t0, 1), extract=round(t2 - t1, 1), baseline=round(t3 - t2, 1))
+    r = optimize(model, Candidates(res, model.n_layers, norms, writes), evaluator, storage=storage,
+                 n_trials=n_trials, time_budget=time_budget, n_startup=n_startup, seed=seed,
+                 max_refusals=max_refusals, pick_trial=pick_trial, settings=settings, preserve_norms=preserve_norms,
+                 projected=projected, read_out=read_out, progress=progress)
+    r.seconds.update(row_norms=round(t1 - t0, 1), extract=round(t2 - t1 - t_writes, 1), baseline=round(t3 - t2, 1))
+    if read_out:
+        r.seconds["writes"] = round(t_writes, 1)
     return r

@@ -19,12 +19,12 @@ E = 64
 class EditedWeights(Weights):
     """The GGUF's weights with attn_output / ffn_down of each layer edited in float64."""
 
-    def __init__(self, path, R, attn, ffn, *, keep_norms=False):
+    def __init__(self, path, R, attn, ffn, *, keep_norms=False, read_outs=None):
         super().__init__(path)
         self.edit = {}
         for l, (wa, wf) in enumerate(zip(attn, ffn)):
             r = R[l] if R.ndim == 2 else R
-            for name, wt in (("attn_output", wa), ("ffn_down", wf)):
+            for k, (name, wt) in enumerate((("attn_output", wa), ("ffn_down", wf))):
                 key = f"blk.{l}.{name}.weight"
                 W = super().__getitem__(key)  # (n_embd, n_in)
                 if keep_norms:  # heretic's "full" row normalization, computed on the matrix itself
@@ -32,6 +32,8 @@ class EditedWeights(Weights):
                     Wh = W / n
                     Wh = Wh - wt * np.outer(r, r @ Wh)
                     self.edit[key] = Wh / np.linalg.norm(Wh, axis=1, keepdims=True) * n
+                elif read_outs is not None:  # W <- W - w r (b^T W)
+                    self.edit[key] = W - wt * np.outer(r, read_outs[l, k] @ W)
                 else:
                     self.edit[key] = W - wt * np.outer(r, r @ W)
 
@@ -49,15 +51,19 @@ def _setting(rng, n_layers, per_layer):
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
-@pytest.mark.parametrize("per_layer,keep_norms", [(False, False), (True, False), (False, True), (True, True)])
-def test_matches_edited_weights(tiny_dir, arch, per_layer, keep_norms):
+@pytest.mark.parametrize("per_layer,edit", [(False, "plain"), (True, "plain"), (False, "norms"), (True, "norms"),
+                                            (True, "read-outs")])
+def test_matches_edited_weights(tiny_dir, arch, per_layer, edit):
     path = tiny_dir / f"tiny-{arch}.gguf"
     rng = np.random.default_rng(7 + per_layer)
     with pysteer.load(path, n_ctx=1024, n_ubatch=16, flash_attn=False) as m:  # several ubatches per decode
         R, attn, ffn = _setting(rng, m.n_layers, per_layer)
-        ref_w = EditedWeights(path, R, attn, ffn, keep_norms=keep_norms)
-        norms = WriteGeometry.read(m, progress=False) if keep_norms else None
-        with m.steer(pysteer.BlockAblate(R, attn, ffn, norms=norms)) as s:
+        # read-outs: r plus a random part, so that b differs from r in every edited write
+        outs = (R[:, None, :] + 0.5 * rng.standard_normal((m.n_layers, 2, E)) / np.sqrt(E)
+                if edit == "read-outs" else None)
+        ref_w = EditedWeights(path, R, attn, ffn, keep_norms=edit == "norms", read_outs=outs)
+        norms = WriteGeometry.read(m, progress=False) if edit == "norms" else None
+        with m.steer(pysteer.BlockAblate(R, attn, ffn, norms=norms, read_outs=outs)) as s:
             assert s.paths == ["hook"]
             got = m.logits_batch(PROMPTS[:4])[:, -1].astype(np.float64)  # packed: 4 prompts per decode
             acts = m.capture(PROMPTS[:2], positions=3)  # every point, with the pruned last layer

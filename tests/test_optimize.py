@@ -170,6 +170,46 @@ def test_searched_norm_modes(tiny, tmp_path):
         block_from_json(obj, m)
 
 
+def test_read_outs_searched(tiny, tmp_path):
+    """read_out=True: plain trials draw the read-outs' alpha and their edit reads through the fitted b (as
+    WriteSamples computes it, for each edited write alone); another study; refused without writes or plain edits."""
+    from pysteer.optimize import READ_OUT_RANGE, optimize
+    from pysteer.readout import WriteSamples
+    from pysteer.rownorms import WriteGeometry
+
+    m, res = tiny
+    ev = Evaluator(m, HARMFUL[6:8], HARMLESS[6:8], trial_tokens=4)
+    db = f"sqlite:///{tmp_path / 'r.db'}"
+    with pytest.raises(ValueError, match="fitted read-outs need"):
+        optimize(m, Candidates(res, m.n_layers), ev, storage=db, n_trials=1, read_out=True, progress=False)
+    writes = WriteSamples.capture(m, HARMFUL[:6], HARMLESS[:6])
+    c = Candidates(res, m.n_layers, WriteGeometry.read(m, progress=False), writes)
+    with pytest.raises(ValueError, match="plain edits"):
+        optimize(m, c, ev, storage=db, n_trials=1, read_out=True, preserve_norms=True, progress=False)
+    with pytest.raises(ValueError, match="read_out must be True or False"):
+        optimize(m, c, ev, storage=db, n_trials=1, read_out="yes", progress=False)
+    r = optimize(m, c, ev, storage=db, n_trials=8, n_startup=8, read_out=True, preserve_norms=None, progress=False)
+    for t in r.study.trials:  # drawn for the plain edits alone
+        assert ("read_out" in t.params) == (not t.params["preserve_norms"])
+        assert READ_OUT_RANGE[0] <= t.params.get("read_out", 1.0) <= READ_OUT_RANGE[1]
+    plain = next(t for t in r.study.trials if not t.params["preserve_norms"])
+    p = Point.from_params(plain.params)
+    block = c.block(p)
+    edited = np.stack([block.attn, block.ffn], axis=1) > 0
+    assert edited.any() and p.read_out == plain.params["read_out"]
+    for layer, k in zip(*np.nonzero(edited)):
+        want = writes.read_out(layer, k, block.direction(layer), p.read_out)
+        assert np.array_equal(block.read_outs[layer, k], want) and not np.allclose(want, block.direction(layer))
+    assert not block.read_outs[~edited].any()
+    names = set()
+    for i, read_out in enumerate((False, True)):  # the same settings but the read-outs: two studies
+        with pytest.warns(UserWarning, match=f"also holds {i + 1} other studies"):
+            r0 = optimize(m, c, ev, storage=db, n_trials=1, preserve_norms=False, read_out=read_out, progress=False)
+        assert ("read_out" in r0.study.trials[0].params) == read_out
+        names.add(r0.study.study_name)
+    assert len(names) == 2
+
+
 def test_finished_reads_measures_or_old_values():
     import optuna
 
@@ -295,6 +335,17 @@ def test_cli_search_resume_export_and_test(tiny_dir, tmp_path):
     assert "label logits" in res4["judge"] and res2["judge"] is None and res4["study"]["name"] != res2["study"]["name"]
     r = run("optimize", model, *sets, "--probe", "--json", tmp_path / "e.json", "--png", tmp_path / "e.png")
     assert r.returncode == 2 and "--probe reads a judge model" in r.stderr, r.stderr
+    # fitted read-outs: the JSON carries them, and ablate-test runs the edit they make
+    r = run("optimize", model, *sets, "--trials", 2, "--startup", 2, "--trial-tokens", 6, "--read-out", "yes",
+            "--preserve-norms", "no", "--json", tmp_path / "f.json", "--png", tmp_path / "f.png",
+            "--study", tmp_path / "f.db")
+    assert r.returncode == 0, r.stderr
+    res5 = json.loads((tmp_path / "f.json").read_text())
+    assert res5["edit"]["read_outs"] and "read_out" in res5["chosen"]["params"] and "writes" in res5["seconds"]
+    r = run("ablate-test", model, *sets, "--n", 2, "--max-tokens", 4, "--edit", tmp_path / "f.json", "--json")
+    assert r.returncode == 0 and "fitted read-outs" in json.loads(r.stdout)["direction"]["intervention"], r.stderr
+    r = run("optimize", model, *sets, "--read-out", "yes", "--preserve-norms", "yes", "--study", tmp_path / "g.db")
+    assert r.returncode == 2 and "--read-out yes fits read-outs for plain edits" in r.stderr, r.stderr
     # the written GGUF, loaded plainly, gives the runtime edit's logits (F32 tiny model: float rounding only)
     from pysteer.optimize import block_from_json
 
