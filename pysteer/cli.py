@@ -329,7 +329,7 @@ def _optimize(args) -> None:
     from .figures import pareto_figure
     from .files import atomic_output
     from .hookpoints import check_points
-    from .optimize import finished, format_front, search
+    from .optimize import check_read_out, finished, format_front, search
     from .runtime import resolve_path
 
     try:
@@ -355,8 +355,10 @@ def _optimize(args) -> None:
     from . import params  # every number checked before the model loads and the candidates are extracted
 
     params.integer("--trials", args.trials, 1)
-    if args.read_out == "yes" and args.preserve_norms == "yes":
-        raise UsageError("--read-out yes fits read-outs for plain edits; it needs --preserve-norms search or no")
+    try:
+        check_read_out(_choice(args.read_out), _choice(args.preserve_norms))
+    except ValueError as e:
+        raise UsageError(f"--read-out {args.read_out} --preserve-norms {args.preserve_norms}: {e}") from None
     _probe_wanted(args)
     params.integer("--startup", args.startup, 0)
     params.integer("--trial-tokens", args.trial_tokens, 1)

@@ -158,12 +158,12 @@ class Candidates:
         block = BlockAblate(d, attn, ffn, norms=norms)
         if not p.read_out > 0:
             return block
-        if p.preserve_norms or self.writes is None:
-            raise ValueError("fitted read-outs need a plain edit and Candidates(..., writes=WriteSamples.capture(...))")
+        if self.writes is None:
+            raise ValueError("this point fits read-outs; give Candidates the writes (WriteSamples.capture)")
         outs = np.zeros((L, 2, d.shape[1]))
-        for layer, k in zip(*np.nonzero(np.stack([attn, ffn], axis=1))):
+        for layer, k in zip(*np.nonzero(np.stack([attn, ffn], axis=1))):  # fitted to the direction the edit writes
             outs[layer, k] = self.writes.read_out(layer, k, block.direction(layer), p.read_out)
-        return BlockAblate(d, attn, ffn, read_outs=outs)
+        return BlockAblate(block.directions, attn, ffn, norms=norms, read_outs=outs)  # refused with norms
 
 
 @dataclass
@@ -254,21 +254,42 @@ def block_from_json(obj: dict, model=None) -> BlockAblate:
     if keep and model is None:
         raise ValueError("this edit keeps row norms: give the model it was made for (block_from_json(obj, model))")
     block = BlockAblate(directions, attn, ffn)
-    if outs is not None and keep:
-        raise ValueError("edit.read_outs are for the plain edit, and this edit keeps row norms")
     if outs is not None:
-        read_outs = np.zeros((len(block.attn), 2, block.directions.shape[1]))
-        try:
-            for layer, k, vector in outs:
-                read_outs[layer, k] = vector
-        except (TypeError, ValueError, IndexError) as ex:
-            raise ValueError(f"edit.read_outs must list [layer, component, vector] of the edited writes: {ex}") from None
-        return BlockAblate(block.directions, block.attn, block.ffn, read_outs=read_outs)
+        if keep:  # a file no optimize run writes: said before the row norms are read
+            raise ValueError("edit.read_outs are for the plain edit, and this edit keeps row norms")
+        return BlockAblate(block.directions, block.attn, block.ffn, read_outs=_read_outs(outs, block))
     if not keep:
         return block
     edited = np.flatnonzero((block.attn != 0) | (block.ffn != 0))  # the row norms of these layers alone
     return BlockAblate(block.directions, block.attn, block.ffn,
                        norms=WriteGeometry.read(model, layers=edited, progress=False))
+
+
+def _read_outs(outs, block: BlockAblate) -> np.ndarray:
+    """The ``[n_layers, 2, n_embd]`` read-outs of a JSON's list of [layer, component, vector], one for each
+    edited write and none other."""
+    L, E = len(block.attn), block.directions.shape[1]
+    edited = {(int(i), int(k)) for i, k in zip(*np.nonzero(np.stack([block.attn, block.ffn], axis=1)))}
+    read_outs, seen = np.zeros((L, 2, E)), set()
+    if not isinstance(outs, list):
+        raise ValueError(f"edit.read_outs must be a list of [layer, component, vector], not {type(outs).__name__}")
+    for item in outs:
+        if not (isinstance(item, list) and len(item) == 3):
+            raise ValueError(f"edit.read_outs must list [layer, component, vector], not {str(item)[:60]}")
+        layer, k, vector = item
+        layer = check.integer("edit.read_outs layer", layer, 0, L - 1)
+        k = check.integer("edit.read_outs component", k, 0, 1)
+        v = np.asarray(vector, dtype=object)
+        if v.shape != (E,) or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v):
+            raise ValueError(f"edit.read_outs vector of layer {layer} component {k} must be {E} numbers")
+        if (layer, k) in seen:
+            raise ValueError(f"edit.read_outs names layer {layer} component {k} twice")
+        seen.add((layer, k))
+        read_outs[layer, k] = v.astype(np.float64)
+    if seen != edited:
+        raise ValueError(f"edit.read_outs must give one vector for each edited write, exactly: missing "
+                         f"{sorted(edited - seen)[:4]}, not edited {sorted(seen - edited)[:4]}")
+    return read_outs
 
 
 def pareto(trials: list[dict]) -> list[dict]:
@@ -288,8 +309,8 @@ _FEWEST = "fewest refusals"  # the rule when no point meets the bound (format_fr
 
 
 def refusal_se(refusals: int, n: int) -> float:
-    """The standard error of a refusal count out of ``n`` prompts (binomial, with the add-one estimate of the
-    rate, so that 0 of n still has one)."""
+    """The standard error of a refusal count out of ``n`` prompts (binomial, the rate estimated as (k + 1) /
+    (n + 2), so that 0 of n still has one)."""
     p = (refusals + 1) / (n + 2)
     return math.sqrt(n * p * (1 - p))
 
@@ -340,6 +361,16 @@ def _check_arch(model) -> None:
                          f"residual must be the plain sum of block outputs: {', '.join(PLAIN_SUM_ARCHS)})")
 
 
+def check_read_out(read_out, preserve_norms) -> bool:
+    """``read_out`` (True or False) where ``preserve_norms`` (None, True or False) leaves plain edits to fit."""
+    if read_out not in (False, True):
+        raise ValueError(f"read_out must be True or False, not {read_out!r}")
+    if read_out and preserve_norms is True:
+        raise ValueError("read-outs are fitted for plain edits, and preserve_norms=True leaves none; search the "
+                         "norms (None) or turn them off (False)")
+    return read_out
+
+
 def modes(name: str, value) -> tuple:
     """The values a trial's yes/no parameter ``name`` may take: None searches both."""
     if value not in (None, False, True):
@@ -386,11 +417,10 @@ def optimize(model, candidates: Candidates, evaluator: Evaluator, *, storage: st
     norm_modes, projected_modes = modes("preserve_norms", preserve_norms), modes("projected", projected)
     if True in norm_modes and candidates.norms is None:
         raise ValueError("keeping row norms needs Candidates(..., norms=WriteGeometry.read(model))")
-    if read_out not in (False, True):
-        raise ValueError(f"read_out must be True or False, not {read_out!r}")
-    if read_out and (candidates.writes is None or False not in norm_modes):
-        raise ValueError("fitted read-outs need plain edits (preserve_norms None or False) and "
-                         "Candidates(..., writes=WriteSamples.capture(model, ...))")
+    if check_read_out(read_out, preserve_norms):
+        if candidates.writes is None:
+            raise ValueError("fitted read-outs need Candidates(..., writes=WriteSamples.capture(model, ...))")
+        candidates.writes.check(model)
     named = dict(settings or {}, trial_tokens=evaluator.trial_tokens, kl_target=kl_target,
                  preserve_norms=norm_modes, projected=projected_modes, markers=dataclasses.asdict(evaluator.markers))
     if evaluator.judge_name is not None:  # only then: studies made without a judge keep their names and resume
@@ -535,10 +565,8 @@ def search(model, splits, *, storage: str, n_trials: int | None = 40, time_budge
     _check_arch(model)  # before the extraction, not after
     modes("preserve_norms", preserve_norms)  # checked before the row norms are read
     modes("projected", projected)
-    if read_out not in (False, True):
-        raise ValueError(f"read_out must be True or False, not {read_out!r}")
-    if read_out and preserve_norms is True:
-        raise ValueError("fitted read-outs are for plain edits; with preserve_norms=True no trial would use them")
+    if check_read_out(read_out, preserve_norms):  # and their memory, before any reading
+        WriteSamples.check_memory(model, len(splits.train[0]) + len(splits.train[1]))
     points = check_points(points)
     marker_set(markers)  # and the marker set
     if preserve_norms is None and WriteGeometry.missing(model):

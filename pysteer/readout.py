@@ -8,8 +8,8 @@ write y (attention output, FFN down), instead of the plain ``y - w r (r . y)``.
 at the last tokens of each prompt (the chat template's suffix), ``lam = ridge x tr(H) / n_embd`` pulling b
 towards r. ``alpha = 0`` gives ``b = r``, the plain edit. As a weight edit it is ``W <- W - w r (b^T W)``: the
 hook runs it as the write map ``(a, b, s) = (w r, b, 1)`` and the export writes it (``rownorms.apply``).
-With n samples (n << n_embd) the solve is done in the space of the samples (Woodbury): each trial costs an
-n x n solve per edited matrix.
+The solve is done in the space of the n samples (Woodbury): each trial costs an n x n solve per edited matrix,
+less than the n_embd x n_embd one while n < n_embd (64 + 64 train prompts x 5 suffix tokens: n = 640).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ class WriteSamples:
     def __init__(self, sha256: str, harmful: np.ndarray, harmless: np.ndarray):
         """``harmful``, ``harmless``: writes ``[n_layers, 2, n, n_embd]`` (component 0: attention, 1: FFN)."""
         harmful, harmless = np.asarray(harmful), np.asarray(harmless)
-        if harmful.ndim != 4 or harmful.shape[1] != 2 or harmless.shape[:2] != harmful.shape[:2] \
+        if harmful.ndim != 4 or harmless.ndim != 4 or harmful.shape[1] != 2 or harmless.shape[:2] != harmful.shape[:2] \
                 or harmless.shape[3] != harmful.shape[3] or not harmful.shape[2] or not harmless.shape[2]:
             raise ValueError(f"writes must be [n_layers, 2, n, n_embd] for both classes, not {harmful.shape} and "
                              f"{harmless.shape}")
@@ -40,9 +40,26 @@ class WriteSamples:
         # rows scaled so that U^T U = G (harmless rows) + H (harmful rows)
         self._u = np.concatenate([harmless / np.sqrt(harmless.shape[2]), harmful / np.sqrt(harmful.shape[2])],
                                  axis=2).astype(np.float32)
-        u = self._u.astype(np.float64)
-        self._gram = np.einsum("lkne,lkme->lknm", u, u)  # [L, 2, n, n]
-        self._trace_h = np.einsum("lkne,lkne->lk", u[:, :, self._n_good:], u[:, :, self._n_good:])
+        L, n = self._u.shape[0], self._u.shape[2]
+        self._gram = np.empty((L, 2, n, n))  # U U^T of each write, float64 (a slice at a time: BLAS, no full copy)
+        self._trace_h = np.empty((L, 2))
+        for layer in range(L):
+            for k in (0, 1):
+                u = self._u[layer, k].astype(np.float64)
+                self._gram[layer, k] = u @ u.T
+                self._trace_h[layer, k] = np.trace(self._gram[layer, k][self._n_good:, self._n_good:])
+
+    @staticmethod
+    def check_memory(model, n_prompts: int, positions: int | None = None) -> None:
+        """Refuse, before any work, writes of ``n_prompts`` prompts that would not fit in the memory available."""
+        from .extraction import suffix_length
+
+        n = n_prompts * (suffix_length(model) if positions is None else positions)
+        # the capture (3 points) and its float32 samples, then the float64 Gram matrices
+        need, free = n * model.n_layers * 2 * (4 * model.n_embd * 4 + n * 8), available_memory()
+        if free is not None and need > 0.8 * free:
+            raise ValueError(f"fitting read-outs on {n} writes a matrix needs {need / 2**30:.1f} GiB and "
+                             f"{free / 2**30:.1f} GiB is available; use fewer train prompts or the plain edit")
 
     @classmethod
     def capture(cls, model, harmful, harmless, *, positions: int | None = None,
@@ -51,12 +68,8 @@ class WriteSamples:
         from .extraction import suffix_length
 
         positions = suffix_length(model) if positions is None else params.integer("positions", positions, 1)
+        cls.check_memory(model, len(harmful) + len(harmless), positions)
         L, E = model.n_layers, model.n_embd
-        n = (len(harmful) + len(harmless)) * positions
-        need, free = n * L * 2 * (3 * E * 4 + n * 8), available_memory()  # captures, samples, Gram matrices
-        if free is not None and need > 0.8 * free:
-            raise ValueError(f"fitting read-outs on {n} writes needs {need / 2**30:.1f} GiB and "
-                             f"{free / 2**30:.1f} GiB is available; use fewer train prompts or the plain edit")
         writes = []
         for prompts in (harmful, harmless):
             a = model.capture(prompts, positions=positions, progress=progress)  # [N, pre/mid/post, L, K, E]
@@ -71,7 +84,12 @@ class WriteSamples:
 
     def read_out(self, layer: int, component: int, r: np.ndarray, alpha: float, ridge: float = RIDGE) -> np.ndarray:
         """The read-out ``b`` (float64) of unit direction ``r`` for layer ``layer``'s write ``component``."""
-        if not alpha > 0:
+        if not 0 <= layer < self._u.shape[0] or component not in (0, 1):
+            raise ValueError(f"no writes of layer {layer} component {component} (layers 0 to {self._u.shape[0] - 1}, "
+                             "components 0 and 1)")
+        if not params.number("alpha", alpha) >= 0 or not params.number("ridge", ridge) > 0:
+            raise ValueError(f"alpha must be >= 0 and ridge > 0, not {alpha!r} and {ridge!r}")
+        if alpha == 0:
             return np.asarray(r, np.float64).copy()
         u, gram = self._u[layer, component].astype(np.float64), self._gram[layer, component]
         g = self._n_good

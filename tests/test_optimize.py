@@ -170,7 +170,7 @@ def test_searched_norm_modes(tiny, tmp_path):
         block_from_json(obj, m)
 
 
-def test_read_outs_searched(tiny, tmp_path):
+def test_read_outs_searched(tiny, tiny_dir, tmp_path):
     """read_out=True: plain trials draw the read-outs' alpha and their edit reads through the fitted b (as
     WriteSamples computes it, for each edited write alone); another study; refused without writes or plain edits."""
     from pysteer.optimize import READ_OUT_RANGE, optimize
@@ -180,14 +180,20 @@ def test_read_outs_searched(tiny, tmp_path):
     m, res = tiny
     ev = Evaluator(m, HARMFUL[6:8], HARMLESS[6:8], trial_tokens=4)
     db = f"sqlite:///{tmp_path / 'r.db'}"
-    with pytest.raises(ValueError, match="fitted read-outs need"):
+    with pytest.raises(ValueError, match=r"fitted read-outs need Candidates\(..., writes="):
         optimize(m, Candidates(res, m.n_layers), ev, storage=db, n_trials=1, read_out=True, progress=False)
     writes = WriteSamples.capture(m, HARMFUL[:6], HARMLESS[:6])
     c = Candidates(res, m.n_layers, WriteGeometry.read(m, progress=False), writes)
-    with pytest.raises(ValueError, match="plain edits"):
+    with pytest.raises(ValueError, match="read-outs are fitted for plain edits, and preserve_norms=True leaves none"):
         optimize(m, c, ev, storage=db, n_trials=1, read_out=True, preserve_norms=True, progress=False)
     with pytest.raises(ValueError, match="read_out must be True or False"):
         optimize(m, c, ev, storage=db, n_trials=1, read_out="yes", progress=False)
+    with pysteer.load(tiny_dir / "tiny-llama.gguf", n_ctx=512) as other:  # writes of another model
+        other_writes = WriteSamples.capture(other, HARMFUL[:2], HARMLESS[:2])
+    with pytest.raises(ValueError, match="captured on another model"):
+        optimize(m, Candidates(res, m.n_layers, None, other_writes), ev, storage=db, n_trials=1, read_out=True,
+                 progress=False)
+    assert not (tmp_path / "r.db").exists()  # refused before the study is made
     r = optimize(m, c, ev, storage=db, n_trials=8, n_startup=8, read_out=True, preserve_norms=None, progress=False)
     for t in r.study.trials:  # drawn for the plain edits alone
         assert ("read_out" in t.params) == (not t.params["preserve_norms"])
@@ -208,6 +214,33 @@ def test_read_outs_searched(tiny, tmp_path):
         assert ("read_out" in r0.study.trials[0].params) == read_out
         names.add(r0.study.study_name)
     assert len(names) == 2
+
+
+def test_read_out_search_refused_before_any_reading(tiny, monkeypatch):
+    """search() refuses read-outs with kept norms, and read-outs past the memory available, before it reads."""
+    import types
+
+    import pysteer.extraction
+    import pysteer.readout
+    from pysteer.optimize import search
+    from pysteer.rownorms import WriteGeometry
+
+    m, _ = tiny
+
+    def never(*a, **k):
+        raise AssertionError("read before the check")
+
+    monkeypatch.setattr(pysteer.extraction, "extract", never)
+    monkeypatch.setattr(WriteGeometry, "read", never)
+    splits = types.SimpleNamespace(train=(HARMFUL[:6], HARMLESS[:6]), val=(HARMFUL[6:8], HARMLESS[6:8]))
+    with pytest.raises(ValueError, match="preserve_norms=True leaves none"):
+        search(m, splits, storage="sqlite://", read_out=True, preserve_norms=True, progress=False)
+    monkeypatch.setattr(pysteer.readout, "available_memory", lambda: 10_000)
+    from pysteer.extraction import suffix_length
+
+    n = 12 * suffix_length(m)  # 6 + 6 train prompts, each at the template's suffix tokens
+    with pytest.raises(ValueError, match=rf"fitting read-outs on {n} writes a matrix needs .* GiB"):
+        search(m, splits, storage="sqlite://", read_out=True, preserve_norms=False, progress=False)
 
 
 def test_finished_reads_measures_or_old_values():
@@ -345,7 +378,7 @@ def test_cli_search_resume_export_and_test(tiny_dir, tmp_path):
     r = run("ablate-test", model, *sets, "--n", 2, "--max-tokens", 4, "--edit", tmp_path / "f.json", "--json")
     assert r.returncode == 0 and "fitted read-outs" in json.loads(r.stdout)["direction"]["intervention"], r.stderr
     r = run("optimize", model, *sets, "--read-out", "yes", "--preserve-norms", "yes", "--study", tmp_path / "g.db")
-    assert r.returncode == 2 and "--read-out yes fits read-outs for plain edits" in r.stderr, r.stderr
+    assert r.returncode == 2 and "--read-out yes --preserve-norms yes: read-outs are fitted for plain edits" in r.stderr, r.stderr
     # the written GGUF, loaded plainly, gives the runtime edit's logits (F32 tiny model: float rounding only)
     from pysteer.optimize import block_from_json
 

@@ -47,11 +47,19 @@ def test_solve_matches_the_direct_one():
 def test_bad_samples():
     z = np.zeros((2, 2, 3, 4))
     for a, b, match in ((z, z[:, :, :, :3], "must be"), (z[0], z[0], "must be"), (z, z[:, :, :0], "must be"),
-                        (np.full_like(z, np.nan), z, "finite")):
+                        (z, z[0], "must be"), (np.full_like(z, np.nan), z, "finite")):
         with pytest.raises(ValueError, match=match):
             WriteSamples("x", a, b)
     with pytest.raises(ValueError, match="harmful writes of layer 0 component 1 are zero"):
         WriteSamples("x", z, z + 1).read_out(0, 1, np.eye(4)[0], 1.0)
+    ws = WriteSamples("x", z + 1, z)
+    for args, match in (((-1, 0, 1.0), "no writes of layer -1"), ((2, 0, 1.0), "no writes of layer 2"),
+                        ((0, 2, 1.0), "component 2"), ((0, 0, -1.0), "alpha must be >= 0"),
+                        ((0, 0, float("nan")), "alpha must be a finite number"), ((0, 0, True), "alpha must be")):
+        with pytest.raises(ValueError, match=match):
+            ws.read_out(args[0], args[1], np.eye(4)[0], args[2])
+    with pytest.raises(ValueError, match="ridge > 0"):
+        ws.read_out(0, 0, np.eye(4)[0], 1.0, ridge=0.0)
 
 
 def test_writes_captured_on_a_model(tiny_dir):
@@ -100,8 +108,14 @@ def test_written_gguf_and_json(tiny_dir, tmp_path):
         np.testing.assert_array_equal(again.read_outs, outs)
         with m.steer(again):
             assert np.array_equal(m.logits_batch(PROMPTS[:3])[:, -1], want)
-        for bad in ([[0, 5, [0.0] * E]], [[0, 0]], "x"):
-            with pytest.raises(ValueError, match="read_outs"):
+        good = obj["edit"]["read_outs"]
+        for bad, match in (([[0, 5, [0.0] * E]], "component must be in"), ([[0, 0]], "must list"), ("x", "must be a list"),
+                           ([], "missing"), (good[1:], "missing"), ([[0, 0, [0.0] * E]] + good, "not edited"),
+                           ([[-1, 0, [0.0] * E]] + good, "layer must be in"), (good + good[:1], "twice"),
+                           ([[True, 0, [0.0] * E]] + good[1:], "must be an int"),
+                           ([[good[0][0], good[0][1], [0.0] * (E - 1)]] + good[1:], f"must be {E} numbers"),
+                           ([[good[0][0], good[0][1], 0.5]] + good[1:], f"must be {E} numbers")):
+            with pytest.raises(ValueError, match=match):
                 block_from_json({"edit": dict(obj["edit"], read_outs=bad)})
         with pytest.raises(ValueError, match="keeps row norms"):
             block_from_json({"edit": dict(obj["edit"], preserve_norms=True)}, m)
