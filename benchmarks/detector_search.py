@@ -26,32 +26,12 @@ import numpy as np
 import optuna
 
 import pysteer
-from pysteer import hookpoints
 from pysteer.cli import _splits, build_parser
 from pysteer.extraction import extract
-from pysteer.interventions import BlockAblate, TensorOp
+from pysteer.interventions import BlockAblate
 from pysteer.llm_judge import Judge
-from pysteer.native import ABLATE_DELTA, SAVE
 from pysteer.optimize import Candidates, Evaluator, block_from_json, finished, pareto, scores, suggest
 from pysteer.probe_judge import ProbeJudge
-
-
-class ReadOut(BlockAblate):
-    """A BlockAblate whose writes are edited by the maps (a, b, s) given per (layer, component)."""
-
-    def __init__(self, block: BlockAblate, maps: dict):
-        self.directions, self.attn, self.ffn, self.norms = block.directions, block.attn, block.ffn, None
-        self.maps = maps
-
-    def _ops(self, model):
-        ops = []
-        for layer in range(model.n_layers):
-            for k, (before, after) in enumerate((("pre", "mid"), ("mid", "post"))):
-                if (layer, k) in self.maps:
-                    mp = self.maps[(layer, k)].astype(np.float32)
-                    ops += [TensorOp(hookpoints.tensor_name(model.arch, before, layer), SAVE, mp[:1], slot=k),
-                            TensorOp(hookpoints.tensor_name(model.arch, after, layer), ABLATE_DELTA, mp, slot=k)]
-        return ops
 
 
 def write_grams(model, harmful, harmless, positions: int) -> dict:
@@ -68,18 +48,16 @@ def write_grams(model, harmful, harmless, positions: int) -> dict:
     return out
 
 
-def read_out(block: BlockAblate, grams: dict, alpha: float, lam: float) -> ReadOut:
-    maps = {}
-    for (layer, k), (H, G) in grams.items():
-        w = (block.attn, block.ffn)[k][layer]
-        if w == 0:
-            continue
-        r = block.directions[layer if len(block.directions) > 1 else 0].astype(np.float64)
-        H64 = H.astype(np.float64)
-        reg = lam * np.trace(H64) / len(H64)
-        b = np.linalg.solve(alpha * G.astype(np.float64) + H64 + reg * np.eye(len(r)), H64 @ r + reg * r)
-        maps[(layer, k)] = np.stack([w * r, b, np.ones_like(r)])
-    return ReadOut(block, maps)
+def read_out(block: BlockAblate, grams: dict, alpha: float, lam: float) -> BlockAblate:
+    """``block`` with read-outs solved directly in n_embd dimensions (pysteer.readout solves the same in sample
+    space)."""
+    outs = np.zeros((len(block.attn), 2, block.directions.shape[1]))
+    for layer, k in block.edited():
+        H, G = (g.astype(np.float64) for g in grams[(layer, k)])
+        r = block.direction(layer)
+        reg = lam * np.trace(H) / len(H)
+        outs[layer, k] = np.linalg.solve(alpha * G + H + reg * np.eye(len(r)), H @ r + reg * r)
+    return BlockAblate(block.directions, block.attn, block.ffn, read_outs=outs)
 
 
 def run(model, cands, ev, grams, *, detector: bool, trials: int, seed: int, lam: float, storage: str) -> list[dict]:

@@ -230,6 +230,10 @@ class BlockAblate(Intervention):
                         TensorOp(hookpoints.tensor_name(model.arch, after, layer), ABLATE_DELTA, edit, slot=k)]
         return ops
 
+    def edited(self) -> list[tuple[int, int]]:
+        """(layer, component) of every write the edit changes (component 0: attention, 1: FFN)."""
+        return [(int(i), int(k)) for i, k in zip(*np.nonzero(np.stack([self.attn, self.ffn], axis=1)))]
+
     def direction(self, layer: int) -> np.ndarray:
         """Layer ``layer``'s unit direction r (float64)."""
         return self.directions[layer if len(self.directions) > 1 else 0].astype(np.float64)

@@ -161,7 +161,7 @@ class Candidates:
         if self.writes is None:
             raise ValueError("this point fits read-outs; give Candidates the writes (WriteSamples.capture)")
         outs = np.zeros((L, 2, d.shape[1]))
-        for layer, k in zip(*np.nonzero(np.stack([attn, ffn], axis=1))):  # fitted to the direction the edit writes
+        for layer, k in block.edited():  # fitted to the direction the edit writes
             outs[layer, k] = self.writes.read_out(layer, k, block.direction(layer), p.read_out)
         return BlockAblate(block.directions, attn, ffn, norms=norms, read_outs=outs)  # refused with norms
 
@@ -234,8 +234,7 @@ class Result:
                          "preserve_norms": b.norms is not None,
                          # [layer, component, b] of each edited write (the others read nothing)
                          "read_outs": None if b.read_outs is None else [
-                             [int(i), int(k), b.read_outs[i, k].tolist()]
-                             for i, k in zip(*np.nonzero(np.stack([b.attn, b.ffn], axis=1)))]}}
+                             [i, k, b.read_outs[i, k].tolist()] for i, k in b.edited()]}}
 
 
 def block_from_json(obj: dict, model=None) -> BlockAblate:
@@ -269,7 +268,7 @@ def _read_outs(outs, block: BlockAblate) -> np.ndarray:
     """The ``[n_layers, 2, n_embd]`` read-outs of a JSON's list of [layer, component, vector], one for each
     edited write and none other."""
     L, E = len(block.attn), block.directions.shape[1]
-    edited = {(int(i), int(k)) for i, k in zip(*np.nonzero(np.stack([block.attn, block.ffn], axis=1)))}
+    edited = set(block.edited())
     read_outs, seen = np.zeros((L, 2, E)), set()
     if not isinstance(outs, list):
         raise ValueError(f"edit.read_outs must be a list of [layer, component, vector], not {type(outs).__name__}")
