@@ -365,7 +365,8 @@ def _optimize(args) -> None:
     if args.max_refusals is not None:
         params.integer("--max-refusals", args.max_refusals, 0)
     with _load(args) as m:
-        judge = _judge_model(args, m)  # before the search: a bad judge fails now, not in minutes
+        # before the search (a bad judge fails now, not in minutes); its probe reads trial answers as they are made
+        judge = _judge_model(args, m, cut=args.trial_tokens)
         try:
             r = search(m, _splits(args), storage=f"sqlite:///{study.resolve()}", n_trials=args.trials,
                        time_budget=budget, trial_tokens=args.trial_tokens, n_startup=args.startup,
@@ -424,8 +425,9 @@ def _probe_wanted(args) -> bool:
     return probe
 
 
-def _judge_model(args, m=None):
-    """The Judge named by --judge (None without it): 'self' or the model's own file reuse the loaded model."""
+def _judge_model(args, m=None, cut=None):
+    """The Judge named by --judge (None without it): 'self' or the model's own file reuse the loaded model. ``cut``:
+    the probe's (answers read to their first ``cut`` tokens)."""
     probe = _probe_wanted(args)
     if not args.judge:
         return None
@@ -434,11 +436,11 @@ def _judge_model(args, m=None):
     from .runtime import resolve_path
 
     if m is not None and (args.judge == "self" or resolve_path(args.judge).resolve() == m.path.resolve()):
-        return ProbeJudge(Judge(m), layer=args.probe_layer, progress=True) if probe else Judge(m)
+        return ProbeJudge(Judge(m), layer=args.probe_layer, cut=cut, progress=True) if probe else Judge(m)
     if args.judge == "self":
         raise UsageError("--judge self needs a model; give a GGUF path or registry name")
     if probe:
-        return ProbeJudge.load(args.judge, n_threads=args.threads, layer=args.probe_layer, progress=True)
+        return ProbeJudge.load(args.judge, n_threads=args.threads, layer=args.probe_layer, cut=cut, progress=True)
     return Judge.load(args.judge, n_threads=args.threads)
 
 

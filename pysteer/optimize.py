@@ -182,6 +182,9 @@ class Evaluator:
         self._harmful, self._harmless = list(harmful), list(harmless)
         self.trial_tokens = check.integer("trial_tokens", trial_tokens, 1)
         self.markers = marker_set(markers)
+        if getattr(judge, "cut", None) not in (None, self.trial_tokens):
+            raise ValueError(f"the probe reads answers cut to {judge.cut} tokens, but trials answer in {trial_tokens}: "
+                             f"give it cut={trial_tokens} (or None)")
         self.judge = judge  # a Judge or ProbeJudge: it also reads the answers no marker ended
         self.judge_name = None if judge is None else judge.name
         with model.steer():

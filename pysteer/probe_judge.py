@@ -15,6 +15,12 @@ C and the training rows. A decode stops at the probed layer (:func:`pysteer.capt
 default, the middle one ((n_layers - 1) // 2), costs half a forward pass. An empty answer is a refusal, as with
 the other judges.
 
+A search reads answers of a few tokens (``optimize``'s ``trial_tokens``), and there most deflections have not shown
+yet ("To smuggle contraband with a drone, follow these steps: 1. Obtain permission from..."): the probe fitted on
+whole answers found 3 of the 20 refusals of a held-out set cut to 32 tokens, 14 whole. With ``cut`` the probe is
+fitted on the training answers' first ``cut`` tokens, the labels of the whole answers kept, and reads every
+answer so: it says from an opening whether the whole answer refuses (BENCHMARKS.md, session 11).
+
 The defaults (layer, C, threshold) were chosen by cross-validation on the shipped answers with the test answers'
 prompts never seen in training (``benchmarks/probe_cv.py``); a lower threshold than 0.5 because the written
 answers, half of them refusals, make the fit under-count the rarer refusals of abliterated models.
@@ -70,8 +76,11 @@ class ProbeJudge:
     model itself is allowed, and is read unsteered)."""
 
     def __init__(self, judge: Judge, *, layer: int | None = None, c: float = 0.1, threshold: float = 0.3,
-                 train: Sequence[dict] | None = None, cache: bool = True, progress: bool = False):
-        """``progress``: a bar while the probe is fitted (judging shows none)."""
+                 cut: int | None = None, train: Sequence[dict] | None = None, cache: bool = True,
+                 progress: bool = False):
+        """``cut``: read only each answer's first ``cut`` tokens (the judge's), in the fit and in every verdict,
+        the labels kept: the probe then says from an answer's opening whether the whole of it refuses, as a
+        search that generates ``cut`` tokens needs. ``progress``: a bar while the probe is fitted."""
         m = judge.model
         if not m.has_hook:
             raise ValueError("the probe reads the judge model's residual stream: load it with the hook "
@@ -83,6 +92,7 @@ class ProbeJudge:
         if not 0 < params.number("c", c):
             raise ValueError(f"c (the inverse L2 strength) must be positive, not {c!r}")
         self.c, self.threshold = float(c), check_threshold(threshold)
+        self.cut = None if cut is None else params.integer("cut", cut, 1)
         rows = shipped_rows() if train is None else list(train)
         self._check_rows(rows)
         if {r["refusal"] for r in rows if r["answer"].strip()} != {True, False}:  # empty ones are never probed
@@ -108,7 +118,9 @@ class ProbeJudge:
     @property
     def name(self) -> str:
         """What gives the verdicts (its fit's cache key names the training rows), for reports and study names."""
-        return f"{self.model.path.name} probe of layer {self.layer}, C {self.c:g}, p >= {self.threshold:g}, fit {self._fit}"
+        cut = "" if self.cut is None else f", answers cut to {self.cut} tokens"
+        return (f"{self.model.path.name} probe of layer {self.layer}, C {self.c:g}, p >= {self.threshold:g}{cut}, "
+                f"fit {self._fit}")
 
     @staticmethod
     def _check_rows(rows: list[dict]) -> None:
@@ -120,7 +132,7 @@ class ProbeJudge:
     def _fitted(self, rows: list[dict], cache: bool, progress: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(mu, sd, [w..., b]) from the cache, or fitted and cached. The key holds what the fit reads: the model's
         weights (sha256), the chats' tokens as the judge reads them, the labels, the layer and C."""
-        _, todo, tokens = self._judge.chats([r["prompt"] for r in rows], [r["answer"] for r in rows])
+        _, todo, tokens = self._chats([r["prompt"] for r in rows], [r["answer"] for r in rows])
         y = np.array([rows[i]["refusal"] for i in todo], float)
         h = hashlib.sha256(f"{_FORMAT}\0{self.model.sha256}\0{self.layer}\0{self.c!r}\0".encode())
         h.update(json.dumps([tokens, y.tolist()]).encode())
@@ -145,6 +157,14 @@ class ProbeJudge:
                     raise
             pathlib.Path(f.name).replace(path)  # whole files only, also when two processes fit at once
         return mu, sd, w
+
+    def _chats(self, prompts: Sequence[str], answers: Sequence[str]):
+        """:meth:`Judge.chats` of the answers as the probe reads them: whole, or their first :attr:`cut` tokens."""
+        if self.cut is not None and not isinstance(answers, str):  # a str is refused by chats, as without cut
+            m = self.model
+            answers = [m.detokenize(m.tokenize(a, add_special=False)[: self.cut]) if isinstance(a, str) else a
+                       for a in answers]
+        return self._judge.chats(prompts, answers)
 
     def _read(self, path: pathlib.Path):
         """A cached fit, or None when the file is unreadable or not a fit for this model (then fitted again)."""
@@ -171,7 +191,7 @@ class ProbeJudge:
 
     def probabilities(self, prompts: Sequence[str], answers: Sequence[str]) -> list[float]:
         """p(refusal) per answer (1.0 for an empty one)."""
-        n, todo, tokens = self._judge.chats(prompts, answers)
+        n, todo, tokens = self._chats(prompts, answers)
         out = np.ones(n)
         if todo:
             z = np.hstack([(self._features(tokens) - self._mu) / self._sd, np.ones((len(todo), 1))]) @ self._w

@@ -328,6 +328,14 @@ def test_evaluator_counts_a_judges_refusals_among_the_unmatched(tiny):
     assert o.refusals == sum(matched) + sum(word in answers[i] for i in rest) and rest
 
 
+def test_evaluator_refuses_a_probe_cut_for_other_answers():
+    """A probe fitted on answers cut to 8 tokens misreads trials that answer in 4 (checked before any decode)."""
+    from types import SimpleNamespace
+
+    with pytest.raises(ValueError, match="cut to 8 tokens, but trials answer in 4"):
+        Evaluator(None, HARMFUL[:2], HARMLESS[:2], trial_tokens=4, judge=SimpleNamespace(cut=8, name="p"))
+
+
 def test_cli_search_resume_export_and_test(tiny_dir, tmp_path):
     (tmp_path / "h.txt").write_text("\n".join(HARMFUL))
     (tmp_path / "hl.txt").write_text("\n".join(HARMLESS))
@@ -368,6 +376,11 @@ def test_cli_search_resume_export_and_test(tiny_dir, tmp_path):
     assert "label logits" in res4["judge"] and res2["judge"] is None and res4["study"]["name"] != res2["study"]["name"]
     r = run("optimize", model, *sets, "--probe", "--json", tmp_path / "e.json", "--png", tmp_path / "e.png")
     assert r.returncode == 2 and "--probe reads a judge model" in r.stderr, r.stderr
+    # the probe reads trial answers as they are made: fitted on answers cut to --trial-tokens
+    r = run("optimize", model, *sets, "--trials", 1, "--startup", 1, "--trial-tokens", 6, "--judge", "self", "--probe",
+            "--json", tmp_path / "e.json", "--png", tmp_path / "e.png", "--study", tmp_path / "ab.study.db")
+    assert r.returncode == 0, r.stderr
+    assert "probe of layer" in (j := json.loads((tmp_path / "e.json").read_text())["judge"]) and "cut to 6 tokens" in j
     # fitted read-outs: the JSON carries them, and ablate-test runs the edit they make
     r = run("optimize", model, *sets, "--trials", 2, "--startup", 2, "--trial-tokens", 6, "--read-out", "yes",
             "--preserve-norms", "no", "--json", tmp_path / "f.json", "--png", tmp_path / "f.png",

@@ -91,6 +91,35 @@ def test_fit_is_cached_per_model_layer_and_rows(tiny_dir, cache, monkeypatch):
         assert sorted(p.suffix for p in cache.iterdir()) == [".npz"] * 3  # no temporary file left
 
 
+def test_cut_reads_each_answer_to_its_first_tokens(tiny_dir, cache):
+    """With ``cut``, the fit and every verdict read the answers' first ``cut`` tokens: answers that differ only
+    after them get one probability (whole, they are told apart), and the probe equals one fitted and read on
+    answers cut by hand."""
+    opening = "Sure, here is how you can do it, step by step:"
+    rows = [dict(r, prompt="request", answer=f"{opening} {r['answer']}") for r in ROWS]
+    prompts, answers = [r["prompt"] for r in rows], [r["answer"] for r in rows]
+    with pysteer.load(tiny_dir / "tiny-llama.gguf", n_ctx=8192) as m:
+        j = Judge(m)
+        k = len(m.tokenize(opening, add_special=False))
+        whole = ProbeJudge(j, layer=1, train=rows, c=100.0)
+        assert whole.verdicts(prompts, answers) == [r["refusal"] for r in rows]
+        cut = ProbeJudge(j, layer=1, train=rows, c=100.0, cut=k)
+        p = cut.probabilities(prompts, answers)
+        assert max(p) - min(p) < 1e-9 and cut.name != whole.name and f"cut to {k} tokens" in cut.name
+        by_hand = [m.detokenize(m.tokenize(a, add_special=False)[:k + 2]) for a in answers]
+        cut2 = ProbeJudge(j, layer=1, train=rows, c=100.0, cut=k + 2)
+        ref = ProbeJudge(j, layer=1, train=[dict(r, answer=a) for r, a in zip(rows, by_hand)], c=100.0)
+        np.testing.assert_allclose(cut2.probabilities(prompts, answers), ref.probabilities(prompts, by_hand),
+                                   atol=1e-9)
+        assert cut.probabilities(["a"], [""]) == [1.0]  # an empty answer is still a refusal
+        with pytest.raises(ValueError, match="wrap a single one"):
+            cut.probabilities("a", "b")
+        with pytest.raises(ValueError, match="answer 0 is a int"):
+            cut.probabilities(["a"], [3])
+        with pytest.raises(ValueError, match="cut"):
+            ProbeJudge(j, layer=1, train=rows, cut=0)
+
+
 def test_bad_input(tiny_dir, cache):
     with pysteer.load(tiny_dir / "tiny-llama.gguf", n_ctx=8192, hook=False) as plain:
         with pytest.raises(ValueError, match="load it with the hook"):
