@@ -561,7 +561,8 @@ def search(model, splits, *, storage: str, n_trials: int | None = 40, time_budge
     split's writes); ``points``: the residual points the candidates are read
     at (searched when several); ``markers``: the marker set that counts refusals; ``judge`` (a
     :class:`~pysteer.llm_judge.Judge` or :class:`~pysteer.probe_judge.ProbeJudge`) counts those it says refuse
-    among the answers no marker ended."""
+    among the answers no marker ended; a ProbeJudge is best fitted with ``cut=trial_tokens`` (as the CLI's), since
+    most deflections show only after the opening a trial reads."""
     from .extraction import extract
 
     _check_arch(model)  # before the extraction, not after
