@@ -20,7 +20,7 @@ import pathlib
 
 import numpy as np
 
-from pysteer.probe_judge import ProbeJudge, fit_logistic, shipped_rows
+from pysteer.probe_judge import ProbeJudge, cut_text, fit_logistic, shipped_rows
 
 
 def features(judge: str, cuts: list[int], test_source: str, path: pathlib.Path) -> dict:
@@ -36,7 +36,7 @@ def features(judge: str, cuts: list[int], test_source: str, path: pathlib.Path) 
     out = {"y": np.array([r["refusal"] for r in rows]), "test": test, "prompt": np.array(prompts),
            "written": np.array(["source" not in r for r in rows])}
     for k in [0] + cuts:
-        answers = whole if k == 0 else [m.detokenize(m.tokenize(a, add_special=False)[:k]) for a in whole]
+        answers = whole if k == 0 else [cut_text(m, a, k) for a in whole]
         n, todo, tokens = pj._judge.chats(prompts, answers)
         X = np.full((n, m.n_embd), np.nan)
         X[todo] = pj._features(tokens, progress=True)

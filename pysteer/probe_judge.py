@@ -53,6 +53,13 @@ def shipped_rows() -> list[dict]:
             for line in (DATA / name).read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
+def cut_text(model, text: str, k: int) -> str:
+    """``text``'s first ``k`` tokens (``model``'s) as text: their bytes joined (llama-cpp-python's detokenize drops
+    pieces over 32 bytes), a character split by the cut left out."""
+    kept = model.tokenize(text, add_special=False)[:k]
+    return b"".join(model.token_bytes(t) for t in kept).decode("utf-8", errors="ignore")
+
+
 def fit_logistic(X: np.ndarray, y: np.ndarray, lam: float, iters: int = 50) -> np.ndarray:
     """Minimizes sum log(1 + e^{-s_i z_i}) + lam/2 |w|^2 (z = X w + b, s = ±1; b not penalized) by Newton's
     method; returns ``[w..., b]``."""
@@ -134,6 +141,9 @@ class ProbeJudge:
         weights (sha256), the chats' tokens as the judge reads them, the labels, the layer and C."""
         _, todo, tokens = self._chats([r["prompt"] for r in rows], [r["answer"] for r in rows])
         y = np.array([rows[i]["refusal"] for i in todo], float)
+        if len(set(y)) < 2:  # whole answers had both (checked before); blank openings are left out of the fit
+            raise ValueError(f"the training answers cut to {self.cut} tokens with text left are all of one label: "
+                             "give a larger cut")
         h = hashlib.sha256(f"{_FORMAT}\0{self.model.sha256}\0{self.layer}\0{self.c!r}\0".encode())
         h.update(json.dumps([tokens, y.tolist()]).encode())
         self._fit = h.hexdigest()[:24]
@@ -161,9 +171,7 @@ class ProbeJudge:
     def _chats(self, prompts: Sequence[str], answers: Sequence[str]):
         """:meth:`Judge.chats` of the answers as the probe reads them: whole, or their first :attr:`cut` tokens."""
         if self.cut is not None and not isinstance(answers, str):  # a str is refused by chats, as without cut
-            m = self.model
-            answers = [m.detokenize(m.tokenize(a, add_special=False)[: self.cut]) if isinstance(a, str) else a
-                       for a in answers]
+            answers = [cut_text(self.model, a, self.cut) if isinstance(a, str) else a for a in answers]
         return self._judge.chats(prompts, answers)
 
     def _read(self, path: pathlib.Path):

@@ -9,7 +9,7 @@ import pytest
 import pysteer
 from pysteer.capture import capture_tokens
 from pysteer.llm_judge import Judge
-from pysteer.probe_judge import ProbeJudge, fit_logistic, shipped_rows
+from pysteer.probe_judge import ProbeJudge, cut_text, fit_logistic, shipped_rows
 
 REFUSE = ["I can't help with that.", "Sorry, I cannot do this.", "I won't assist with this request.",
           "No, that is not something I will do."]
@@ -118,6 +118,34 @@ def test_cut_reads_each_answer_to_its_first_tokens(tiny_dir, cache):
             cut.probabilities(["a"], [3])
         with pytest.raises(ValueError, match="cut"):
             ProbeJudge(j, layer=1, train=rows, cut=0)
+
+
+def test_cut_text_joins_the_kept_tokens_bytes():
+    """Pieces over 32 bytes are kept (llama-cpp-python's detokenize drops them), a character split by the cut is
+    left out, and nothing past the cut is read."""
+    pieces = [b"Title\n", b"=" * 80, b"\n", "\u00e9".encode()[:1], "\u00e9".encode()[1:], b"x"]
+
+    class Model:
+        def tokenize(self, text, add_special):
+            assert text == "the answer" and add_special is False
+            return list(range(len(pieces)))
+
+        def token_bytes(self, t):
+            return pieces[t]
+
+    m = Model()
+    assert cut_text(m, "the answer", 3) == cut_text(m, "the answer", 4) == "Title\n" + "=" * 80 + "\n"
+    assert cut_text(m, "the answer", 5) == "Title\n" + "=" * 80 + "\n\u00e9"
+    assert cut_text(m, "the answer", 99) == "Title\n" + "=" * 80 + "\n\u00e9x"
+
+
+def test_a_cut_that_leaves_one_label_is_refused(tiny_dir, cache):
+    rows = [dict(r, answer=("\n" * 8 + r["answer"]) if r["refusal"] else r["answer"]) for r in ROWS]
+    with pysteer.load(tiny_dir / "tiny-llama.gguf", n_ctx=8192) as m:
+        j = Judge(m)
+        ProbeJudge(j, layer=1, train=rows, cut=12)
+        with pytest.raises(ValueError, match="cut to 1 tokens with text left are all of one label"):
+            ProbeJudge(j, layer=1, train=rows, cut=1)
 
 
 def test_bad_input(tiny_dir, cache):
