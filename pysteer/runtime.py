@@ -458,7 +458,12 @@ class Model:
 
     @_locked
     def detokenize(self, tokens: Sequence[int]) -> str:
-        return self._model.detokenize(self._check_tokens(list(tokens)).tolist()).decode("utf-8", errors="replace")
+        # each piece whole: llama-cpp-python's detokenize reads pieces into 32 bytes and drops longer ones unsaid
+        tokens = self._check_tokens(list(tokens)).tolist()
+        out = b"".join(self.token_bytes(t) for t in tokens)
+        if tokens and tokens[0] == llama_cpp.llama_vocab_bos(self._model.vocab) and out[:1] == b" ":
+            out = out[1:]  # llama-cpp-python's rule, kept: the space a BOS-led Llama-1 prompt gets
+        return out.decode("utf-8", errors="replace")
 
     @_locked
     def is_end_of_generation(self, token: int) -> bool:

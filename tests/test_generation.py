@@ -143,3 +143,23 @@ def test_stream_outliving_its_steering_is_refused(model):
     with model.steer(pysteer.Add(v, 1.0)):  # read wholly inside its block, the same stream is whole
         whole = "".join(model.generate("hello there", max_tokens=20, stream=True))
     assert whole.startswith(first)
+
+
+def test_detokenize_is_llama_cpp_pythons_on_short_pieces(tiny_dir):
+    """Every piece of the tiny vocabulary (none over 32 bytes), alone and after BOS: the same text as
+    llama-cpp-python's detokenize, whose leading-space rule after BOS is kept."""
+    with pysteer.load(tiny_dir / "tiny-llama.gguf", n_ctx=256, hook=False) as m:
+        bos = m.tokenize("", add_special=True)
+        for t in range(m.n_vocab):
+            for ids in ([t], bos + [t]):
+                assert m.detokenize(ids) == m._model.detokenize(ids).decode("utf-8", errors="replace"), ids
+
+
+@pytest.mark.real
+def test_detokenize_keeps_pieces_over_32_bytes():
+    """Qwen's vocabulary has pieces of 80 bytes ("=" * 80): llama-cpp-python's detokenize returns them empty."""
+    text = "Title\n" + "=" * 80 + "\nSure: caf\u00e9 \u4f60\u597d"
+    with pysteer.load("qwen2.5-coder-0.5b-instruct", n_ctx=256, hook=False) as m:
+        ids = m.tokenize(text, add_special=False)
+        assert max(len(m.token_bytes(t)) for t in ids) > 32
+        assert m.detokenize(ids) == text
