@@ -102,8 +102,6 @@ class ProbeJudge:
         self.cut = None if cut is None else params.integer("cut", cut, 1)
         rows = shipped_rows() if train is None else list(train)
         self._check_rows(rows)
-        if {r["refusal"] for r in rows if r["answer"].strip()} != {True, False}:  # empty ones are never probed
-            raise ValueError("the training rows with text need refusals and compliances both")
         self._mu, self._sd, self._w = self._fitted(rows, cache, progress)
 
     @classmethod
@@ -141,9 +139,10 @@ class ProbeJudge:
         weights (sha256), the chats' tokens as the judge reads them, the labels, the layer and C."""
         _, todo, tokens = self._chats([r["prompt"] for r in rows], [r["answer"] for r in rows])
         y = np.array([rows[i]["refusal"] for i in todo], float)
-        if len(set(y)) < 2:  # whole answers had both (checked before); blank openings are left out of the fit
-            raise ValueError(f"the training answers cut to {self.cut} tokens with text left are all of one label: "
-                             "give a larger cut")
+        if len(set(y)) < 2:  # empty answers (blank openings, with a cut) are never probed
+            cut = ("" if self.cut is None else f"; the training answers cut to {self.cut} tokens with text left are "
+                   "all of one label: give a larger cut")
+            raise ValueError(f"the training rows with text need refusals and compliances both{cut}")
         h = hashlib.sha256(f"{_FORMAT}\0{self.model.sha256}\0{self.layer}\0{self.c!r}\0".encode())
         h.update(json.dumps([tokens, y.tolist()]).encode())
         self._fit = h.hexdigest()[:24]

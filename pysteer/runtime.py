@@ -448,7 +448,10 @@ class Model:
     @_locked
     def token_bytes(self, token: int, *, special: bool = False) -> bytes:
         """The bytes of one token (llama-cpp-python's LlamaModel.token_to_piece returns a padded buffer)."""
-        token = int(self._check_tokens([token])[0])
+        return self._piece(int(self._check_tokens([token])[0]), special)
+
+    def _piece(self, token: int, special: bool = False) -> bytes:
+        """:meth:`token_bytes` of a checked token, sized by what llama.cpp says it needs."""
         buf = ctypes.create_string_buffer(64)
         n = llama_cpp.llama_token_to_piece(self._model.vocab, token, buf, len(buf), 0, special)
         if n < 0:
@@ -460,7 +463,7 @@ class Model:
     def detokenize(self, tokens: Sequence[int]) -> str:
         # each piece whole: llama-cpp-python's detokenize reads pieces into 32 bytes and drops longer ones unsaid
         tokens = self._check_tokens(list(tokens)).tolist()
-        out = b"".join(self.token_bytes(t) for t in tokens)
+        out = b"".join(self._piece(t) for t in tokens)
         if tokens and tokens[0] == llama_cpp.llama_vocab_bos(self._model.vocab) and out[:1] == b" ":
             out = out[1:]  # llama-cpp-python's rule, kept: the space a BOS-led Llama-1 prompt gets
         return out.decode("utf-8", errors="replace")
