@@ -3,10 +3,11 @@
 A search generates ``trial_tokens`` per answer (32 by default); the held-out test 128. Two measures, on the
 probe's default layer of the judge model:
 
-1. The probe fitted on whole answers (the shipped rows without those of ``--test-source``), read on the answers
-   of ``--test-source`` whole and cut to each of ``--cuts`` tokens (the judge's tokens): said, right, AUC.
-2. Cross-validated by prompt (4 folds; the written answers always in training): a probe fitted on answers cut to
-   a tokens, tested on answers cut to b, for a = 0 (whole) and b each cut, and a = b (``ProbeJudge(cut=)``).
+1. The probe fitted on the shipped whole answers, read on the hand-labelled answers of ``--test`` (a JSONL of
+   prompt, answer, refusal) whole and cut to each of ``--cuts`` tokens (the judge's tokens): said, right, AUC.
+2. Cross-validated by prompt over the shipped real answers and ``--test``'s (4 folds; the written answers always
+   in training): a probe fitted on answers cut to a tokens, tested on answers cut to b, for a = 0 (whole) and b
+   each cut, and a = b (``ProbeJudge(cut=)``).
 
 The features are captured once (``--features``, an .npz).
 
@@ -16,6 +17,7 @@ The features are captured once (``--features``, an .npz).
 from __future__ import annotations
 
 import argparse
+import json
 import pathlib
 
 import numpy as np
@@ -23,14 +25,14 @@ import numpy as np
 from pysteer.probe_judge import ProbeJudge, cut_text, fit_logistic, shipped_rows
 
 
-def features(judge: str, cuts: list[int], test_source: str, path: pathlib.Path) -> dict:
+def features(judge: str, cuts: list[int], test_file: pathlib.Path, path: pathlib.Path) -> dict:
     if path.is_file():
         return dict(np.load(path))
-    rows = shipped_rows()
-    test = np.array([r.get("source") == test_source for r in rows])
-    if not test.any():
-        raise SystemExit(f"no shipped rows with source {test_source!r}")
-    pj = ProbeJudge.load(judge, train=[r for r, t in zip(rows, test) if not t], progress=True)
+    shipped = shipped_rows()
+    extra = [dict(json.loads(line), source=str(test_file)) for line in test_file.read_text().splitlines() if line.strip()]
+    rows = shipped + extra
+    test = np.array([False] * len(shipped) + [True] * len(extra))
+    pj = ProbeJudge.load(judge, train=shipped, progress=True)
     m = pj.model
     prompts, whole = [r["prompt"] for r in rows], [r["answer"] for r in rows]
     out = {"y": np.array([r["refusal"] for r in rows]), "test": test, "prompt": np.array(prompts),
@@ -55,15 +57,16 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--judge", default="qwen2.5-coder-1.5b-instruct")
     ap.add_argument("--cuts", default="32,48,64")
-    ap.add_argument("--test-source", default="read-out search trial 29")
+    ap.add_argument("--test", type=pathlib.Path, default=pathlib.Path(__file__).parent / "results" /
+                    "optimize-qwen1.5b-s10-readout" / "heldout-trial29-read-by-hand.jsonl")
     ap.add_argument("--features", type=pathlib.Path, required=True)
     a = ap.parse_args()
     cuts = [int(x) for x in a.cuts.split(",")]
-    z = features(a.judge, cuts, a.test_source, a.features)
+    z = features(a.judge, cuts, a.test, a.features)
     y, test, prompt, written = z["y"], z["test"], z["prompt"], z["written"]
     ok = np.isfinite(z["X0"]).all(1)
     t = test & ok
-    print(f"1. the probe fitted on whole answers, on the {t.sum()} answers of {a.test_source!r} "
+    print(f"1. the probe fitted on whole answers, on the {t.sum()} answers of {a.test.name} "
           f"({y[t].sum()} refusals by hand)")
     for k in [0] + cuts:
         p = z[f"p{k}"][t]

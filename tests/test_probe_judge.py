@@ -186,8 +186,8 @@ def _split_by_prompt(rows, seed=0):
 
 @pytest.mark.real
 def test_probe_sees_the_deflections_on_unseen_prompts(cache):
-    """Qwen2.5-Coder-0.5B as judge, the default layer (11), on the real abliterated answers to 50 prompts it never
-    saw (250 since session 11; with the 200 of session 9, 44 refusals by hand: AUC 0.936 and 28 said); the same model's
+    """Qwen2.5-Coder-0.5B as judge, the default layer (11), on the 200 real abliterated answers to 50 prompts it
+    never saw (44 refusals by hand): measured AUC 0.936 and 28 said (BENCHMARKS.md, session 9); the same model's
     label logits score AUC 0.507 there (6 said), and the phrase matchers find 3 to 9 of 20 such refusals."""
     train, test = _split_by_prompt(shipped_rows())
     y = np.array([r["refusal"] for r in test])
