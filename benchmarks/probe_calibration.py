@@ -72,13 +72,7 @@ def split(prompt, real, seed):
 
 def oof_threshold(X, y, prompt, real, folds=4, seed=0) -> float:
     """The threshold that says as many of the real rows refused, scored out of fold by prompt, as the hand."""
-    prompts = sorted(set(prompt[real]))
-    np.random.default_rng(seed).shuffle(prompts)
-    p = np.full(len(y), np.nan)
-    for k in range(folds):
-        held = real & np.isin(prompt, prompts[k::folds])
-        p[held] = fit(X[~held], y[~held])(X[held])
-    s = np.sort(p[real])[::-1]
+    s = np.sort(pooled(X, y, prompt, real, folds, seed))[::-1]
     n = int(y[real].sum())
     return float((s[n - 1] + s[n]) / 2) if 0 < n < len(s) else 0.5
 
