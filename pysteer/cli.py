@@ -114,6 +114,19 @@ def _summary(args) -> None:
     print(_json(s) if args.json else format_summary(s))
 
 
+def _reads(args) -> tuple:
+    """The files a command reads (models, prompt, direction and answer files): none of them may be an output."""
+    from .runtime import resolve_path
+
+    models = (getattr(args, "model", None), getattr(args, "judge", None))
+    files = [resolve_path(name) for name in models if name and name != "self"]
+    for key in ("harmful", "harmless", "direction", "edit", "rotate", "add", "answers"):
+        f = getattr(args, key, None)
+        if isinstance(f, str) and pathlib.Path(f).is_file():
+            files.append(pathlib.Path(f))
+    return tuple(files)
+
+
 def _output_gguf(path: str | None, flag: str, *, inputs=()) -> pathlib.Path | None:
     """A .gguf path to write at the end, checked before any work: not a directory, and none of ``inputs``
     (the model and direction files the command reads)."""
@@ -133,8 +146,9 @@ def _find(args, m, **kw):
 
 
 def _extract(args) -> None:
-    out = _output_gguf(args.output, "-o")
-    png = out.with_name(out.stem + "-metrics.png")
+    reads = _reads(args)
+    out = _output_gguf(args.output, "-o", inputs=reads)
+    png = _output_path(str(out.with_name(out.stem + "-metrics.png")), "-o (its -metrics.png)", inputs=reads)
     with _load(args) as m:
         d, _, seconds = _find(args, m, metrics_png=png)
         d.save(out)
@@ -146,7 +160,7 @@ def _extract(args) -> None:
 def _metrics(args) -> None:
     from .extraction import extract
 
-    out = pathlib.Path(args.output)
+    out = _output_path(args.output, "-o", inputs=_reads(args))
     with _load(args) as m:
         sp = _splits(args)
         res = extract(m, *sp.train, positions=args.positions, progress=not args.quiet)
@@ -162,7 +176,7 @@ def _ablate_test(args) -> None:
 
     if args.save and args.direction:
         raise UsageError("--save takes a .gguf path, and only when the direction is extracted (no --direction)")
-    save = _output_gguf(args.save, "--save")
+    save = _output_gguf(args.save, "--save", inputs=_reads(args))
     t0 = time.perf_counter()
     with _load(args) as m:
         sp = _splits(args)
@@ -261,6 +275,8 @@ def _chat(args) -> None:
                 if not text:
                     break
                 messages.append({"role": "user", "content": text})
+                if not _fit(m, messages, args.max_tokens):
+                    continue
                 answer = ""
                 for piece in m.generate(messages, max_tokens=args.max_tokens, temperature=args.temperature,
                                         seed=args.seed, stream=True):
@@ -268,6 +284,24 @@ def _chat(args) -> None:
                     answer += piece
                 print()
                 messages.append({"role": "assistant", "content": answer})
+
+
+def _fit(m, messages: list, max_tokens: int) -> bool:
+    """Drop the oldest exchanges until the chat and its answer fit the context; False (the message dropped,
+    said on stderr) when the new message alone does not."""
+    dropped = 0
+    while len(messages) > 1 and len(m.encode(messages)) + max_tokens > m.n_ctx:
+        del messages[:2]
+        dropped += 1
+    if dropped:
+        print(f"pysteer: the {dropped} oldest exchange(s) dropped to fit --n-ctx {m.n_ctx}", file=sys.stderr)
+    n = len(m.encode(messages))
+    if n + max_tokens > m.n_ctx:
+        print(f"pysteer: this message ({n} tokens) + --max-tokens {max_tokens} exceed --n-ctx {m.n_ctx}; "
+              "shorten it or raise --n-ctx", file=sys.stderr)
+        messages.pop()
+        return False
+    return True
 
 
 def _sweep(args) -> None:
@@ -279,6 +313,7 @@ def _sweep(args) -> None:
         raise UsageError("sweep needs exactly one of --rotate FILE or --add FILE")
     what = "degrees" if args.rotate else "alpha"
     values = parse_range(args.degrees if args.rotate else args.alpha, f"--{what}")
+    out = _output_path(args.output, "-o", inputs=_reads(args)) if args.output else None
     with _load(args) as m:
         d = _direction(m, args.rotate or args.add)
         if args.rotate:
@@ -298,9 +333,9 @@ def _sweep(args) -> None:
 
         rows = sweep(m, make, values, harmful, max_tokens=args.max_tokens, on_row=report)
     print(format_sweep(rows, what))
-    if args.output:
-        sweep_figure(rows, what, args.output)
-        print(f"plot: {args.output}")
+    if out is not None:
+        sweep_figure(rows, what, out)
+        print(f"plot: {out}")
 
 
 def _export(args) -> None:
@@ -308,19 +343,21 @@ def _export(args) -> None:
 
     if not (args.cvec or args.abliterate):
         raise UsageError("export needs --cvec OUT.gguf and/or --abliterate OUT.gguf")
-    from .runtime import resolve_path
-
-    model_path = resolve_path(args.model)
-    cvec = _output_gguf(args.cvec, "--cvec", inputs=(model_path, args.direction))
-    abliterated = _output_gguf(args.abliterate, "--abliterate", inputs=(model_path, args.direction))
+    if not args.cvec and (args.alpha is not None or args.layers is not None):
+        raise UsageError("--alpha and --layers shape the control vector (--cvec); --abliterate removes the "
+                         "direction from every layer's writers and takes neither")
+    reads = _reads(args)
+    cvec = _output_gguf(args.cvec, "--cvec", inputs=reads)
+    abliterated = _output_gguf(args.abliterate, "--abliterate", inputs=reads)
     if cvec and abliterated and cvec.resolve() == abliterated.resolve():
         raise UsageError("--cvec and --abliterate name the same file")
     with _load(args) as m:
         d = _direction(m, args.direction)
         if args.cvec:
-            print(export.write_control_vector(m, d.vector, args.cvec, alpha=args.alpha, layers=args.layers))
+            print(export.write_control_vector(m, d.vector, cvec, alpha=1.0 if args.alpha is None else args.alpha,
+                                             layers=args.layers))
         if args.abliterate:
-            print(export.abliterate(m, d.vector, args.abliterate, modified_type=args.abliterate_type,
+            print(export.abliterate(m, d.vector, abliterated, modified_type=args.abliterate_type,
                                     direction_info={"point": d.point, "layer": d.layer, "position": d.position},
                                     progress=not args.quiet))
 
@@ -337,7 +374,7 @@ def _optimize(args) -> None:
     except ValueError as e:
         raise UsageError(f"--points {args.points!r}: {e}") from None
     model_path = resolve_path(args.model)
-    reads = (model_path,) + tuple(f for f in (args.harmful, args.harmless) if pathlib.Path(f).is_file())
+    reads = _reads(args)
     out = _output_gguf(args.output, "-o", inputs=reads)
     base = out.with_suffix("") if out is not None else pathlib.Path(f"pysteer-optimize-{model_path.stem}")
     study = pathlib.Path(args.study) if args.study else base.with_name(base.name + ".study.db")
@@ -452,12 +489,7 @@ def _judge(args) -> None:
     src = pathlib.Path(args.answers)
     if not src.is_file():
         raise FileNotFoundError(f"no answers file {src}")
-    judge_path = None
-    if args.judge and args.judge != "self":
-        from .runtime import resolve_path
-
-        judge_path = resolve_path(args.judge)
-    out = _output_path(args.output, "-o", inputs=(src,) + ((judge_path,) if judge_path else ())) if args.output else None
+    out = _output_path(args.output, "-o", inputs=_reads(args)) if args.output else None
     rows = []
     for i, obj in read_jsonl(src):
         if not isinstance(obj, dict) or not isinstance(obj.get("answer"), str) or not isinstance(obj.get("prompt"), str):
@@ -669,7 +701,7 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(p)
     p.add_argument("--direction", required=True, help="direction file")
     p.add_argument("--cvec", help="control-vector GGUF to write (load with llama.cpp --control-vector)")
-    p.add_argument("--alpha", type=float, default=1.0, help="control-vector strength (default 1)")
+    p.add_argument("--alpha", type=float, default=None, help="control-vector strength (default 1)")
     p.add_argument("--layers", default=None, help="control-vector layers (default all from 1)")
     p.add_argument("--abliterate", help="weight-orthogonalized model GGUF to write")
     p.add_argument("--abliterate-type", metavar="TYPE", help="store the edited matrices in this ggml type "

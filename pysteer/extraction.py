@@ -24,7 +24,7 @@ import numpy as np
 
 from . import hookpoints, params
 from .metrics import Metrics, from_moments
-from .runtime import Template, check_template
+from .runtime import Template, check_template, prompt_list
 
 _SENTINEL = "\u2063pysteer-user-text\u2063"
 
@@ -120,11 +120,12 @@ def extract(model, harmful: Sequence[str], harmless: Sequence[str], positions: i
         if template != "chat":
             raise ValueError("positions='suffix' needs template='chat'")
         positions = suffix_length(model)
+    harmful, harmless = prompt_list(harmful, "harmful"), prompt_list(harmless, "harmless")
     if len(harmful) < 2 or len(harmless) < 2:
         raise ValueError(f"need at least 2 prompts per class (got {len(harmful)} harmful, {len(harmless)} harmless)")
     params.integer("chunk_size", chunk_size, 1)
     moments = []
-    for prompts in (list(harmful), list(harmless)):
+    for prompts in (harmful, harmless):
         acc = RunningMoments()
         for i in range(0, len(prompts), chunk_size):
             acc.update(model.capture(prompts[i:i + chunk_size], layers=layers, points=points, positions=positions,

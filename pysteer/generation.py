@@ -16,8 +16,9 @@ def sample(logits: np.ndarray, temperature: float, top_p: float, rng: np.random.
     """Greedy at temperature 0; otherwise softmax(logits / T) restricted to the top-p nucleus."""
     if temperature <= 0:
         return int(np.argmax(logits))
-    z = logits.astype(np.float64) / temperature
-    p = np.exp(z - z.max())
+    z = logits.astype(np.float64)
+    with np.errstate(over="ignore", under="ignore"):  # shifted first, a tiny T sends the others to -inf, not NaN
+        p = np.exp((z - z.max()) / temperature)
     p /= p.sum()
     if top_p < 1.0:
         order = np.argsort(-p, kind="stable")
@@ -147,7 +148,8 @@ def generate_batch(model, prompts, *, max_tokens=128, temperature=0.0, top_p=1.0
                 for j, row in rows.items():
                     seqs[j].push(sample(model.logits_row(row), temperature, top_p, seqs[j].rng), max_tokens)
                     if until is not None and not seqs[j].done:
-                        seqs[j].end_if(until)
+                        with model.callback("until"):
+                            seqs[j].end_if(until)
                 active = [j for j in rows if not seqs[j].done]
                 if not active:
                     break

@@ -41,10 +41,11 @@ class Intervention:
     points: tuple[str, ...]
 
     def _sites(self, model) -> list[tuple[str, int]]:
-        """(tensor name, layer) for each tensor this intervention edits, first naming wins."""
+        """(tensor name, layer) for each tensor this intervention edits. A tensor named twice (post of layer l is
+        pre of l + 1) is edited once, as the lower layer's: whatever order the layers were given in."""
         layers = hookpoints.check_layers(self.layers, model.n_layers)
         seen, out = set(), []
-        for layer in layers:
+        for layer in sorted(layers):
             for point in self.points:
                 name = hookpoints.tensor_name(model.arch, point, layer)
                 if name not in seen:
@@ -82,7 +83,8 @@ class Ablate(Intervention):
 
 
 class Add(Intervention):
-    """``h <- h + alpha v``: one vector for all layers ([n_embd]) or one per layer ([n_layers, n_embd])."""
+    """``h <- h + alpha v``: one vector for all layers ([n_embd]) or one per layer ([n_layers, n_embd]; the
+    tensor that is both post of layer l and pre of l + 1 takes row l where both are named)."""
 
     def __init__(self, vector, alpha: float = 1.0, layers=None, points: Sequence[str] = ("post",)):
         v = np.asarray(vector)

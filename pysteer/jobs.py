@@ -20,6 +20,7 @@ from .extraction import ExtractResult, extract
 from .interventions import Ablate
 from .judge import Damage, Judged, damage, judge, kl_divergence, spread
 from .metrics import class_mean_metrics
+from .runtime import prompt_list
 from .selection import rotation_plane, select_direction
 
 
@@ -34,7 +35,8 @@ def layer_summary(model, harmful, harmless, *, progress: bool = False) -> dict:
     """Per point and layer, at the last token: mean activation norm, cosine of the two class means, and the
     norm of their difference (the candidate direction's length), as extraction's metrics define them."""
     t0 = time.perf_counter()
-    acts = model.capture(list(harmful) + list(harmless), points=hookpoints.POINTS, positions=1,
+    prompts = prompt_list(harmful, "harmful") + prompt_list(harmless, "harmless")
+    acts = model.capture(prompts, points=hookpoints.POINTS, positions=1,
                          progress=progress)
     seconds = time.perf_counter() - t0
     last = acts[:, :, :, -1, :].astype(np.float64)  # [N, P, L, E]

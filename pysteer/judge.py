@@ -21,6 +21,7 @@ from typing import Sequence
 import numpy as np
 
 from .batching import decode_shared, pack_shared, shared_prefix
+from .runtime import prompt_list
 from .markers import is_refusal, marker_set, normalize  # noqa: F401 (is_refusal: public since 0.1)
 
 def distinct_ngram_ratio(text: str, n: int = 4) -> float:
@@ -256,7 +257,8 @@ def refusal_scores_from_logits(logits: np.ndarray, tokens: np.ndarray) -> np.nda
 def refusal_scores(model, prompts: Sequence, *, chat_template=True, tokens: np.ndarray | None = None) -> np.ndarray:
     """Refusal score of each prompt under the model's current steering."""
     tokens = refusal_tokens(model) if tokens is None else tokens
-    return refusal_scores_from_logits(model.logits_batch(list(prompts), chat_template=chat_template)[:, -1], tokens)
+    logits = model.logits_batch(prompt_list(prompts), chat_template=chat_template)[:, -1]
+    return refusal_scores_from_logits(logits, tokens)
 
 
 def kl_divergence(base_logits: np.ndarray, logits: np.ndarray) -> np.ndarray:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import os
 import pathlib
 
 import llama_cpp
@@ -53,14 +54,33 @@ def _intact(path: pathlib.Path) -> bool:
         return False
 
 
-def adapter_path(model, directions: np.ndarray, *, rebuild: bool = False) -> pathlib.Path:
-    """A cached GGUF LoRA that ablates ``directions`` (orthonormal rows) from every residual write; built again
-    when missing, damaged (checksum) or ``rebuild``."""
+def _cached(model, directions: np.ndarray) -> pathlib.Path:
+    """Where the adapter of ``directions`` for this model file is cached."""
     st = model.path.stat()
     key = hashlib.sha256()
     key.update(f"v1|{model.path.resolve()}|{st.st_size}|{st.st_mtime_ns}|".encode())
     key.update(np.ascontiguousarray(directions, dtype=np.float32).tobytes())
-    out = cache_root() / "lora" / f"ablate-{key.hexdigest()[:24]}.gguf"
+    return cache_root() / "lora" / f"ablate-{key.hexdigest()[:24]}.gguf"
+
+
+def cache_reason(model, directions: np.ndarray) -> str | None:
+    """None when the adapter is cached or can be built there; otherwise why not (checked before steering)."""
+    out = _cached(model, directions)
+    if out.is_file():  # (not checksummed here: this runs at every steer())
+        return None
+    folder = out.parent
+    while not folder.exists():  # the nearest folder that exists must be one pysteer can write in
+        folder = folder.parent
+    if not (folder.is_dir() and os.access(folder, os.W_OK | os.X_OK)):
+        return (f"its adapter cannot be written under {out.parent} ({folder} is not a writable folder): set "
+                "PYSTEER_CACHE to one")
+    return None
+
+
+def adapter_path(model, directions: np.ndarray, *, rebuild: bool = False) -> pathlib.Path:
+    """A cached GGUF LoRA that ablates ``directions`` (orthonormal rows) from every residual write; built again
+    when missing, damaged (checksum) or ``rebuild``."""
+    out = _cached(model, directions)
     if not rebuild and _intact(out):
         return out
     out.parent.mkdir(parents=True, exist_ok=True)

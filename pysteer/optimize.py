@@ -43,6 +43,7 @@ from .extraction import ExtractResult
 from .hookpoints import PLAIN_SUM_ARCHS, check_points
 from .interventions import BlockAblate
 from .judge import kl_divergence
+from .runtime import prompt_list
 from .markers import marker_set
 from .readout import RIDGE, WriteSamples
 from .rownorms import WriteGeometry
@@ -179,7 +180,7 @@ class Evaluator:
     def __init__(self, model, harmful: Sequence[str], harmless: Sequence[str], *, trial_tokens: int = 32,
                  markers: str = "pysteer", judge=None):
         self._model = model
-        self._harmful, self._harmless = list(harmful), list(harmless)
+        self._harmful, self._harmless = prompt_list(harmful, "harmful"), prompt_list(harmless, "harmless")
         self.trial_tokens = check.integer("trial_tokens", trial_tokens, 1)
         self.markers = marker_set(markers)
         if getattr(judge, "cut", None) not in (None, self.trial_tokens):
@@ -584,8 +585,10 @@ def search(model, splits, *, storage: str, n_trials: int | None = 40, time_budge
     t2 = time.perf_counter()
     evaluator = Evaluator(model, *splits.val, trial_tokens=trial_tokens, markers=markers, judge=judge)
     t3 = time.perf_counter()
+    # the prompts themselves: a study resumed on other train prompts would mix trials of other candidates
     settings = {"points": list(points), "train": [len(x) for x in splits.train], "val": [len(x) for x in splits.val],
-                "val_sha": hashlib.sha256(json.dumps(splits.val).encode()).hexdigest()[:12]}
+                "val_sha": hashlib.sha256(json.dumps(splits.val).encode()).hexdigest()[:12],
+                "train_sha": hashlib.sha256(json.dumps(splits.train).encode()).hexdigest()[:12]}
     r = optimize(model, Candidates(res, model.n_layers, norms, writes), evaluator, storage=storage,
                  n_trials=n_trials, time_budget=time_budget, n_startup=n_startup, seed=seed,
                  max_refusals=max_refusals, pick_trial=pick_trial, settings=settings, preserve_norms=preserve_norms,

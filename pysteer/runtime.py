@@ -51,6 +51,14 @@ def _messages(prompt) -> list[dict]:
                      f"{prompt!r:.80}")
 
 
+def prompt_list(prompts, name: str = "prompts") -> list:
+    """``prompts`` as a list: a bare str or chat (iterating it would make one prompt a character) is refused."""
+    if isinstance(prompts, (str, bytes, dict)) or (
+            isinstance(prompts, (list, tuple)) and prompts and all(isinstance(m, dict) for m in prompts)):
+        raise ValueError(f"{name} must be a list of prompts; wrap a single prompt in a list (a chat too)")
+    return list(prompts)
+
+
 def check_template(template: Template) -> Template:
     """The canonical form of ``template`` ("chat", "none", "newline" or a Jinja string)."""
     if template is True or template is False:
@@ -213,6 +221,7 @@ class Model:
     ):
         self._lock = threading.RLock()
         self._stream = self._inside = None  # the live stream's token, and the one whose step is running
+        self._callback: str | None = None  # the user callback running inside a decode sequence, if any
         n_ctx = params.integer("n_ctx", n_ctx, 1, MAX_CTX)
         for name, value in (("n_ubatch", n_ubatch), ("n_batch", n_batch), ("n_seq_max", n_seq_max)):
             params.integer(name, value, 1)
@@ -244,6 +253,10 @@ class Model:
         else:
             if getattr(llama, "_model", None) is None or llama._model.model is None:
                 raise ModelLoadError("this llama_cpp.Llama is closed")
+            lm = llama._model.model
+            if llama_cpp.llama_model_n_layer(lm) < 1 or llama_cpp.llama_model_n_embd(lm) < 1:
+                raise ModelLoadError("this llama_cpp.Llama has no weights (vocab_only=True?): load it with its "
+                                     "weights")
             self._model = llama._model
             self._llama = llama  # keep the Llama (and so its weights) alive as long as this context
             # llm.close() frees the weights: our context must go first (llama-cpp-python frees its own
@@ -344,6 +357,9 @@ class Model:
         while a stream is live, except for that stream's own steps (``stream`` = its token)."""
         with self._lock:
             self._open()
+            if self._callback is not None:  # it would overwrite the KV cache and logits the caller still reads
+                raise ValueError(f"{self._callback} may not decode or steer on the Model that calls it (use another "
+                                 "Model)")
             if self._stream is not None and stream is not self._stream and self._inside is not self._stream:
                 raise ValueError("a streaming generation is live on this Model: exhaust it or close() the "
                                  "generator first (or use another Model)")
@@ -353,6 +369,16 @@ class Model:
                 yield
             finally:
                 self._inside = outer
+
+    @contextmanager
+    def callback(self, name: str) -> Iterator[None]:
+        """Run a user callback (``name`` for the error) inside a decode sequence: it may tokenize, not decode."""
+        with self._lock:
+            outer, self._callback = self._callback, name
+            try:
+                yield
+            finally:
+                self._callback = outer
 
     @contextmanager
     def streaming(self) -> Iterator[object]:
@@ -521,9 +547,7 @@ class Model:
                        room: int = 0) -> list[list[int]]:
         """Token lists for a list of prompts, each at least ``min_tokens`` long and leaving ``room`` tokens of
         the context free (for generation)."""
-        if isinstance(prompts, (str, dict)):
-            raise ValueError("prompts must be a list of prompts; wrap a single prompt in a list")
-        prompts = list(prompts)
+        prompts = prompt_list(prompts)
         if not prompts:
             raise ValueError("prompts is empty")
         tokens = [self.encode(p, chat_template=chat_template) for p in prompts]

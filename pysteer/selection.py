@@ -32,7 +32,7 @@ from .direction import Direction
 from .extraction import ExtractResult, extract
 from .interventions import Ablate, Add
 from .judge import kl_divergence, refusal_scores_from_logits, refusal_tokens
-from .runtime import Template, check_template
+from .runtime import Template, check_template, prompt_list
 
 
 @dataclass
@@ -50,8 +50,9 @@ class Candidate:
 def _separation(model, res: ExtractResult, harmful, harmless, points, layers) -> tuple[np.ndarray, np.ndarray]:
     """[P, L, K] effect size (Cohen's d) of the validation projections on each unit candidate, and the
     next-token logits of the validation prompts (harmful, then harmless) from the same decode."""
-    texts_h = list(harmful)
-    acts, logits = model.capture(texts_h + list(harmless), layers=layers, points=points, positions=res.positions,
+    texts_h = prompt_list(harmful, "harmful")
+    texts = texts_h + prompt_list(harmless, "harmless")
+    acts, logits = model.capture(texts, layers=layers, points=points, positions=res.positions,
                                  chat_template=res.template, return_logits=True)
     pi = [res.points.index(p) for p in points]
     li = [res.layers.index(layer) for layer in layers]
@@ -97,23 +98,26 @@ def select_direction(model, res: ExtractResult, val_harmful: Sequence[str], val_
     gets there (or ``ablate_max`` is None), the one that lowers the refusal score most (Arditi et al.'s rule).
     ``with_interventions`` stay active throughout (used by iterative extraction). The scored table is in
     ``direction.scores``."""
-    if len(val_harmful) < 2 or len(val_harmless) < 2:
+    vh, vhl, chat = prompt_list(val_harmful, "val_harmful"), prompt_list(val_harmless, "val_harmless"), res.template
+    if len(vh) < 2 or len(vhl) < 2:
         raise ValueError("need at least 2 validation prompts per class")
     if params.number("kl_max", kl_max) < 0:
         raise ValueError(f"kl_max must be >= 0, not {kl_max!r}")
     if ablate_max is not None:
         params.number("ablate_max", ablate_max)
     points = tuple(res.points) if points is None else hookpoints.check_points(points)
+    if missing := [p for p in points if p not in res.points]:
+        raise ValueError(f"points {missing} were not extracted (this result has {list(res.points)}): extract them "
+                         "or leave points=None")
     n_keep = max(1, int(math.ceil(model.n_layers * (1 - skip_last))))
     layers = tuple(layer for layer in res.layers if layer < n_keep)[::max(1, layer_step)]
     if not layers:
         raise ValueError(f"no extracted layer lies in the first {1 - skip_last:.0%} of the model")
-    vh, vhl, chat = list(val_harmful), list(val_harmless), res.template
     tokens = refusal_tokens(model)
     base = list(with_interventions)
 
     with model.steer(*base):
-        sep, logits = _separation(model, res, val_harmful, val_harmless, points, layers)  # [P, L, K]
+        sep, logits = _separation(model, res, vh, vhl, points, layers)  # [P, L, K]
     base_logits = logits[len(vh):]
     base_h = float(refusal_scores_from_logits(logits[:len(vh)], tokens).mean())
     base_hl = float(refusal_scores_from_logits(base_logits, tokens).mean())
@@ -219,7 +223,7 @@ def iterative_directions(model, harmful: Sequence[str], harmless: Sequence[str],
     ``pysteer.Ablate(np.stack([d.vector for d in dirs]))``."""
     dirs: list[Direction] = []
     tokens = refusal_tokens(model)
-    vh, chat = list(val_harmful), check_template(template)
+    vh, chat = prompt_list(val_harmful, "val_harmful"), check_template(template)
     with model.steer():
         best, _ = _mean_score(model, vh, tokens, chat)
     for _ in range(max_directions):
@@ -261,7 +265,7 @@ def transfer(model, direction: Direction, val_harmful: Sequence[str], *, layer_s
     tokens = refusal_tokens(model)
     if template is None:
         template = res.template if res is not None else direction.prompt_sets.get("template", "chat")
-    vh, chat = list(val_harmful), check_template(template)
+    vh, chat = prompt_list(val_harmful, "val_harmful"), check_template(template)
     out = {}
     with model.steer():
         out["none"], _ = _mean_score(model, vh, tokens, chat)

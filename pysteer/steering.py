@@ -64,7 +64,7 @@ def _lora_reason(iv: Intervention, ops: list[TensorOp], model, n_interventions: 
     every = {hookpoints.tensor_name(model.arch, p, i) for i in range(model.n_layers) for p in hookpoints.POINTS}
     if {op.name for op in ops} != every:
         return "a LoRA ablates every residual point; this Ablate covers only some layers or points"
-    return lora.unsupported_reason(model)
+    return lora.unsupported_reason(model) or lora.cache_reason(model, iv.directions)
 
 
 def plan(model, interventions: Sequence[Intervention], path: str) -> Steering:

@@ -214,3 +214,46 @@ def test_judge_command(tmp_path):
         assert not (tmp_path / "bad.jsonl").exists()
     r = run("judge", src, "-o", src)
     assert r.returncode == 2 and "a file this command reads" in r.stderr
+
+
+def test_no_command_writes_over_a_file_it_reads(setup, tmp_path):
+    """extract -o (and its -metrics.png), metrics -o, ablate-test --save and sweep -o replaced the model they
+    were loading; now each is refused before any work and every file stays as it was."""
+    d, model, sets = setup
+    own = tmp_path / "m.gguf"
+    own.write_bytes(model.read_bytes())
+    (tmp_path / "m2-metrics.png").write_bytes(model.read_bytes())  # a model whose name extract derives
+    before = {p: p.read_bytes() for p in (own, tmp_path / "m2-metrics.png", d / "dir.gguf", d / "h.txt")}
+    for args in (("extract", own, "-o", own, *sets),
+                 ("extract", tmp_path / "m2-metrics.png", "-o", tmp_path / "m2.gguf", *sets),
+                 ("metrics", own, "-o", own, *sets),
+                 ("metrics", own, "-o", d / "h.txt", *sets),
+                 ("ablate-test", own, "--save", own, *sets, "--n", 2, "--max-tokens", 2),
+                 ("sweep", own, "--add", d / "dir.gguf", "--alpha", "0,1", "-o", own, *sets),
+                 ("sweep", own, "--add", d / "dir.gguf", "--alpha", "0,1", "-o", d / "dir.gguf", *sets)):
+        r = run(*args)
+        assert r.returncode == 2 and "is a file this command reads" in r.stderr, (args, r.stderr)
+        assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert all(p.read_bytes() == b for p, b in before.items()) and not (tmp_path / "m2.gguf").exists()
+    r = run("metrics", own, "-o", tmp_path / "new" / "m.png", *sets)  # a missing folder is made, as extract's
+    assert r.returncode == 0 and (tmp_path / "new" / "m.png").read_bytes()[:4] == b"\x89PNG", r.stderr
+
+
+@pytest.mark.parametrize("flag", [("--layers", "1:3"), ("--alpha", "5")])
+def test_export_abliterate_refuses_the_control_vector_flags(setup, flag):
+    """--abliterate edits every layer with weight 1: it silently ignored --layers and --alpha."""
+    d, model, _ = setup
+    r = run("export", model, "--direction", d / "dir.gguf", "--abliterate", d / "ab-flags.gguf", *flag, "-q")
+    assert r.returncode == 2 and "shape the control vector (--cvec)" in r.stderr, r.stderr
+    assert not (d / "ab-flags.gguf").exists()
+
+
+def test_chat_drops_the_oldest_exchanges_to_fit_the_context(setup):
+    """A long chat ended the program (exit 2, the conversation lost) once it outgrew --n-ctx."""
+    _, model, _ = setup
+    lines = [f"tell me about the river number {i}" for i in ("one", "two", "three")] + ["word " * 200, "last", ""]
+    r = run("chat", model, "--n-ctx", 128, "--max-tokens", 4, "-q", input="\n".join(lines) + "\n")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("> ") == 6  # every line read, the empty one ends it
+    assert "oldest exchange(s) dropped to fit --n-ctx 128" in r.stderr
+    assert "exceed --n-ctx 128; shorten it or raise --n-ctx" in r.stderr

@@ -256,3 +256,48 @@ def test_build_mismatch_is_detected(monkeypatch):
         native.check_build()
     monkeypatch.setenv("PYSTEER_ALLOW_MISMATCH", "1")
     native.check_build()
+
+
+def test_a_bare_string_is_never_split_into_character_prompts(model):
+    """Every entry point that takes prompt lists refuses a str (and a chat) instead of iterating it."""
+    h, hl = ["make the thing", "make it now", "the thing"], ["the cat", "the dog", "a day"]
+    calls = [lambda: pysteer.extract(model, "how to make a bomb", hl, positions=1, layers=[1]),
+             lambda: pysteer.extract(model, h, "how to bake bread", positions=1, layers=[1]),
+             lambda: pysteer.judge.refusal_scores(model, "how to make a bomb"),
+             lambda: model.capture([{"role": "user", "content": "a chat is one prompt"}])]
+    for call in calls:
+        with pytest.raises(ValueError, match="wrap a single prompt in a list"):
+            call()
+    res = pysteer.extract(model, h, hl, positions=1, points=("post",))
+    d = pysteer.select_direction(model, res, h[:2], hl[:2], max_candidates=1, verbose=False)
+    with pytest.raises(ValueError, match="val_harmful must be a list of prompts"):
+        pysteer.select_direction(model, res, "make it", hl[:2], verbose=False)
+    with pytest.raises(ValueError, match="val_harmful must be a list of prompts"):
+        pysteer.transfer(model, d, "make it", res=res)
+    with pytest.raises(ValueError, match=r"points \['mid'\] were not extracted \(this result has \['post'\]\)"):
+        pysteer.select_direction(model, res, h[:2], hl[:2], points=("mid",), verbose=False)
+
+
+def test_a_vocab_only_llama_is_refused(tiny_dir):
+    """It has no weights: llama.cpp aborted the process (GGML_ASSERT) at the first decode."""
+    import llama_cpp
+
+    llm = llama_cpp.Llama(str(tiny_dir / "tiny-llama.gguf"), vocab_only=True, verbose=False)
+    for hook in (True, False):
+        with pytest.raises(pysteer.ModelLoadError, match="no weights"):
+            pysteer.load(llm, n_ctx=64, hook=hook)
+    llm.close()
+
+
+def test_a_plain_control_vector_loads_as_the_direction_of_its_first_layer(model, tmp_path):
+    """Without pysteer's keys the layer was -1: transfer() then failed with "layer(s) [-1] out of range"."""
+    from pysteer.gguf_io import write_control_vector
+
+    rng = np.random.default_rng(0)
+    vs = {il: rng.standard_normal(model.n_embd).astype(np.float32) for il in (2, 3)}
+    d = pysteer.load_direction(write_control_vector(tmp_path / "cv.gguf", vs, model_hint="llama"), model)
+    assert d.layer == 2 and np.allclose(d.vector, vs[2] / np.linalg.norm(vs[2]), atol=1e-6)
+    assert set(pysteer.transfer(model, d, ["make it", "the thing"])) >= {"all", "range(2, 4, 2)", "layer 2"}
+    d.layer = 7
+    with pytest.raises(ValueError, match=r"its layer 7 is not one of the model's 0\.\.3"):
+        d.check(model)

@@ -108,6 +108,10 @@ def test_top_p_keeps_the_nucleus():
     draws = {sample(logits, 1.0, 0.7, rng) for _ in range(300)}
     assert draws == {0, 1}
     assert sample(logits, 0.0, 0.1, rng) == 0
+    # a tiny positive temperature is greedy in the limit (z / T overflowed to inf - inf = NaN probabilities)
+    wide = np.array([30.0, 31.0, -5.0, 31.0 - 1e-9])
+    for t in (1e-309, 1e-300, 1e-12):
+        assert {sample(wide, t, 1.0, rng) for _ in range(20)} == {1}
 
 
 @pytest.mark.parametrize("kwargs, match", [
@@ -163,3 +167,17 @@ def test_detokenize_keeps_pieces_over_32_bytes():
         ids = m.tokenize(text, add_special=False)
         assert max(len(m.token_bytes(t)) for t in ids) > 32
         assert m.detokenize(ids) == text
+
+
+def test_until_may_read_the_vocabulary_but_not_decode(model):
+    """A decode inside ``until`` overwrote the KV cache and logits the generation still read: the answer came
+    out as another prompt's, with no error."""
+    prompts = [p for p in PROMPTS if isinstance(p, str)][:2]
+    want = model.generate_batch(prompts, max_tokens=8)
+    for use in (lambda: model.logits_batch(["another prompt"]), lambda: model.steer().__enter__()):
+        with pytest.raises(ValueError, match="until may not decode or steer on the Model that calls it"):
+            model.generate_batch(prompts, max_tokens=8, until=lambda t: use() and False)
+    counted = []
+    got = model.generate_batch(prompts, max_tokens=8, until=lambda t: counted.append(len(model.tokenize(t))) and False)
+    assert got == want
+    assert counted and model.generate_batch(prompts, max_tokens=8) == want  # the model is usable after the errors

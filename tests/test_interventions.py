@@ -312,3 +312,43 @@ def test_lora_is_chosen_only_where_exact(tiny_dir, rng):
             assert s.paths == ["hook"]
         with m.steer(pysteer.Ablate(r), pysteer.Add(r, layers=[2])) as s:
             assert s.paths == ["hook", "hook"]
+
+
+def test_a_per_layer_add_does_not_depend_on_the_order_of_its_layers(tiny_dir, rng):
+    """post of layer l is pre of l + 1: that tensor takes the lower layer's row, whatever order the layers
+    are given in (the first naming won, so [3, 2, 1] put row 2 where [1, 2, 3] put row 1)."""
+    V = rng.standard_normal((4, E))
+    with pysteer.load(tiny_dir / "tiny-qwen2.gguf", n_ctx=256, flash_attn=False) as m:
+        specs = ([1, 2, 3], [3, 2, 1], "3:0:-1")
+        ops = [{op.name: op.dirs[0] for op in pysteer.Add(V, layers=spec, points=("pre", "post")).bind(m)}
+               for spec in specs]
+        for spec, got in zip(specs, ops):
+            assert set(got) == {"l_out-0", "l_out-1", "l_out-2", "l_out-3"}, spec
+            for name, row in {"l_out-0": 1, "l_out-1": 1, "l_out-2": 2, "l_out-3": 3}.items():
+                np.testing.assert_array_equal(got[name], V[row].astype(np.float32))
+        logits = []
+        for spec in specs:
+            with m.steer(pysteer.Add(V, layers=spec, points=("pre", "post")), path="hook"):
+                logits.append(m.logits_batch(PROMPTS[:2])[:, -1])
+        assert np.array_equal(logits[0], logits[1]) and np.array_equal(logits[0], logits[2])
+
+
+def test_an_unwritable_adapter_cache_falls_back_to_the_hook(tiny_dir, rng, tmp_path, monkeypatch):
+    """The LoRA path needs its adapter written under PYSTEER_CACHE: where that cannot be, "auto" takes the
+    exact hook and "native" says what to set (it raised NotADirectoryError from inside steer())."""
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv("PYSTEER_CACHE", str(tmp_path / "file"))
+    r = rng.standard_normal(E)
+    with pysteer.load(tiny_dir / "tiny-llama.gguf", n_ctx=256, flash_attn=False) as m:
+        with m.steer(pysteer.Ablate(r)) as s:
+            assert s.paths == ["hook"]
+            got = m.logits_batch(PROMPTS[:2])[:, -1]
+        with m.steer(pysteer.Ablate(r), path="hook"):
+            assert np.array_equal(got, m.logits_batch(PROMPTS[:2])[:, -1])
+        with pytest.raises(ValueError, match="is not a writable folder\\): set PYSTEER_CACHE"):
+            with m.steer(pysteer.Ablate(r), path="native"):
+                pass
+        monkeypatch.setenv("PYSTEER_CACHE", str(tmp_path / "new" / "cache"))  # not there yet: made on use
+        with m.steer(pysteer.Ablate(r)) as s:
+            assert s.paths == ["lora"]
+    assert len(list((tmp_path / "new" / "cache" / "lora").glob("*.gguf"))) == 1

@@ -243,6 +243,25 @@ def test_read_out_search_refused_before_any_reading(tiny, monkeypatch):
         search(m, splits, storage="sqlite://", read_out=True, preserve_norms=False, progress=False)
 
 
+def test_a_study_resumes_only_on_the_same_prompts(tiny, tmp_path):
+    """The study's name carries the train and validation prompts, not only their counts: the same counts with
+    one train prompt changed start another study (resumed, its trials would be another set of candidates')."""
+    import types
+
+    from pysteer.optimize import search
+
+    m, _ = tiny
+    db = f"sqlite:///{tmp_path / 's.db'}"
+    kw = dict(storage=db, n_trials=1, n_startup=1, trial_tokens=4, preserve_norms=False, progress=False)
+    val = (HARMFUL[6:8], HARMLESS[6:8])
+    a = search(m, types.SimpleNamespace(train=(HARMFUL[:6], HARMLESS[:6]), val=val), **kw)
+    again = search(m, types.SimpleNamespace(train=(HARMFUL[:6], HARMLESS[:6]), val=val), **kw)
+    with pytest.warns(UserWarning, match="also holds 1 other studies"):
+        other = search(m, types.SimpleNamespace(train=(HARMFUL[:5] + ["a new one"], HARMLESS[:6]), val=val), **kw)
+    assert again.study.study_name == a.study.study_name and other.study.study_name != a.study.study_name
+    assert len(other.study.trials) == 1
+
+
 def test_finished_reads_measures_or_old_values():
     import optuna
 
