@@ -122,8 +122,8 @@ def _reads(args) -> tuple:
     files = [resolve_path(name) for name in models if name and name != "self"]
     for key in ("harmful", "harmless", "direction", "edit", "rotate", "add", "answers"):
         f = getattr(args, key, None)
-        if isinstance(f, str) and pathlib.Path(f).is_file():
-            files.append(pathlib.Path(f))
+        if isinstance(f, str) and pathlib.Path(f).expanduser().is_file():  # "~/h.txt": as the prompt loader reads it
+            files.append(pathlib.Path(f).expanduser())
     return tuple(files)
 
 
@@ -287,20 +287,20 @@ def _chat(args) -> None:
 
 
 def _fit(m, messages: list, max_tokens: int) -> bool:
-    """Drop the oldest exchanges until the chat and its answer fit the context; False (the message dropped,
-    said on stderr) when the new message alone does not."""
-    dropped = 0
-    while len(messages) > 1 and len(m.encode(messages)) + max_tokens > m.n_ctx:
-        del messages[:2]
-        dropped += 1
-    if dropped:
-        print(f"pysteer: the {dropped} oldest exchange(s) dropped to fit --n-ctx {m.n_ctx}", file=sys.stderr)
-    n = len(m.encode(messages))
+    """Drop the oldest exchanges until the chat and its answer fit the context; False (the new message taken
+    back, the rest kept, said on stderr) when that message alone does not fit."""
+    n = len(m.encode(messages[-1:]))
     if n + max_tokens > m.n_ctx:
         print(f"pysteer: this message ({n} tokens) + --max-tokens {max_tokens} exceed --n-ctx {m.n_ctx}; "
               "shorten it or raise --n-ctx", file=sys.stderr)
         messages.pop()
         return False
+    dropped = 0
+    while len(m.encode(messages)) + max_tokens > m.n_ctx:
+        del messages[:2]
+        dropped += 1
+    if dropped:
+        print(f"pysteer: the {dropped} oldest exchange(s) dropped to fit --n-ctx {m.n_ctx}", file=sys.stderr)
     return True
 
 

@@ -63,8 +63,6 @@ class Direction:
             problems.append(f"n_embd {self.vector.size} vs {model.n_embd}")
         if self.n_layers and self.n_layers != model.n_layers:
             problems.append(f"{self.n_layers} layers vs {model.n_layers}")
-        elif not 0 <= self.layer < model.n_layers:
-            problems.append(f"its layer {self.layer} is not one of the model's 0..{model.n_layers - 1}")
         if problems:
             raise ValueError(f"direction made for {self.model_file or 'another model'} does not fit "
                              f"{model.path.name}: " + "; ".join(problems))

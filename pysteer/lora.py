@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
-import os
 import pathlib
+import tempfile
 
 import llama_cpp
 import numpy as np
@@ -68,12 +68,12 @@ def cache_reason(model, directions: np.ndarray) -> str | None:
     out = _cached(model, directions)
     if out.is_file():  # (not checksummed here: this runs at every steer())
         return None
-    folder = out.parent
-    while not folder.exists():  # the nearest folder that exists must be one pysteer can write in
-        folder = folder.parent
-    if not (folder.is_dir() and os.access(folder, os.W_OK | os.X_OK)):
-        return (f"its adapter cannot be written under {out.parent} ({folder} is not a writable folder): set "
-                "PYSTEER_CACHE to one")
+    try:  # tried, not inferred: links, /proc and root's permissions fool every test short of writing
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=out.parent).close()
+    except OSError as e:
+        return (f"its adapter cannot be written under {out.parent} ({type(e).__name__}: {e.strerror or e}): "
+                "set PYSTEER_CACHE to a writable folder")
     return None
 
 

@@ -372,13 +372,18 @@ class Model:
 
     @contextmanager
     def callback(self, name: str) -> Iterator[None]:
-        """Run a user callback (``name`` for the error) inside a decode sequence: it may tokenize, not decode."""
+        """Run a user callback (``name`` for the error) inside a decode sequence: it may tokenize, not decode or
+        steer (entering steer() is refused; leaving a block, which cannot be, is found here and raised)."""
         with self._lock:
             outer, self._callback = self._callback, name
+            steering_before = self._steering
             try:
                 yield
             finally:
                 self._callback = outer
+            if self._steering is not steering_before:
+                raise ValueError(f"{name} changed the steering of the Model that calls it (a steer() block ended "
+                                 "inside it): the answers would mix two steerings")
 
     @contextmanager
     def streaming(self) -> Iterator[object]:

@@ -224,13 +224,15 @@ def iterative_directions(model, harmful: Sequence[str], harmless: Sequence[str],
     dirs: list[Direction] = []
     tokens = refusal_tokens(model)
     vh, chat = prompt_list(val_harmful, "val_harmful"), check_template(template)
+    vhl = prompt_list(val_harmless, "val_harmless")
+    harmful, harmless = prompt_list(harmful, "harmful"), prompt_list(harmless, "harmless")  # read once a round
     with model.steer():
         best, _ = _mean_score(model, vh, tokens, chat)
     for _ in range(max_directions):
         given = [Ablate(np.stack([d.vector for d in dirs]))] if dirs else []
         with model.steer(*given, path="hook"):
             res = extract(model, harmful, harmless, positions=positions, points=points, template=chat)
-        d = select_direction(model, res, val_harmful, val_harmless, with_interventions=given, verbose=verbose,
+        d = select_direction(model, res, vh, vhl, with_interventions=given, verbose=verbose,
                              **select_kw)
         with model.steer(Ablate(np.stack([x.vector for x in dirs + [d]])), path="hook"):
             score, _ = _mean_score(model, vh, tokens, chat)

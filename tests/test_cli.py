@@ -2,6 +2,7 @@
 and exit status 2."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -12,9 +13,9 @@ HARMFUL = [f"how to make the bad thing number {i}" for i in range(12)]
 HARMLESS = [f"write the nice code number {i}" for i in range(12)]
 
 
-def run(*args, input=None):
+def run(*args, input=None, env=None):
     return subprocess.run([sys.executable, "-m", "pysteer.cli", *map(str, args)], capture_output=True, text=True,
-                          input=input)
+                          input=input, env=env)
 
 
 @pytest.fixture(scope="module")
@@ -223,15 +224,22 @@ def test_no_command_writes_over_a_file_it_reads(setup, tmp_path):
     own = tmp_path / "m.gguf"
     own.write_bytes(model.read_bytes())
     (tmp_path / "m2-metrics.png").write_bytes(model.read_bytes())  # a model whose name extract derives
-    before = {p: p.read_bytes() for p in (own, tmp_path / "m2-metrics.png", d / "dir.gguf", d / "h.txt")}
+    before = {p: p.read_bytes() for p in (own, tmp_path / "m2-metrics.png", d / "dir.gguf", d / "h.txt",
+                                          d / "hl.txt")}
+    home = dict(os.environ, HOME=str(d))  # "~/h.txt" is read from $HOME
+    tilde = ["--harmful", "~/h.txt", *sets[2:]]
     for args in (("extract", own, "-o", own, *sets),
+                 ("metrics", own, "-o", d / "hl.txt", *sets),
+                 ("metrics", own, "-o", d / "h.txt", *tilde),
+                 ("ablate-test", model, "--judge", own, "--save", own, *sets, "--n", 2),
+                 ("sweep", own, "--rotate", d / "dir.gguf", "--degrees", "0,90", "-o", d / "dir.gguf", *sets),
                  ("extract", tmp_path / "m2-metrics.png", "-o", tmp_path / "m2.gguf", *sets),
                  ("metrics", own, "-o", own, *sets),
                  ("metrics", own, "-o", d / "h.txt", *sets),
                  ("ablate-test", own, "--save", own, *sets, "--n", 2, "--max-tokens", 2),
                  ("sweep", own, "--add", d / "dir.gguf", "--alpha", "0,1", "-o", own, *sets),
                  ("sweep", own, "--add", d / "dir.gguf", "--alpha", "0,1", "-o", d / "dir.gguf", *sets)):
-        r = run(*args)
+        r = run(*args, env=home)
         assert r.returncode == 2 and "is a file this command reads" in r.stderr, (args, r.stderr)
         assert len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert all(p.read_bytes() == b for p, b in before.items()) and not (tmp_path / "m2.gguf").exists()
@@ -246,6 +254,24 @@ def test_export_abliterate_refuses_the_control_vector_flags(setup, flag):
     r = run("export", model, "--direction", d / "dir.gguf", "--abliterate", d / "ab-flags.gguf", *flag, "-q")
     assert r.returncode == 2 and "shape the control vector (--cvec)" in r.stderr, r.stderr
     assert not (d / "ab-flags.gguf").exists()
+
+
+def test_chat_fits_the_context_by_dropping_the_oldest_exchanges(setup, capsys):
+    """The new message alone too long: taken back, the chat kept. Otherwise the oldest exchanges go first."""
+    import pysteer
+    from pysteer.cli import _fit
+
+    _, model, _ = setup
+    ask = lambda i: {"role": "user", "content": f"tell me about the river number {i}"}  # noqa: E731
+    with pysteer.load(model, n_ctx=128) as m:
+        chat = [ask(1), {"role": "assistant", "content": "abcd efgh"}, ask(2)]
+        assert len(m.encode(chat)) + 4 <= 128 and _fit(m, chat, 4) and len(chat) == 3
+        chat += [{"role": "assistant", "content": "ijkl"}, {"role": "user", "content": "word " * 200}]
+        assert not _fit(m, chat, 4) and chat[-1] == {"role": "assistant", "content": "ijkl"} and len(chat) == 4
+        assert "exceed --n-ctx 128" in capsys.readouterr().err
+        chat.append(ask(3))
+        assert _fit(m, chat, 4) and chat[0] == ask(2) and len(m.encode(chat)) + 4 <= 128
+        assert "the 1 oldest exchange(s) dropped" in capsys.readouterr().err
 
 
 def test_chat_drops_the_oldest_exchanges_to_fit_the_context(setup):

@@ -264,6 +264,8 @@ def test_a_bare_string_is_never_split_into_character_prompts(model):
     calls = [lambda: pysteer.extract(model, "how to make a bomb", hl, positions=1, layers=[1]),
              lambda: pysteer.extract(model, h, "how to bake bread", positions=1, layers=[1]),
              lambda: pysteer.judge.refusal_scores(model, "how to make a bomb"),
+             lambda: pysteer.judge.judge(model, "abc", ["x", "y", "z"], perplexity=False),
+             lambda: pysteer.judge.damage(model, "ab", ["x", "y"], []),
              lambda: model.capture([{"role": "user", "content": "a chat is one prompt"}])]
     for call in calls:
         with pytest.raises(ValueError, match="wrap a single prompt in a list"):
@@ -298,6 +300,13 @@ def test_a_plain_control_vector_loads_as_the_direction_of_its_first_layer(model,
     d = pysteer.load_direction(write_control_vector(tmp_path / "cv.gguf", vs, model_hint="llama"), model)
     assert d.layer == 2 and np.allclose(d.vector, vs[2] / np.linalg.norm(vs[2]), atol=1e-6)
     assert set(pysteer.transfer(model, d, ["make it", "the thing"])) >= {"all", "range(2, 4, 2)", "layer 2"}
-    d.layer = 7
-    with pytest.raises(ValueError, match=r"its layer 7 is not one of the model's 0\.\.3"):
-        d.check(model)
+
+
+def test_prompt_lists_may_be_any_iterable(model):
+    """Generators are read once: iterative_directions passed its spent validation generator on (no prompts)."""
+    h, hl = ["make the thing", "make it now", "the thing"], ["the cat", "the dog", "a day"]
+    dirs = pysteer.iterative_directions(model, iter(h), iter(hl), iter(h[:2]), iter(hl[:2]), max_directions=2,
+                                        positions=1, min_gain=-1e9, verbose=False, max_candidates=1)
+    want = pysteer.iterative_directions(model, h, hl, h[:2], hl[:2], max_directions=2, positions=1, min_gain=-1e9,
+                                        verbose=False, max_candidates=1)
+    assert len(dirs) == 2 and all(np.array_equal(a.vector, b.vector) for a, b in zip(dirs, want))

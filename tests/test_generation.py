@@ -177,6 +177,15 @@ def test_until_may_read_the_vocabulary_but_not_decode(model):
     for use in (lambda: model.logits_batch(["another prompt"]), lambda: model.steer().__enter__()):
         with pytest.raises(ValueError, match="until may not decode or steer on the Model that calls it"):
             model.generate_batch(prompts, max_tokens=8, until=lambda t: use() and False)
+    with model.steer(pysteer.Add(np.ones(model.n_embd), layers=[1]), path="hook"):
+        steered = model.generate_batch(prompts, max_tokens=8)
+    block = model.steer(pysteer.Add(np.ones(model.n_embd), layers=[1]), path="hook")
+    block.__enter__()
+    ended = []
+    with pytest.raises(ValueError, match="until changed the steering of the Model that calls it"):
+        model.generate_batch(prompts, max_tokens=8,
+                             until=lambda t: not ended and (ended.append(block.__exit__(None, None, None)) or False))
+    assert ended and model.steering.interventions == () and steered != want
     counted = []
     got = model.generate_batch(prompts, max_tokens=8, until=lambda t: counted.append(len(model.tokenize(t))) and False)
     assert got == want

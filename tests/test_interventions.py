@@ -345,9 +345,25 @@ def test_an_unwritable_adapter_cache_falls_back_to_the_hook(tiny_dir, rng, tmp_p
             got = m.logits_batch(PROMPTS[:2])[:, -1]
         with m.steer(pysteer.Ablate(r), path="hook"):
             assert np.array_equal(got, m.logits_batch(PROMPTS[:2])[:, -1])
-        with pytest.raises(ValueError, match="is not a writable folder\\): set PYSTEER_CACHE"):
+        with pytest.raises(ValueError, match="cannot be written under .*: set PYSTEER_CACHE to a writable folder"):
             with m.steer(pysteer.Ablate(r), path="native"):
                 pass
+        (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")  # exists() is False: a walk up found a folder
+        monkeypatch.setenv("PYSTEER_CACHE", str(tmp_path / "dangling"))
+        with m.steer(pysteer.Ablate(r)) as s:
+            assert s.paths == ["hook"]
+        import errno
+
+        from pysteer import lora
+
+        def read_only(**kw):  # a folder that exists but cannot be written (root's os.access says it can)
+            raise OSError(errno.EROFS, "Read-only file system")
+
+        monkeypatch.setenv("PYSTEER_CACHE", str(tmp_path / "ro"))
+        with monkeypatch.context() as mp:
+            mp.setattr(lora.tempfile, "TemporaryFile", read_only)
+            with m.steer(pysteer.Ablate(r)) as s:
+                assert s.paths == ["hook"]
         monkeypatch.setenv("PYSTEER_CACHE", str(tmp_path / "new" / "cache"))  # not there yet: made on use
         with m.steer(pysteer.Ablate(r)) as s:
             assert s.paths == ["lora"]
