@@ -22,14 +22,13 @@ import pathlib
 import time
 
 import pysteer
-from pysteer.cli import _splits, build_parser
 from pysteer.extraction import extract
 from pysteer.jobs import ablation_test
 from pysteer.llm_judge import Judge
 from pysteer.markers import marker_set
 from pysteer.optimize import Evaluator, Point, block_from_json, format_front, optimize
 from pysteer.probe_judge import ProbeJudge
-from second_direction import Second, Stack
+from second_direction import Second, Stack, splits
 
 
 def main() -> None:
@@ -46,8 +45,7 @@ def main() -> None:
     a = ap.parse_args()
     out = pathlib.Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    sp = _splits(build_parser().parse_args(["ablate-test", a.model, "--n", "100", "--n-val", "32",
-                                            "--n-train", str(a.n_train)]))
+    sp = splits(a.model, "--n-train", str(a.n_train))
     first_json = json.loads(pathlib.Path(a.first).read_text())
     markers = marker_set("pysteer")
     with pysteer.load(a.model) as m:

@@ -26,12 +26,12 @@ import numpy as np
 import optuna
 
 import pysteer
-from pysteer.cli import _splits, build_parser
 from pysteer.extraction import extract
 from pysteer.interventions import BlockAblate
 from pysteer.llm_judge import Judge
 from pysteer.optimize import Candidates, Evaluator, block_from_json, finished, pareto, scores, suggest
 from pysteer.probe_judge import ProbeJudge
+from second_direction import splits
 
 
 def write_grams(model, harmful, harmless, positions: int) -> dict:
@@ -94,7 +94,7 @@ def main() -> None:
     ap.add_argument("--fixed", metavar="RESULT.json", help="score this point's read-outs instead of searching")
     ap.add_argument("--alphas", default="0,1,3,10,30")
     a = ap.parse_args()
-    sp = _splits(build_parser().parse_args(["ablate-test", a.model, "--n", "100", "--n-val", "32"]))
+    sp = splits(a.model)
     with pysteer.load(a.model) as m:
         t0 = time.perf_counter()
         cands = Candidates(extract(m, *sp.train, positions=1, points=("post",), progress=False), m.n_layers)

@@ -16,11 +16,11 @@ import pathlib
 import time
 
 import pysteer
-from pysteer.cli import _splits, build_parser
 from pysteer.interventions import BlockAblate
 from pysteer.llm_judge import Judge
 from pysteer.optimize import Evaluator, block_from_json
 from pysteer.probe_judge import ProbeJudge
+from second_direction import splits
 
 
 def main() -> None:
@@ -30,7 +30,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--scales", default="1,1.5,2,3")
     a = ap.parse_args()
-    sp = _splits(build_parser().parse_args(["ablate-test", a.model, "--n", "100", "--n-val", "32"]))
+    sp = splits(a.model)
     with pysteer.load(a.model) as m:
         b = block_from_json(json.loads(pathlib.Path(a.chosen).read_text()), m)
         if b.norms is not None or b.read_outs is not None:

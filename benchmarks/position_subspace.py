@@ -21,13 +21,12 @@ import time
 import numpy as np
 
 import pysteer
-from pysteer.cli import _splits, build_parser
 from pysteer.extraction import extract
 from pysteer.interventions import BlockAblate
 from pysteer.llm_judge import Judge
 from pysteer.optimize import Evaluator, block_from_json
 from pysteer.probe_judge import ProbeJudge
-from second_direction import Stack
+from second_direction import Stack, splits
 
 
 def position_directions(res, point: str, index: float) -> np.ndarray:
@@ -57,7 +56,7 @@ def main() -> None:
     a = ap.parse_args()
     grid = [(int(k), float(s)) for k, s in (x.split(":") for x in a.grid.split(","))]
     ks = [k for k, _ in grid]
-    sp = _splits(build_parser().parse_args(["ablate-test", a.model, "--n", "100", "--n-val", "32"]))
+    sp = splits(a.model)
     chosen = json.loads(pathlib.Path(a.chosen).read_text())
     params = chosen["chosen"]["params"]
     with pysteer.load(a.model) as m:

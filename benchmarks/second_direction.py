@@ -69,6 +69,11 @@ class Second(Candidates):
         return Stack([self.first, super().block(p)])
 
 
+def splits(model: str, *extra: str):
+    """The CLI's prompt splits as `ablate-test MODEL --n 100 --n-val 32` makes them (the held-out runs' own)."""
+    return _splits(build_parser().parse_args(["ablate-test", model, "--n", "100", "--n-val", "32", *extra]))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("first", metavar="FIRST.json")
@@ -76,7 +81,7 @@ def main() -> None:
     ap.add_argument("--trials", type=int, default=30)
     ap.add_argument("--study", default="second-direction.db")
     a = ap.parse_args()
-    sp = _splits(build_parser().parse_args(["ablate-test", a.model, "--n", "100", "--n-val", "32"]))
+    sp = splits(a.model)
     with open(a.first) as f:
         first_json = json.load(f)
     with pysteer.load(a.model) as m:
