@@ -122,14 +122,15 @@ def _reads(args) -> tuple:
     files = [resolve_path(name) for name in models if name and name != "self"]
     for key in ("harmful", "harmless", "direction", "edit", "rotate", "add", "answers"):
         f = getattr(args, key, None)
-        if isinstance(f, str) and pathlib.Path(f).expanduser().is_file():  # "~/h.txt": as the prompt loader reads it
-            files.append(pathlib.Path(f).expanduser())
+        f = pathlib.Path(f).expanduser() if isinstance(f, str) else None  # "~/h.txt": as the prompt loader reads it
+        if f is not None and f.is_file():
+            files.append(f)
     return tuple(files)
 
 
 def _output_gguf(path: str | None, flag: str, *, inputs=()) -> pathlib.Path | None:
     """A .gguf path to write at the end, checked before any work: not a directory, and none of ``inputs``
-    (the model and direction files the command reads)."""
+    (what :func:`_reads` lists)."""
     if path is None:
         return None
     if pathlib.Path(path).suffix != ".gguf" or pathlib.Path(path).is_dir():

@@ -267,8 +267,8 @@ def refusal_scores_from_logits(logits: np.ndarray, tokens: np.ndarray) -> np.nda
 def refusal_scores(model, prompts: Sequence, *, chat_template=True, tokens: np.ndarray | None = None) -> np.ndarray:
     """Refusal score of each prompt under the model's current steering."""
     tokens = refusal_tokens(model) if tokens is None else tokens
-    logits = model.logits_batch(prompt_list(prompts), chat_template=chat_template)[:, -1]
-    return refusal_scores_from_logits(logits, tokens)
+    # prompts as given: the decode refuses a bare str (list() would split it into one-character prompts)
+    return refusal_scores_from_logits(model.logits_batch(prompts, chat_template=chat_template)[:, -1], tokens)
 
 
 def kl_divergence(base_logits: np.ndarray, logits: np.ndarray) -> np.ndarray:

@@ -49,16 +49,14 @@ class Candidate:
 
 def _separation(model, res: ExtractResult, harmful, harmless, points, layers) -> tuple[np.ndarray, np.ndarray]:
     """[P, L, K] effect size (Cohen's d) of the validation projections on each unit candidate, and the
-    next-token logits of the validation prompts (harmful, then harmless) from the same decode."""
-    texts_h = prompt_list(harmful, "harmful")
-    texts = texts_h + prompt_list(harmless, "harmless")
-    acts, logits = model.capture(texts, layers=layers, points=points, positions=res.positions,
+    next-token logits of the validation prompts (harmful, then harmless: lists) from the same decode."""
+    acts, logits = model.capture(harmful + harmless, layers=layers, points=points, positions=res.positions,
                                  chat_template=res.template, return_logits=True)
     pi = [res.points.index(p) for p in points]
     li = [res.layers.index(layer) for layer in layers]
     u = res.unit_directions()[np.ix_(pi, li)]  # [P, L, K, E]
     proj = np.einsum("npLke,pLke->npLk", acts.astype(np.float64), u.astype(np.float64))
-    a, b = proj[: len(texts_h)], proj[len(texts_h):]
+    a, b = proj[: len(harmful)], proj[len(harmful):]
     pooled = np.sqrt((a.var(0, ddof=1) + b.var(0, ddof=1)) / 2)
     d = np.divide(a.mean(0) - b.mean(0), pooled, out=np.full(pooled.shape, -np.inf), where=pooled > 0)
     d[np.linalg.norm(u, axis=-1) == 0] = -np.inf  # no candidate where the classes did not differ
