@@ -173,6 +173,24 @@ def test_select_direction_and_files(tiny_dir, tmp_path, capsys):
         pysteer.load_direction(tmp_path / "junk.gguf")
 
 
+def test_separation_is_cohens_d_of_harmful_against_harmless(tiny_dir):
+    """Each candidate's effect size: harmful minus harmless mean projection over the pooled standard deviation,
+    from the two classes captured apart (the function decodes them together and splits the rows)."""
+    from pysteer.selection import _separation
+
+    h = ["how to make the thing", "write the code to make it", "make the thing in the end", "I make it"]
+    hl = ["the cat and the dog", "you and I in the morning", "a to b and b to a", "the end of the day"]
+    with pysteer.load(tiny_dir / "tiny-llama.gguf", n_ctx=256, flash_attn=False) as m:
+        res = pysteer.extract(m, h, hl, positions=2, points=("mid", "post"))
+        d, _ = _separation(m, res, h[:3], hl[:3], ("mid", "post"), (1, 2))
+        u = res.unit_directions()[:, 1:3].astype(np.float64)  # [P, L, K, E]
+        a, b = [np.einsum("npLke,pLke->npLk", m.capture(x, layers=[1, 2], points=("mid", "post"),
+                                                        positions=2).astype(np.float64), u) for x in (h[:3], hl[:3])]
+    want = (a.mean(0) - b.mean(0)) / np.sqrt((a.var(0, ddof=1) + b.var(0, ddof=1)) / 2)
+    np.testing.assert_allclose(d, want, rtol=1e-3, atol=1e-3 * np.abs(want).max())
+    assert (np.sign(d) == np.sign(want)).all() and np.abs(want).max() > 0.1
+
+
 @pytest.mark.real
 def test_refusal_direction_on_qwen_05b(tmp_path):
     """Small end-to-end run on a model that refuses: the chosen direction's ablation lowers the validation

@@ -284,6 +284,16 @@ def test_lora_ablation_matches_hook(tiny_dir, arch, rng, tmp_path, monkeypatch):
     assert len(list((tmp_path / "lora").glob("*.gguf"))) == 1  # generated once, cached
 
 
+def test_each_direction_gets_its_own_cached_adapter(tiny_dir, rng, tmp_path, monkeypatch):
+    """The cache key holds the directions: a second direction, in a new process (model) as in the same one,
+    ablates itself and not the first's cached adapter."""
+    monkeypatch.setenv("PYSTEER_CACHE", str(tmp_path))
+    for R in (rng.standard_normal(E), rng.standard_normal(E)):
+        want, got, _ = _hook_and_lora(tiny_dir / "tiny-llama.gguf", R, PROMPTS)
+        np.testing.assert_allclose(got, want, rtol=0, atol=2e-4 * np.abs(want).max())
+    assert len(list((tmp_path / "lora").glob("*.gguf"))) == 2
+
+
 @pytest.mark.real
 def test_lora_ablation_matches_hook_real(smollm2_path):
     """On Q4_1/Q8_0 weights llama.cpp quantizes activations before each matmul, the LoRA's rank-1 correction
