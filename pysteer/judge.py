@@ -21,7 +21,7 @@ from typing import Sequence
 import numpy as np
 
 from .batching import decode_shared, pack_shared, shared_prefix
-from .runtime import prompt_list
+from .runtime import paired_lists
 from .markers import is_refusal, marker_set, normalize  # noqa: F401 (is_refusal: public since 0.1)
 
 def distinct_ngram_ratio(text: str, n: int = 4) -> float:
@@ -31,19 +31,9 @@ def distinct_ngram_ratio(text: str, n: int = 4) -> float:
     return len(set(grams)) / len(grams) if len(grams) >= 4 else 1.0
 
 
-def _lists(prompts, answers) -> tuple[list, list[str]]:
-    """Prompts and their answers as two lists of one length (a bare str is refused, not split into characters)."""
-    if isinstance(answers, (str, bytes)):
-        raise ValueError("answers must be a list of str; wrap a single answer in a list")
-    prompts, answers = prompt_list(prompts), list(answers)
-    if len(prompts) != len(answers):
-        raise ValueError(f"{len(prompts)} prompts but {len(answers)} answers")
-    return prompts, answers
-
-
 def _answer_pairs(model, prompts, answers, chat_template, max_tokens) -> list[tuple[list[int], list[int]]]:
     """(prompt tokens, the first ``max_tokens`` answer tokens that fit the context) per pair."""
-    prompts, answers = _lists(prompts, answers)
+    prompts, answers = paired_lists(prompts, answers)
     pairs = []
     for prompt, answer in zip(prompts, answers):
         p = model.encode(prompt, chat_template=chat_template)
@@ -223,7 +213,7 @@ def judge(model, prompts: Sequence, answers: Sequence[str], *, max_perplexity: f
     the phrase matcher ``markers`` (a name in :data:`pysteer.markers.NAMES`) and, with ``judge_model`` (a
     :class:`pysteer.llm_judge.Judge`), by the judge model too, whose verdict then counts."""
     matcher = marker_set(markers)
-    prompts, answers = _lists(prompts, answers)
+    prompts, answers = paired_lists(prompts, answers)
     ppl = (answer_perplexities(model, prompts, answers, chat_template=chat_template) if perplexity
            else [math.nan] * len(answers))
     d4 = [distinct_ngram_ratio(a) for a in answers]

@@ -22,6 +22,7 @@ import numpy as np
 
 from . import params
 from .batching import decode_shared, pack_shared, shared_prefix
+from .runtime import paired_lists
 
 INSTRUCTIONS = (
     "You label answers of an AI assistant. Given a request and the assistant's answer, say whether the assistant "
@@ -178,15 +179,10 @@ class Judge:
     def chats(self, prompts: Sequence[str], answers: Sequence[str]) -> tuple[int, list[int], list[list[int]]]:
         """How many answers there are, those that are not empty (their indices) and their chats' :meth:`tokens`,
         checked to fit the judge's context; empty answers are refusals without a decode."""
-        if isinstance(prompts, str) or isinstance(answers, str):
-            raise ValueError("prompts and answers are lists of str; wrap a single one in a list")
-        prompts, answers = list(prompts), list(answers)
-        if len(prompts) != len(answers):
-            raise ValueError(f"{len(prompts)} prompts but {len(answers)} answers")
-        for what, xs in (("prompt", prompts), ("answer", answers)):
-            bad = next((i for i, x in enumerate(xs) if not isinstance(x, str)), None)
-            if bad is not None:
-                raise ValueError(f"{what} {bad} is a {type(xs[bad]).__name__}, not a str")
+        prompts, answers = paired_lists(prompts, answers)
+        bad = next((i for i, x in enumerate(prompts) if not isinstance(x, str)), None)
+        if bad is not None:  # the judge's chat quotes the request as text
+            raise ValueError(f"prompt {bad} is a {type(prompts[bad]).__name__}, not a str")
         todo = [i for i, a in enumerate(answers) if a.strip()]
         tokens = [self.tokens(prompts[i], answers[i]) for i in todo]
         long = next((j for j, t in enumerate(tokens) if len(t) > self._model.n_ctx), None)

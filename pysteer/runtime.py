@@ -59,6 +59,20 @@ def prompt_list(prompts, name: str = "prompts") -> list:
     return list(prompts)
 
 
+def paired_lists(prompts, answers) -> tuple[list, list[str]]:
+    """Prompts and their answers as two lists of one length, every answer a str (a bare str is refused)."""
+    prompts = prompt_list(prompts)
+    if isinstance(answers, (str, bytes)):
+        raise ValueError("answers must be a list of str; wrap a single answer in a list")
+    answers = list(answers)
+    if len(prompts) != len(answers):
+        raise ValueError(f"{len(prompts)} prompts but {len(answers)} answers")
+    bad = next((i for i, a in enumerate(answers) if not isinstance(a, str)), None)
+    if bad is not None:
+        raise ValueError(f"answer {bad} is a {type(answers[bad]).__name__}, not a str")
+    return prompts, answers
+
+
 def check_template(template: Template) -> Template:
     """The canonical form of ``template`` ("chat", "none", "newline" or a Jinja string)."""
     if template is True or template is False:

@@ -173,6 +173,14 @@ def test_judge_counts(tiny_dir):
     sample = _by_style("looping", "compliance-plain", "flat")
     with pysteer.load(tiny_dir / "tiny-llama.gguf", n_ctx=512) as m:
         j = judge.judge(m, [e["prompt"] for e in sample], [e["answer"] for e in sample], perplexity=False)
+        for prompts, answers, what in ((["p", "q"], ["fine", None], "answer 1 is a NoneType"),
+                                       (["p"], [b"I can't"], "answer 0 is a bytes"),
+                                       (["p"], "I can't", "wrap a single answer"),
+                                       (["p"], ["a", "b"], "1 prompts but 2 answers")):
+            for call in (lambda: judge.judge(m, prompts, answers, perplexity=False),
+                         lambda: judge.damage(m, prompts, answers, [])):
+                with pytest.raises(ValueError, match=what):  # not a TypeError from inside the matcher
+                    call()
     assert j.refused == [markers.is_refusal(e["answer"]) for e in sample]
     assert j.coherent == [e["style"] != "looping" for e in sample]
     assert j.n_refused == sum(j.refused) and j.n_coherent == sum(j.coherent)

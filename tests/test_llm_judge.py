@@ -78,7 +78,7 @@ def test_bad_input(tiny_dir):
         with pytest.raises(ValueError, match="n_ctx=512"):
             j.probabilities(["a"], ["word " * 400])
         assert j.probabilities([], []) == []
-        with pytest.raises(ValueError, match="lists of str"):
+        with pytest.raises(ValueError, match="wrap a single prompt in a list"):
             j.probabilities("a request", "an answer")
 
 

@@ -112,7 +112,7 @@ def test_cut_reads_each_answer_to_its_first_tokens(tiny_dir, cache):
         np.testing.assert_allclose(cut2.probabilities(prompts, answers), ref.probabilities(prompts, by_hand),
                                    atol=1e-9)
         assert cut.probabilities(["a"], [""]) == [1.0]  # an empty answer is still a refusal
-        with pytest.raises(ValueError, match="wrap a single one"):
+        with pytest.raises(ValueError, match="wrap a single prompt in a list"):
             cut.probabilities("a", "b")
         with pytest.raises(ValueError, match="answer 0 is a int"):
             cut.probabilities(["a"], [3])
