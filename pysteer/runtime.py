@@ -15,7 +15,6 @@ import pathlib
 import subprocess
 import sys
 import threading
-import weakref
 from contextlib import contextmanager
 from typing import Iterator, Sequence, Union
 
@@ -202,6 +201,28 @@ def resolve_path(model: str | os.PathLike) -> pathlib.Path:
     )
 
 
+class _Handles:
+    """The llama.cpp objects one Model made (context, batch, LoRA adapters), freed once and before the weights
+    they use: by the Model's close, or by a callback on the weights' own close. The callback holds this, not the
+    Model: the cyclic GC may finalize the weights first (it clears weak references before finalizers), and a
+    context or adapter freed after its model is a double free."""
+
+    def __init__(self, lock):
+        self.lock, self.ctx, self.batch, self.adapters = lock, None, None, None
+
+    def free(self) -> None:
+        with self.lock:
+            if self.batch is not None:
+                llama_cpp.llama_batch_free(self.batch)
+                self.batch = None
+            if self.ctx:
+                llama_cpp.llama_free(self.ctx)
+            self.ctx = None
+            if self.adapters is not None:  # after the context that may use one
+                self.adapters.close()
+                self.adapters = None
+
+
 class Model:
     """A GGUF model and one llama.cpp context whose eval callback is pysteer's hook.
 
@@ -234,6 +255,7 @@ class Model:
         llama: "llama_cpp.Llama | None" = None,
     ):
         self._lock = threading.RLock()
+        self._h = _Handles(self._lock)
         self._stream = self._inside = None  # the live stream's token, and the one whose step is running
         self._callback: str | None = None  # the user callback running inside a decode sequence, if any
         n_ctx = params.integer("n_ctx", n_ctx, 1, MAX_CTX)
@@ -273,10 +295,8 @@ class Model:
                                      "weights")
             self._model = llama._model
             self._llama = llama  # keep the Llama (and so its weights) alive as long as this context
-            # llm.close() frees the weights: our context must go first (llama-cpp-python frees its own
-            # contexts the same way). A weak reference, so the Llama does not keep this Model alive.
-            me = weakref.ref(self)
-            self._model._exit_stack.callback(lambda: (m := me()) is not None and m.close())
+        # whoever closes the weights (llm.close(), the GC) frees our context first, as llama-cpp-python does its own
+        self._model._exit_stack.callback(self._h.free)
         m = self._model.model
         self.n_layers = int(llama_cpp.llama_model_n_layer(m))
         self.n_embd = int(llama_cpp.llama_model_n_embd(m))
@@ -301,7 +321,7 @@ class Model:
         self._cvec_active = False
         self._track_rows = False  # a hook op needs each decode's output rows (BlockAblate)
         self._prefix = None  # the tokens whose KV cells decode_prefix left in the cache (None after any change)
-        self._adapters = lora.Adapters(m, verbose=verbose)
+        self._h.adapters = lora.Adapters(m, verbose=verbose)
 
         self._hook = native.Hook(self.n_embd) if hook else None
         cparams = llama_cpp.llama_context_default_params()
@@ -323,12 +343,12 @@ class Model:
         if self._hook is not None:
             self._hook.context_params(cparams)
         with suppress_stdout_stderr(disable=verbose):  # e.g. "n_ctx_seq > n_ctx_train" warnings
-            self._ctx = llama_cpp.llama_init_from_model(m, cparams)
+            self._h.ctx = llama_cpp.llama_init_from_model(m, cparams)
         if not self._ctx:
             self.close()
             raise ModelLoadError(f"llama.cpp could not create a context with n_ctx={n_ctx} (out of memory?); "
                                  "try a smaller n_ctx")
-        self._batch = llama_cpp.llama_batch_init(n_ctx, 0, 1)
+        self._h.batch = llama_cpp.llama_batch_init(n_ctx, 0, 1)
         if self._hook is not None and n_gpu_layers != 0 and native.cuda_kernels_usable():
             self._hook.use_cuda_kernels(True)
 
@@ -343,17 +363,22 @@ class Model:
             self._free()
 
     def _free(self) -> None:
-        if getattr(self, "_batch", None) is not None:
-            llama_cpp.llama_batch_free(self._batch)
-            self._batch = None
-        if getattr(self, "_ctx", None):
-            llama_cpp.llama_free(self._ctx)
-        self._ctx = None
-        if getattr(self, "_adapters", None) is not None:
-            self._adapters.close()
+        self._h.free()
         if getattr(self, "_owns_model", False) and getattr(self, "_model", None) is not None:
             self._model.close()
         self._model = None
+
+    @property
+    def _ctx(self):
+        return self._h.ctx
+
+    @property
+    def _batch(self):
+        return self._h.batch
+
+    @property
+    def _adapters(self):
+        return self._h.adapters
 
     def _open(self):
         """The context, or a clear error once the model is closed."""

@@ -202,6 +202,34 @@ def test_closing_the_llama_closes_the_model(llama_path):
     assert "is closed" in r.stdout and "Llama is closed" in r.stdout
 
 
+def test_the_gc_frees_a_model_before_the_weights_it_shares(llama_path):
+    """A Llama and a Model over it that die together in a reference cycle (or at interpreter exit): the GC may
+    finalize the Llama first. The Model's context and LoRA adapter must still go before the weights (freed
+    after them it was a double free: exit status 134 or 139)."""
+    r = run_py("""
+        import gc, sys, llama_cpp, numpy as np, pysteer
+        def make():
+            llm = llama_cpp.Llama(sys.argv[1], n_ctx=128, n_threads=1, verbose=False)
+            m = pysteer.load(llm, n_ctx=128, n_threads=1)
+            with m.steer(pysteer.Ablate(np.random.default_rng(1).standard_normal(m.n_embd)), path="native") as s:
+                assert s.paths == ["lora"], s.paths
+                m.logits("hi")
+            holder = {"llm": llm, "model": m}
+            holder["self"] = holder
+        for _ in range(3):
+            make()
+            gc.collect()
+        print("collected")
+        llm = llama_cpp.Llama(sys.argv[1], n_ctx=128, n_threads=1, verbose=False)
+        m = pysteer.load(llm, n_ctx=128, n_threads=1)
+        with m.steer(pysteer.Ablate(np.ones(m.n_embd)), path="native"):
+            m.logits("hi")
+        def module_level():  # __main__'s globals now form a cycle: freed by the GC at exit
+            pass
+    """, llama_path)
+    assert r.returncode == 0 and "collected" in r.stdout, (r.returncode, r.stderr[-2000:])
+
+
 # -- 7. an interrupted decode leaves the model usable ------------------------------------------------------------
 
 def test_interrupt_during_decode_leaves_the_model_usable(llama_path, monkeypatch):
