@@ -257,6 +257,8 @@ class Model:
         self._lock = threading.RLock()
         self._h = _Handles(self._lock)
         self._stream = self._inside = None  # the live stream's token, and the one whose step is running
+        self._depth = 0  # exclusive() blocks open (0: no call of this Model is running, so _heal may run)
+        self._watching = False  # a capture's watch is on the hook
         self._callback: str | None = None  # the user callback running inside a decode sequence, if any
         n_ctx = params.integer("n_ctx", n_ctx, 1, MAX_CTX)
         for name, value in (("n_ubatch", n_ubatch), ("n_batch", n_batch), ("n_seq_max", n_seq_max)):
@@ -396,6 +398,8 @@ class Model:
         while a stream is live, except for that stream's own steps (``stream`` = its token)."""
         with self._lock:
             self._open()
+            if self._depth <= 0:
+                self._heal()
             if self._callback is not None:  # it would overwrite the KV cache and logits the caller still reads
                 raise ValueError(f"{self._callback} may not decode or steer on the Model that calls it (use another "
                                  "Model)")
@@ -403,20 +407,33 @@ class Model:
                 raise ValueError("a streaming generation is live on this Model: exhaust it or close() the "
                                  "generator first (or use another Model)")
             outer = self._inside
-            self._inside = stream if stream is not None else outer
             try:
+                self._depth += 1
+                self._inside = stream if stream is not None else outer
                 yield
             finally:
+                self._depth -= 1
                 self._inside = outer
+
+    def _heal(self) -> None:
+        """Undo what a Ctrl-C between two bookkeeping statements of a block's exit left behind, before the next
+        call (no block of this Model is open then): a capture's watch on the hook, a callback's mark, an
+        installed steering that is not the open steer() blocks'."""
+        self._depth, self._inside, self._callback = 0, None, None
+        if self._watching:
+            self._prefix = None  # a stopped capture left cells uncomputed
+            self._hook.unwatch()
+            self._watching = False
+        self._settle()
 
     @contextmanager
     def callback(self, name: str) -> Iterator[None]:
         """Run a user callback (``name`` for the error) inside a decode sequence: it may tokenize, not decode or
         steer (entering steer() is refused; leaving a block, which cannot be, is found here and raised)."""
         with self._lock:
-            outer, self._callback = self._callback, name
-            steering_before = self._steering
-            try:
+            outer, steering_before = self._callback, self._steering
+            try:  # set inside: a Ctrl-C right after it must still be undone
+                self._callback = name
                 yield
             finally:
                 self._callback = outer
@@ -428,14 +445,14 @@ class Model:
     def streaming(self) -> Iterator[object]:
         """Claim the model's KV cache for one stream until the block ends; yields the token its steps pass to
         :meth:`exclusive`. A second live stream is refused."""
-        with self.exclusive():
-            token = self._stream = object()
-        try:
+        token = object()
+        try:  # claimed inside: a Ctrl-C right after claiming must still release it
+            with self.exclusive():
+                self._stream = token
             yield token
         finally:
-            with self._lock:
-                if self._stream is token:
-                    self._stream = None
+            if self._stream is token:  # no lock needed: no other stream can claim the Model while this one holds it
+                self._stream = None
 
     def __enter__(self):
         return self
@@ -723,14 +740,16 @@ class Model:
             raise ValueError("watch needs at least one point and one layer")
         last = max(((point, layer) for point in points for layer in layers), key=hookpoints.graph_order)
         with self.exclusive():
-            self._hook.watch(list(slots), list(slots.values()), hookpoints.embedding_name(self.arch),
-                             hookpoints.tensor_name(self.arch, *last) if stop else "")
-            try:
+            try:  # a Ctrl-C anywhere here leaves the watch flagged at worst, and _heal takes it off
+                self._watching = True
+                self._hook.watch(list(slots), list(slots.values()), hookpoints.embedding_name(self.arch),
+                                 hookpoints.tensor_name(self.arch, *last) if stop else "")
                 yield
             finally:
                 if stop:
                     self._prefix = None  # its cells past the stop were never computed (first: nothing may skip it)
                 self._hook.unwatch()
+                self._watching = False
 
     def capture(self, prompts, layers=None, points=("pre", "mid", "post"), positions: int = 1,
                 chat_template: Template = True, *, return_logits: bool = False, progress: bool = False):
@@ -764,27 +783,26 @@ class Model:
         of the innermost block still open is restored (none once every block has exited, in whatever order).
         Refused while a stream is live (it would change the stream's answer midway).
         """
-        with self.exclusive():
-            new = steering.plan(self, interventions, path)  # validates everything before changing anything
-            entry = (object(), new)
-            self._steer_stack.append(entry)
-            try:
+        entry = None
+        try:  # the block is on the stack only inside this try; _heal re-installs what a Ctrl-C cut short
+            with self.exclusive():
+                new = steering.plan(self, interventions, path)  # validates everything before changing anything
+                entry = (object(), new)
+                self._steer_stack.append(entry)
                 self._settle()
-            except BaseException:
-                self._steer_stack.remove(entry)
-                self._settle()
-                raise
-        try:
             yield new
         finally:
-            with self._lock:
+            if entry in self._steer_stack:  # first and without the lock: the fewer steps a Ctrl-C can skip
                 self._steer_stack.remove(entry)
+            with self._lock:
                 if not self.closed:
                     self._settle()
 
     def _settle(self) -> None:
         """Install the steering of the innermost open steer() block (or none), whole: an interrupt in the middle
         of installing is answered by installing it again."""
+        if not self._steer_stack and not self._steering.interventions and self._installed:
+            return  # already none (a new empty Steering would look like a change to a live stream)
         target = self._steer_stack[-1][1] if self._steer_stack else steering.Steering()
         if target is self._steering and self._installed:
             return

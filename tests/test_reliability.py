@@ -314,6 +314,61 @@ def test_interrupted_steering_restores_the_previous_one(tiny_dir, monkeypatch, t
         assert np.array_equal(m.logits_batch(PROMPTS), base)
 
 
+def _interrupt_in(func: str, when):
+    """Raise KeyboardInterrupt at the first line of runtime.Model.``func`` that runs with ``when()`` true: a
+    Ctrl-C arriving right after the state ``when`` looks at was set."""
+    def local(frame, event, arg):
+        if event == "line" and when():
+            sys.settrace(None)
+            raise KeyboardInterrupt(f"in {func}, line {frame.f_lineno}")
+        return local
+
+    def calls(frame, event, arg):
+        return local if frame.f_code.co_name == func and frame.f_code.co_filename.endswith("runtime.py") else None
+    sys.settrace(calls)
+
+
+@pytest.mark.parametrize("where", ["watch", "steer", "streaming", "callback"])
+def test_a_ctrl_c_in_the_bookkeeping_leaves_nothing_behind(tiny_dir, where, monkeypatch):
+    """A Ctrl-C between a block's bookkeeping steps (the capture's watch or steer()'s exit cut short, a stream or
+    until-callback mark set but not yet guarded) neither changes later answers nor locks the Model."""
+    r = np.random.default_rng(0).standard_normal(64)
+    with pysteer.load(tiny_dir / "tiny-qwen3.gguf", n_ctx=256, flash_attn=False) as m:
+        base, answer = m.logits_batch(PROMPTS), m.generate("hi", max_tokens=4)
+        def first_call_interrupted(real):
+            calls = []
+
+            def f():
+                calls.append(1)
+                if len(calls) == 1:
+                    raise KeyboardInterrupt
+                return real()
+            return f
+
+        try:
+            if where == "watch":  # cut short at the unwatch: the stop-after mark stayed on the hook
+                monkeypatch.setattr(m._hook, "unwatch", first_call_interrupted(m._hook.unwatch))
+                with pytest.raises(KeyboardInterrupt):
+                    m.capture(["a", "b"], layers=[1], points=("post",))
+            elif where == "steer":  # cut short after the block left the stack, before the steering went back
+                with pytest.raises(KeyboardInterrupt):
+                    with m.steer(pysteer.Add(r, alpha=4.0, layers=[1, 2])):
+                        monkeypatch.setattr(m, "_settle", first_call_interrupted(m._settle))
+            elif where == "streaming":
+                _interrupt_in("streaming", lambda: m._stream is not None)
+                with pytest.raises(KeyboardInterrupt):
+                    m.generate("hi", max_tokens=4)
+            else:
+                _interrupt_in("callback", lambda: m._callback is not None)
+                with pytest.raises(KeyboardInterrupt):
+                    m.generate_batch(["hi", "ho"], max_tokens=4, until=lambda t: False)
+        finally:
+            sys.settrace(None)
+        monkeypatch.undo()
+        assert np.array_equal(m.logits_batch(PROMPTS), base)
+        assert m.generate("hi", max_tokens=4) == answer and m.steering.interventions == ()
+
+
 def test_damaged_cached_adapter_is_rebuilt(tiny_dir, monkeypatch, tmp_path):
     monkeypatch.setenv("PYSTEER_CACHE", str(tmp_path))
     r = np.random.default_rng(1).standard_normal(64)
