@@ -68,25 +68,27 @@ class _Sequence:
         return new
 
 
-def _check(max_tokens, temperature, top_p, seed, stop) -> tuple[str, ...]:
-    """The sampling options checked once; returns the stop strings (a lone string is one stop)."""
-    params.integer("max_tokens", max_tokens, 1)
-    if not params.number("temperature", temperature) >= 0:
+def _check(max_tokens, temperature, top_p, seed, stop) -> tuple[int, float, float, int, tuple[str, ...]]:
+    """The sampling options checked once, as plain Python values (a numpy integer would leak into comparisons
+    as numpy bools); a lone stop string is one stop."""
+    max_tokens = params.integer("max_tokens", max_tokens, 1)
+    temperature, top_p = params.number("temperature", temperature), params.number("top_p", top_p)
+    if not temperature >= 0:
         raise ValueError(f"temperature must be >= 0, not {temperature!r}")
-    if not 0 < params.number("top_p", top_p) <= 1:
+    if not 0 < top_p <= 1:
         raise ValueError(f"top_p must be in (0, 1], not {top_p!r}")
-    params.integer("seed", seed, 0)
+    seed = params.integer("seed", seed, 0)
     stop = (stop,) if isinstance(stop, str) else tuple(stop)
     if not all(isinstance(x, str) for x in stop):
         raise ValueError(f"stop must be a string or strings, not {stop!r}")
-    return stop
+    return max_tokens, temperature, top_p, seed, stop
 
 
 def stream(model, prompt, *, max_tokens=128, temperature=0.0, top_p=1.0, seed=0, stop=(),
            chat_template=True) -> Iterator[str]:
     """Yield the continuation of one prompt piece by piece. The stream holds the model's KV cache from its
     first piece until it ends or is closed: other decoding calls on the model are refused meanwhile."""
-    stop = _check(max_tokens, temperature, top_p, seed, stop)
+    max_tokens, temperature, top_p, seed, stop = _check(max_tokens, temperature, top_p, seed, stop)
     tokens = model.encode_prompts([prompt], chat_template=chat_template, min_tokens=1, room=max_tokens)[0]
     return _stream(model, tokens, max_tokens, temperature, top_p, seed, stop)
 
@@ -128,7 +130,7 @@ def generate_batch(model, prompts, *, max_tokens=128, temperature=0.0, top_p=1.0
     ``first_logits`` (``[len(prompts), n_vocab]``), the next-token logits after each prompt are written there.
     ``until(text) -> bool``: a prompt's answer ends as soon as it holds for the text so far (for a verdict that
     more text cannot change, e.g. a refusal phrase found: the rest need not be decoded)."""
-    stop = _check(max_tokens, temperature, top_p, seed, stop)
+    max_tokens, temperature, top_p, seed, stop = _check(max_tokens, temperature, top_p, seed, stop)
     if until is not None and not callable(until):
         raise ValueError(f"until must be a function of the text so far, not {until!r}")
     tokens = model.encode_prompts(prompts, chat_template=chat_template, min_tokens=1, room=max_tokens)

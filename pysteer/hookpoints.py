@@ -66,6 +66,8 @@ def graph_order(point_layer: tuple[str, int]) -> tuple[int, int]:
 def check_points(points: Sequence[str]) -> tuple[Point, ...]:
     if isinstance(points, str):
         points = (points,)
+    if points is None or not hasattr(points, "__iter__"):
+        raise ValueError(f"points must be some of 'pre', 'mid', 'post', not {points!r}")
     points = tuple(points)
     if not points:
         raise ValueError("points is empty; choose from 'pre', 'mid', 'post'")

@@ -88,6 +88,8 @@ class Add(Intervention):
 
     def __init__(self, vector, alpha: float = 1.0, layers=None, points: Sequence[str] = ("post",)):
         v = np.asarray(vector)
+        if v.ndim == 2 and not len(v):
+            raise ValueError("vector has no rows; give one [n_embd] vector or one per layer")
         if v.ndim == 2 and v.dtype.kind in "iuf":
             self.vector = np.stack([vectors.checked(row, f"vector[{i}]") for i, row in enumerate(v)])
         else:
@@ -171,6 +173,8 @@ class BlockAblate(Intervention):
 
     def __init__(self, directions, attn, ffn, *, norms=None, read_outs=None):
         d = np.asarray(directions)
+        if d.ndim == 2 and not len(d):
+            raise ValueError("directions has no rows; give one [n_embd] direction or one per layer")
         if d.ndim == 2 and d.dtype.kind in "iuf":
             self.directions = np.stack([vectors.checked(row, f"directions[{i}]", unit=True) for i, row in enumerate(d)])
         else:

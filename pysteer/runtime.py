@@ -292,6 +292,11 @@ class Model:
             if getattr(llama, "_model", None) is None or llama._model.model is None:
                 raise ModelLoadError("this llama_cpp.Llama is closed")
             lm = llama._model.model
+            loaded = getattr(llama._model, "path_model", None)
+            if loaded is not None and pathlib.Path(loaded).resolve() != self.path.resolve():
+                # the header read above (tensor layout, LoRA adapters) must be the loaded weights' own
+                raise ValueError(f"this llama_cpp.Llama loaded {loaded}, not {self.path}; pass its own path (or use "
+                                 "pysteer.load(llama))")
             if llama_cpp.llama_model_n_layer(lm) < 1 or llama_cpp.llama_model_n_embd(lm) < 1:
                 raise ModelLoadError("this llama_cpp.Llama has no weights (vocab_only=True?): load it with its "
                                      "weights")
@@ -857,6 +862,7 @@ class Model:
         With ``return_logits`` returns ``(texts, logits)``, the logits being the next-token logits after each
         prompt, ``[len(prompts), n_vocab]`` (what the first token was sampled from). ``until(text)``: an answer
         ends as soon as this holds for its text so far."""
+        prompts = prompt_list(prompts)  # once: a generator has no len() and would be spent by the count
         first = np.empty((len(prompts), self.n_vocab), np.float32) if return_logits else None
         texts = generation.generate_batch(self, prompts, max_tokens=max_tokens, temperature=temperature,
                                           top_p=top_p, seed=seed, stop=stop, chat_template=chat_template,

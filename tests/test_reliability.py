@@ -440,6 +440,32 @@ def test_integers_are_integers(llama_path):
             with pytest.raises(ValueError):
                 m.generate("hi", **kw)
         assert m.generate("hi", max_tokens=8, stop="e") == m.generate("hi", max_tokens=8, stop=["e"])
+        # numpy numbers are numbers: the same answers as from Python ints and floats
+        want = m.generate_batch(["hi", "ho"], max_tokens=3, temperature=0.5, seed=2)
+        got = m.generate_batch((p for p in ["hi", "ho"]), max_tokens=np.int64(3), temperature=np.float32(0.5),
+                               seed=np.int32(2), return_logits=True)[0]  # a generator of prompts too
+        assert got == want and m.generate("hi", max_tokens=np.int64(3)) == m.generate("hi", max_tokens=3)
+        assert "".join(m.generate("hi", max_tokens=np.uint8(3), stream=True)) == m.generate("hi", max_tokens=3)
+
+
+def test_a_model_over_a_llama_reads_that_llamas_file(tiny_dir):
+    """Model(path, llama=llm) with another file's path: refused (its header would build the LoRA adapters
+    from the other file's matrices: a silently wrong ablation)."""
+    llm = llama_cpp.Llama(str(tiny_dir / "tiny-qwen3.gguf"), n_ctx=128, n_threads=1, verbose=False)
+    with pytest.raises(ValueError, match="this llama_cpp.Llama loaded .*tiny-qwen3.gguf, not .*tiny-qwen2.gguf"):
+        pysteer.Model(tiny_dir / "tiny-qwen2.gguf", llama=llm, n_ctx=128)
+    with pysteer.Model(tiny_dir / "." / "tiny-qwen3.gguf", llama=llm, n_ctx=128) as m:  # the same file
+        assert m.n_embd == llm.n_embd()
+
+
+def test_empty_and_missing_arguments_are_named(llama_path):
+    with pysteer.load(llama_path, n_ctx=128) as m:
+        with pytest.raises(ValueError, match="points must be some of 'pre', 'mid', 'post', not None"):
+            m.capture(["hi"], points=None)
+        with pytest.raises(ValueError, match="vector has no rows"):
+            pysteer.Add(np.ones((0, m.n_embd)))
+        with pytest.raises(ValueError, match="directions has no rows"):
+            pysteer.BlockAblate(np.ones((0, m.n_embd)), np.ones(m.n_layers), np.ones(m.n_layers))
 
 
 @pytest.mark.parametrize("flag", ["--n", "--n-train", "--n-val"])
