@@ -725,7 +725,12 @@ class Model:
         ptr = llama_cpp.llama_get_logits_ith(self._open(), i)
         if not ptr:
             raise RuntimeError(f"no logits for batch row {i}")
-        return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy()
+        row = np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy()
+        if not (np.isfinite(row).all() and row.any()):  # overflowed activations give NaN or all-zero logits
+            what = "all zero" if np.isfinite(row).all() else "not finite"
+            raise FloatingPointError(f"the logits of decode row {i} are {what}: the activations overflowed float32 "
+                                     f"under the steering {self._steering}; steer less (a smaller alpha or weight)")
+        return row
 
     @contextmanager
     def watch(self, points: Sequence[str], layers: Sequence[int], sample: int, *,

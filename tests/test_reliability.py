@@ -422,6 +422,12 @@ def test_overflowing_vectors_are_refused(llama_path, tmp_path):
     with pysteer.load(llama_path, n_ctx=256) as m:
         with pytest.raises(ValueError, match="does not fit in float32"):
             export.write_control_vector(m, v, tmp_path / "cv.gguf", alpha=1e39)
+        # fits float32 itself but overflows the activations: all-zero logits, an empty answer, were silent
+        for call in (lambda: m.generate("hi", max_tokens=3), lambda: m.logits("hi"),
+                     lambda: m.generate_batch(["hi", "ho"], max_tokens=2)):
+            with m.steer(pysteer.Add(v, alpha=1e20)), pytest.raises(FloatingPointError, match="overflowed"):
+                call()
+        assert m.generate("hi", max_tokens=3)  # unsteered again
     assert not list(tmp_path.iterdir())
 
 
