@@ -13,7 +13,10 @@ class FetchError(RuntimeError):
 
 
 def cache_root() -> pathlib.Path:
-    return pathlib.Path(os.environ.get("PYSTEER_CACHE", pathlib.Path.home() / ".cache" / "pysteer"))
+    """$PYSTEER_CACHE (default ~/.cache/pysteer), ``~`` expanded (a quoted '~/x' in a Dockerfile or unit file
+    reaches us unexpanded) and made absolute, so a later chdir does not move it."""
+    root = os.environ.get("PYSTEER_CACHE") or pathlib.Path.home() / ".cache" / "pysteer"
+    return pathlib.Path(root).expanduser().absolute()
 
 
 def download_wheel(requirement: str, dest: pathlib.Path) -> pathlib.Path:

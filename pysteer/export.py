@@ -12,6 +12,7 @@ the result only approximates runtime ablation there.
 
 from __future__ import annotations
 
+import json
 import pathlib
 import re
 import tempfile
@@ -186,6 +187,31 @@ def abliterate_blocks(model, block, out, *, info: dict | None = None, modified_t
     return _write(model, src, out, edits, keys, modified_type, error_feedback, progress)
 
 
+def check_abliterate(model, out, *, modified_type: str | None = None) -> None:
+    """The checks :func:`abliterate` makes before it writes (the output path; ``modified_type`` and the source
+    types, each one ggml can write at its row width), for a caller that writes other files first."""
+    _check_out(model, out)
+    tensors = {name: (typ, int(shape[0])) for name, shape, typ, _ in model.header.tensors}
+    _out_types(tensors, [n for n in tensors if n == "token_embd.weight" or _WRITERS.fullmatch(n)], modified_type)
+
+
+def _out_types(tensors: dict, edited, modified_type) -> dict[str, int]:
+    """The ggml type each tensor is written in, from ``tensors`` (name -> (source type, values per row)); the
+    ``edited`` ones in ``modified_type`` where given. ValueError for a type ggml cannot write at a row width."""
+    types = {n: int(typ) for n, (typ, _) in tensors.items()}
+    if modified_type is not None:
+        try:
+            qt = gguf.GGMLQuantizationType[str(modified_type).upper()]
+        except KeyError:
+            raise ValueError(f"unknown tensor type {modified_type!r}; name a ggml type such as Q8_0, Q4_K, F16 "
+                             "or F32") from None
+        types.update({n: int(qt) for n in edited if not n.endswith(".bias")})
+    for n in sorted(edited):
+        if types[n] != gguf.GGMLQuantizationType.F32:
+            native.check_quantizable(types[n], tensors[n][1])
+    return types
+
+
 def _check_out(model, out) -> pathlib.Path:
     out = pathlib.Path(out)
     if out.is_dir():
@@ -202,30 +228,29 @@ def _write(model, src, out, edits: dict, keys: dict, modified_type, error_feedba
     """A copy of ``src`` (the model's GGUF) with the tensors of ``edits`` (name -> (r, w, write map or None))
     edited and re-quantized, and ``pysteer.*`` keys added."""
     out = pathlib.Path(out)
-    types = {t.name: int(t.tensor_type) for t in src.tensors}
-    if modified_type is not None:
-        try:
-            qt = gguf.GGMLQuantizationType[modified_type.upper()]
-        except KeyError:
-            raise ValueError(f"unknown tensor type {modified_type!r}") from None
-        types.update({n: int(qt) for n in edits if not n.endswith(".bias")})
-    widths = {t.name: int(t.shape[0]) for t in src.tensors}  # values per row (ggml ne0)
-    for n in sorted(edits):  # before anything is written
-        if types[n] != gguf.GGMLQuantizationType.F32:
-            native.check_quantizable(types[n], widths[n])
+    # before anything is written; ne0 (t.shape[0]) is the values per row
+    types = _out_types({t.name: (t.tensor_type, int(t.shape[0])) for t in src.tensors}, edits, modified_type)
     if model.arch == "gemma3":
         warnings.warn("gemma3's post-norms rescale block outputs: the abliterated weights only approximate "
                       "runtime ablation", stacklevel=3)
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=".abliterate-") as scratch, \
             gguf_output(out, model.arch) as w:
+        previous = {}
         for f in src.fields.values():
             if f.name.startswith("GGUF.") or f.name == "general.architecture":
                 continue
             if f.name == "general.alignment":
                 w.add_custom_alignment(int(f.contents()))
                 continue
-            sub = f.types[-1] if f.types[0] == gguf.GGUFValueType.ARRAY else None
+            if f.name.startswith("pysteer.abliterated"):  # the source was abliterated: its record (the keys
+                previous[f.name[len("pysteer."):]] = f.contents()  # written below) describes an earlier edit
+                continue
+            sub = None
+            if f.types[0] == gguf.GGUFValueType.ARRAY:  # an empty array's types hold no element type: its header does
+                sub = f.types[-1] if len(f.types) > 1 else gguf.GGUFValueType(int(f.parts[3][0]))
             w.add_key_value(f.name, f.contents(), f.types[0], sub_type=sub)
+        if previous:  # each edit's record nests the one before it: the whole history
+            keys = {**keys, "abliterated_previous": json.dumps(previous)}
         for k, v in keys.items():
             if isinstance(v, list):
                 w.add_array(f"pysteer.{k}", v)

@@ -1,5 +1,5 @@
-"""Every figure pysteer draws (matplotlib stays here, out of the numeric modules). Each writes a PNG
-atomically and returns its path."""
+"""Every figure pysteer draws (matplotlib stays here, out of the numeric modules). Each writes the format its
+path's suffix names (.png, .svg, .pdf...; PNG without one) atomically and returns its path."""
 
 from __future__ import annotations
 
@@ -11,12 +11,25 @@ import numpy as np
 from .files import atomic_output
 
 
-@contextmanager
-def _figure(path, **kw):
-    """A new figure, saved to ``path`` (whole or not at all) when the block succeeds, always closed."""
+def figure_format(path) -> str:
+    """The image format ``path``'s suffix names ("png" without one); ValueError for one matplotlib cannot write."""
     import matplotlib
 
     matplotlib.use("Agg")
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    suffix = pathlib.Path(path).suffix.lower().lstrip(".")
+    formats = FigureCanvasBase.get_supported_filetypes()
+    if suffix and suffix not in formats:
+        raise ValueError(f"{path}: matplotlib cannot write .{suffix} figures; name a .png file (or one of "
+                         f"{', '.join('.' + f for f in sorted(formats))})")
+    return suffix or "png"
+
+
+@contextmanager
+def _figure(path, **kw):
+    """A new figure, saved to ``path`` (whole or not at all) when the block succeeds, always closed."""
+    fmt = figure_format(path)  # before drawing; and the temporary file's suffix (.tmp) names no format
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(**kw)
@@ -24,7 +37,7 @@ def _figure(path, **kw):
         yield fig, axes
         fig.tight_layout()
         with atomic_output(path) as tmp:
-            fig.savefig(tmp, dpi=110, format="png")
+            fig.savefig(tmp, dpi=110, format=fmt)
     finally:
         plt.close(fig)
 

@@ -33,6 +33,7 @@ import json
 import os
 import pathlib
 import tempfile
+import warnings
 from typing import Sequence
 
 import numpy as np
@@ -40,6 +41,7 @@ import numpy as np
 from . import params
 from ._pypi import cache_root
 from .capture import capture_tokens
+from .files import lines
 from .llm_judge import Judge, check_threshold
 
 DATA = pathlib.Path(__file__).parent / "data"
@@ -50,7 +52,7 @@ TRAINING_FILES = ("labelled_answers.jsonl", "abliterated_answers.jsonl")
 def shipped_rows() -> list[dict]:
     """The hand-labelled answers shipped with pysteer: dicts with prompt, answer, refusal (and more)."""
     return [json.loads(line) for name in TRAINING_FILES
-            for line in (DATA / name).read_text(encoding="utf-8").splitlines() if line.strip()]
+            for line in lines((DATA / name).read_text(encoding="utf-8")) if line.strip()]
 
 
 def cut_text(model, text: str, k: int) -> str:
@@ -151,21 +153,36 @@ class ProbeJudge:
             fit = self._read(path)
             if fit is not None:
                 return fit
+        if cache:  # checked before the fit (minutes with the shipped rows), not found when writing after it
+            try:  # tried, not inferred (as lora.cache_reason): links and permissions fool every test short of it
+                path.parent.mkdir(parents=True, exist_ok=True)
+                tempfile.TemporaryFile(dir=path.parent).close()
+            except OSError as e:
+                self._uncached(path, e)
+                cache = False
         X = self._features(tokens, progress=progress)
         mu, sd = X.mean(0), X.std(0) + 1e-6
         w = fit_logistic((X - mu) / sd, y, 1 / self.c)
         if cache:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".tmp", delete=False) as f:
-                try:
-                    np.savez(f, mu=mu, sd=sd, w=w)
-                    f.flush()
-                    os.fsync(f.fileno())
-                except BaseException:
-                    pathlib.Path(f.name).unlink(missing_ok=True)
-                    raise
-            pathlib.Path(f.name).replace(path)  # whole files only, also when two processes fit at once
+            try:
+                with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".tmp", delete=False) as f:
+                    try:
+                        np.savez(f, mu=mu, sd=sd, w=w)
+                        f.flush()
+                        os.fsync(f.fileno())
+                    except BaseException:
+                        pathlib.Path(f.name).unlink(missing_ok=True)
+                        raise
+                pathlib.Path(f.name).replace(path)  # whole files only, also when two processes fit at once
+            except OSError as e:  # a full disk: the fit is good, only not kept for the next run
+                self._uncached(path, e)
         return mu, sd, w
+
+    @staticmethod
+    def _uncached(path: pathlib.Path, e: OSError) -> None:
+        warnings.warn(f"the probe's fit cannot be cached under {path.parent} ({type(e).__name__}: "
+                      f"{e.strerror or e}); it is used, and fitted again next time: set PYSTEER_CACHE to a "
+                      "writable folder", stacklevel=4)
 
     def _chats(self, prompts: Sequence[str], answers: Sequence[str]):
         """:meth:`Judge.chats` of the answers as the probe reads them: whole, or their first :attr:`cut` tokens."""

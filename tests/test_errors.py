@@ -1,5 +1,7 @@
 """Bad input gives a clear Python exception and leaves the interpreter (and the model) usable."""
 
+import json
+
 import gguf
 import numpy as np
 import pytest
@@ -310,3 +312,99 @@ def test_prompt_lists_may_be_any_iterable(model):
     want = pysteer.iterative_directions(model, h, hl, h[:2], hl[:2], max_directions=2, positions=1, min_gain=-1e9,
                                         verbose=False, max_candidates=1)
     assert len(dirs) == 2 and all(np.array_equal(a.vector, b.vector) for a, b in zip(dirs, want))
+
+
+def test_prompt_files_end_lines_only_at_newlines(tmp_path):
+    """str.splitlines also split at U+2028, U+0085 and form feeds: one prompt became two, and a JSONL line holding
+    one raw (json.dumps(..., ensure_ascii=False) writes them so) was refused as "not JSON"."""
+    from pysteer import datasets
+
+    (tmp_path / "p.txt").write_text("write a poem\u2028about cats\r\nsecond\x0cprompt\n", encoding="utf-8")
+    assert datasets.load_file(tmp_path / "p.txt") == ["write a poem\u2028about cats", "second\x0cprompt"]
+    rows = [{"prompt": "line\u2028sep"}, {"prompt": "nel\x85x"}, {"prompt": "ps\u2029x"}]
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows),
+                                      encoding="utf-8")
+    assert datasets.load_file(tmp_path / "p.jsonl") == [r["prompt"] for r in rows]
+
+
+def test_prompt_files_drop_a_byte_order_mark(tmp_path):
+    """The BOM was kept: a .txt file's first-line comment became a prompt, a .csv column '\\ufeffprompt', and a
+    .jsonl file was refused."""
+    from pysteer import datasets
+
+    for name, text in (("p.txt", "# my prompts\nhow to x\n"), ("p.jsonl", '{"prompt": "how to x"}\n'),
+                       ("p.csv", "prompt,label\nhow to x,1\n")):
+        (tmp_path / name).write_bytes(("\ufeff" + text).encode())
+        assert datasets.load_file(tmp_path / name) == ["how to x"], name
+    assert datasets.load_file(tmp_path / "p.csv", column="prompt") == ["how to x"]
+
+
+def test_csv_prompt_files_with_blank_lines_and_extra_fields(tmp_path):
+    """A leading blank line (and a row with more fields than the header) raised AttributeError: 'NoneType' object
+    has no attribute 'lower'. Blank lines are skipped; a row with an unquoted comma is refused by line."""
+    from pysteer import datasets
+
+    (tmp_path / "a.csv").write_text("\n  \nid,prompt\n1,how to x\n\n2,how to y\n")
+    assert datasets.load_file(tmp_path / "a.csv") == ["how to x", "how to y"]
+    (tmp_path / "b.csv").write_text("prompt\nhow to x\nhow to y, then z\n")
+    with pytest.raises(ValueError, match=r"b\.csv:3: 2 fields, but the header has 1; quote"):
+        datasets.load_file(tmp_path / "b.csv")
+
+
+def test_cache_root_expands_home_and_is_absolute(tmp_path, monkeypatch):
+    """PYSTEER_CACHE='~/pcache' (quoted in a Dockerfile or unit file) made a folder named ~ in the working
+    directory; a relative one moved with a later chdir."""
+    from pysteer._pypi import cache_root
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PYSTEER_CACHE", "~/pcache")
+    assert cache_root() == tmp_path / "home" / "pcache"
+    monkeypatch.setenv("PYSTEER_CACHE", "rel")
+    assert cache_root() == tmp_path / "rel"
+
+
+def test_probe_fit_is_used_when_the_cache_cannot_be_written(tiny_dir, tmp_path, monkeypatch):
+    """With PYSTEER_CACHE a file, the probe was fitted (minutes with the shipped rows) and then the judge died
+    writing the cache. Now a warning says so (before the fit), and the fit is used; also when the write fails."""
+    from pysteer import probe_judge
+    from pysteer.llm_judge import Judge
+
+    (tmp_path / "notes.txt").write_text("precious")
+    monkeypatch.setenv("PYSTEER_CACHE", str(tmp_path / "notes.txt"))
+    rows = [{"prompt": f"request {i}", "answer": a, "refusal": r} for i, (a, r) in enumerate(
+        [("I can't help with that.", True), ("Sorry, I won't.", True), ("Sure: step one, open it.", False),
+         ("Here it is: 42.", False)])]
+    with pysteer.load(tiny_dir / "tiny-llama.gguf", n_ctx=8192) as m:
+        with pytest.warns(UserWarning, match="cannot be cached under .*notes.txt.*set PYSTEER_CACHE"):
+            pj = probe_judge.ProbeJudge(Judge(m), layer=1, train=rows)
+        p = pj.probabilities([r["prompt"] for r in rows], [r["answer"] for r in rows])
+        assert len(p) == 4 and all(0 <= x <= 1 for x in p)
+        assert (tmp_path / "notes.txt").read_text() == "precious"
+
+        def full(*a, **k):
+            raise OSError(28, "No space left on device")
+
+        monkeypatch.setenv("PYSTEER_CACHE", str(tmp_path / "cache"))
+        monkeypatch.setattr(probe_judge.np, "savez", full)
+        with pytest.warns(UserWarning, match="cannot be cached .*No space left on device"):
+            again = probe_judge.ProbeJudge(Judge(m), layer=1, train=rows)
+        assert again.probabilities([r["prompt"] for r in rows], [r["answer"] for r in rows]) == pytest.approx(p)
+        assert not list((tmp_path / "cache" / "probes").iterdir())  # no temporary file left
+
+
+@pytest.mark.parametrize("suffix, magic", [(".png", b"\x89PNG"), (".svg", b"<?xml"), (".pdf", b"%PDF")])
+def test_figures_are_written_in_the_format_their_suffix_names(tmp_path, suffix, magic):
+    """`metrics -o m.svg` wrote PNG bytes under .svg: the format was always png."""
+    from pysteer import figures
+
+    rows = [{"value": 0.0, "refused": 1, "coherent": 2, "n": 2}, {"value": 1.0, "refused": 0, "coherent": 2, "n": 2}]
+    assert figures.sweep_figure(rows, "alpha", tmp_path / f"s{suffix}").read_bytes()[:len(magic)] == magic
+
+
+def test_a_figure_suffix_matplotlib_cannot_write_is_refused(tmp_path):
+    from pysteer import figures
+
+    with pytest.raises(ValueError, match=r"cannot write \.txt figures; name a \.png file"):
+        figures.sweep_figure([{"value": 0.0, "refused": 1, "coherent": 2, "n": 2}], "alpha", tmp_path / "s.txt")
+    assert not list(tmp_path.iterdir())

@@ -114,3 +114,55 @@ def test_abliterated_real_model(smollm2_path, tmp_path):
     assert np.abs(got8 - want).max() < np.abs(base - want).max()  # closer to ablation than to the original
     fed, unfed, source = (_max_projection(p, prompts, r) for p in (out, naive, smollm2_path))
     assert fed < 0.004 and unfed > 3 * fed and source > 10 * fed, (fed, unfed, source)
+
+
+def test_abliterating_an_abliterated_model_keeps_the_earlier_record(tiny_dir, tmp_path):
+    """The source's pysteer.abliterated* keys were copied and the same keys added again (gguf-py: "Duplicated
+    key"), the record of the first edit lost. It is kept whole under pysteer.abliterated_previous."""
+    import json
+
+    rng = np.random.default_rng(0)
+    r1, r2 = rng.standard_normal(64), rng.standard_normal(64)
+    with pysteer.load(tiny_dir / "tiny-qwen2.gguf", n_ctx=128) as m:
+        once = export.abliterate(m, r1, tmp_path / "once.gguf", direction_info={"layer": 2}, progress=False)
+    with pysteer.load(once, n_ctx=128) as m:
+        twice = export.abliterate(m, r2, tmp_path / "twice.gguf", progress=False)
+    fields = gguf.GGUFReader(twice).fields
+    assert np.allclose(fields["pysteer.abliterated_direction"].contents(), r2 / np.linalg.norm(r2), atol=1e-6)
+    assert "pysteer.abliterated_layer" not in fields  # the first edit's, not this one's
+    previous = json.loads(fields["pysteer.abliterated_previous"].contents())
+    assert previous["abliterated_layer"] == "2"
+    assert np.allclose(previous["abliterated_direction"], r1 / np.linalg.norm(r1), atol=1e-6)
+
+
+class _EmptyArrayWriter(gguf.GGUFWriter):
+    """gguf-py refuses to write an empty array, which GGUF allows (and llama.cpp reads)."""
+
+    def _pack_val(self, val, vtype, add_vtype, sub_type=None):
+        if vtype == gguf.GGUFValueType.ARRAY and not len(val):
+            return (self._pack("I", vtype) if add_vtype else b"") + self._pack("I", sub_type) + self._pack("Q", 0)
+        return super()._pack_val(val, vtype, add_vtype, sub_type)
+
+
+def test_abliterate_copies_an_empty_array_key(tiny_dir, tmp_path):
+    """A model with an empty array key loaded and steered, but abliterate failed after editing every tensor
+    ("Invalid GGUF metadata array. Empty array", no key named). The key is copied, element type kept."""
+    src = gguf.GGUFReader(tiny_dir / "tiny-qwen2.gguf")
+    w = _EmptyArrayWriter(tmp_path / "src.gguf", "qwen2")
+    for f in src.fields.values():
+        if not f.name.startswith("GGUF.") and f.name != "general.architecture":
+            sub = f.types[-1] if f.types[0] == gguf.GGUFValueType.ARRAY else None
+            w.add_key_value(f.name, f.contents(), f.types[0], sub_type=sub)
+    w.add_key_value("general.tags", [], gguf.GGUFValueType.ARRAY, sub_type=gguf.GGUFValueType.STRING)
+    for t in src.tensors:
+        w.add_tensor(t.name, t.data, raw_dtype=t.tensor_type)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pysteer.load(tmp_path / "src.gguf", n_ctx=128) as m:
+        out = export.abliterate(m, np.ones(64), tmp_path / "abl.gguf", progress=False)
+    tags = gguf.GGUFReader(out).fields["general.tags"]
+    assert tags.contents() == [] and int(tags.parts[3][0]) == gguf.GGUFValueType.STRING
+    with pysteer.load(out, n_ctx=128, hook=False) as a:
+        assert np.isfinite(a.logits_batch(["hello"])).all()
