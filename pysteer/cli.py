@@ -6,6 +6,7 @@ import argparse
 import json
 import math
 import pathlib
+import shlex
 import signal
 import sys
 import threading
@@ -76,11 +77,35 @@ def _load(args, *, repack: bool = False):
     return load(args.model, n_ctx=args.n_ctx, n_threads=args.threads, repack=repack)
 
 
-def _splits(args):
-    from .datasets import PromptSplits
+def _splits(args, least: dict | None = None):
+    """The flags' PromptSplits, each split the command uses checked to hold ``least`` prompts per class (by
+    default what the command reads: a direction is chosen on train and val, ablate-test and sweep answer test)."""
+    from . import params
+    from .datasets import DEFAULT_FRACTIONS, SPLITS, PromptSplits
+    from .selection import MIN_VAL
 
-    return PromptSplits.load(args.harmful, args.harmless, n_train=args.n_train, n_val=args.n_val,
-                             n_val_harmless=args.n_val_harmless, n_test=getattr(args, "n", 32), seed=args.seed)
+    sizes = {"train": ("--n-train",) * 2, "val": ("--n-val", "--n-val-harmless"), "test": ("--n",) * 2}
+    for flag in {*sizes["train"], *sizes["val"], *(sizes["test"] if hasattr(args, "n") else ())}:
+        params.integer(flag, getattr(args, flag[2:].replace("-", "_")), 1)  # named by flag, not by parameter
+    params.integer("--seed", args.seed, 0)
+    if least is None:
+        given = getattr(args, "edit", None) or getattr(args, "direction", None)
+        least = {} if given or args.command not in ("extract", "ablate-test") else {"train": 1, "val": MIN_VAL}
+        if args.command in ("ablate-test", "sweep"):
+            least["test"] = 1
+    sp = PromptSplits.load(args.harmful, args.harmless, n_train=args.n_train, n_val=args.n_val,
+                           n_val_harmless=args.n_val_harmless, n_test=getattr(args, "n", 32), seed=args.seed)
+    classes = ("harmful",) if args.command == "sweep" else ("harmful", "harmless")  # sweep answers harmful alone
+    for part, want in least.items():
+        for k, name in enumerate(classes):
+            have, flag = len(getattr(sp, part)[k]), sizes[part][k]
+            if have < want:
+                fix = (f"give {flag} {want} or more" if getattr(args, flag[2:].replace("-", "_")) < want else
+                       f"give a set with more distinct prompts (the {part} split takes "
+                       f"{DEFAULT_FRACTIONS[SPLITS.index(part)]:.0%} of them)")
+                raise UsageError(f"--{name} {getattr(args, name)!r} gives {have} {part} prompts, and this command "
+                                 f"needs at least {want}: {fix}")
+    return sp
 
 
 def _direction(m, path):
@@ -150,9 +175,15 @@ def _extract(args) -> None:
     reads = _reads(args)
     out = _output_gguf(args.output, "-o", inputs=reads)
     png = _output_path(str(out.with_name(out.stem + "-metrics.png")), "-o (its -metrics.png)", inputs=reads)
-    with _load(args) as m:
-        d, _, seconds = _find(args, m, metrics_png=png)
+    import os
+    import tempfile
+
+    # the plot is drawn before the direction is chosen: it replaces png only once the direction is saved, so
+    # a failed run keeps the old pair (or neither), never a new plot beside an old direction
+    with _load(args) as m, tempfile.TemporaryDirectory(dir=png.parent, prefix=".extract-") as tmp:
+        d, _, seconds = _find(args, m, metrics_png=pathlib.Path(tmp) / png.name)
         d.save(out)
+        os.replace(pathlib.Path(tmp) / png.name, png)
     print(f"direction: {d.point} of layer {d.layer}, position {d.position} -> {out}")
     print(f"metrics: {png}")
     print("seconds: " + ", ".join(f"{k} {v}" for k, v in seconds.items()))
@@ -315,6 +346,7 @@ def _sweep(args) -> None:
     what = "degrees" if args.rotate else "alpha"
     values = parse_range(args.degrees if args.rotate else args.alpha, f"--{what}")
     out = _output_path(args.output, "-o", inputs=_reads(args)) if args.output else None
+    harmful = _splits(args).test[0][: args.n]  # --n and the prompts checked before the model loads
     with _load(args) as m:
         d = _direction(m, args.rotate or args.add)
         if args.rotate:
@@ -325,7 +357,6 @@ def _sweep(args) -> None:
             make = lambda v: Add(d.vector, v, layers=args.layers)  # noqa: E731
         for v in values:  # every value is checked before the first generation
             make(v).bind(m)
-        harmful = _splits(args).test[0][: args.n]
 
         def report(r):
             if not args.quiet:
@@ -354,6 +385,8 @@ def _export(args) -> None:
         raise UsageError("--cvec and --abliterate name the same file")
     with _load(args) as m:
         d = _direction(m, args.direction)
+        if args.abliterate:  # its arguments are checked before the control vector replaces anything
+            export.check_abliterate(m, abliterated, modified_type=args.abliterate_type)
         if args.cvec:
             print(export.write_control_vector(m, d.vector, cvec, alpha=1.0 if args.alpha is None else args.alpha,
                                              layers=args.layers))
@@ -367,7 +400,7 @@ def _optimize(args) -> None:
     from .figures import pareto_figure
     from .files import atomic_output
     from .hookpoints import check_points
-    from .optimize import check_read_out, finished, format_front, search
+    from .optimize import check_read_out, check_storage, finished, format_front, search
     from .runtime import resolve_path
 
     try:
@@ -402,11 +435,17 @@ def _optimize(args) -> None:
     params.integer("--trial-tokens", args.trial_tokens, 1)
     if args.max_refusals is not None:
         params.integer("--max-refusals", args.max_refusals, 0)
+    storage = f"sqlite:///{study.resolve()}"
+    try:
+        check_storage(storage)  # now, not after the extraction
+    except ValueError as e:
+        raise UsageError(f"--study: {e}") from None
+    splits = _splits(args, {"train": 1, "val": 1})
     with _load(args) as m:
         # before the search (a bad judge fails now, not in minutes); its probe reads trial answers as they are made
         judge = _judge_model(args, m, cut=args.trial_tokens)
         try:
-            r = search(m, _splits(args), storage=f"sqlite:///{study.resolve()}", n_trials=args.trials,
+            r = search(m, splits, storage=storage, n_trials=args.trials,
                        time_budget=budget, trial_tokens=args.trial_tokens, n_startup=args.startup,
                        seed=args.seed, max_refusals=args.max_refusals, pick_trial=args.pick, markers=args.markers,
                        preserve_norms=_choice(args.preserve_norms), projected=_choice(args.projected),
@@ -414,8 +453,9 @@ def _optimize(args) -> None:
                        points=points, judge=judge,
                        progress=not args.quiet)
         except (KeyboardInterrupt, _Terminated):
-            print(f"pysteer optimize: stopped; the finished trials are kept in {study}: run the same command "
-                  "again to resume", file=sys.stderr)
+            print(f"pysteer optimize: stopped; the finished trials are kept in {study}: run the same command again "
+                  "to resume" if study.exists() else "pysteer optimize: stopped before the search began (no study "
+                  "was written)", file=sys.stderr)
             raise
         finally:
             if judge is not None and judge.model is not m:
@@ -423,11 +463,21 @@ def _optimize(args) -> None:
         print(format_front(r))
         obj = r.to_json(m)
         obj["study"]["storage"] = str(study)
+        # the search's prompts: ablate-test on another seed or other sets would answer some of them
+        obj["splits"] = {k: getattr(args, k) for k in ("harmful", "harmless", "seed", "n_train", "n_val",
+                                                       "n_val_harmless")}
         with atomic_output(js) as tmp:
             tmp.write_text(_json(obj))
         pareto_figure({"pysteer": r.front}, png, trials={"pysteer": finished(r.study)}, chosen=r.chosen,
                       title=f"{m.path.name}: pysteer optimize, {r.seconds['trials']} trials")
-        print(f"study: {study}\nchosen point: {js} (test it: pysteer ablate-test {args.model} --edit {js})\n"
+        test = ["pysteer", "ablate-test", args.model] + [
+            x for k, v in obj["splits"].items() for x in (f"--{k.replace('_', '-')}", str(v))]
+        test += ["--n-ctx", str(args.n_ctx)] if args.n_ctx != 4096 else []
+        test += ["--markers", args.markers] if args.markers != "pysteer" else []
+        test += ["--judge", args.judge] if args.judge else []
+        test += ["--probe"] if args.probe else []
+        test += ["--probe-layer", str(args.probe_layer)] if args.probe_layer is not None else []
+        print(f"study: {study}\nchosen point: {js} (test it: {shlex.join(test + ['--edit', str(js)])})\n"
               f"front: {png}")
         if out is not None:
             from .export import abliterate_blocks
@@ -528,7 +578,29 @@ def _output_path(path: str, flag: str, *, inputs=()) -> pathlib.Path:
     for f in inputs:
         if pathlib.Path(f).is_file() and out.exists() and out.samefile(f):
             raise UsageError(f"{flag} {out} is a file this command reads; write to another path")
-    out.parent.mkdir(parents=True, exist_ok=True)
+    missing, parent = [], out.parent  # the folders to make, deepest first
+    while not parent.exists() and parent != parent.parent:
+        missing.append(parent)
+        parent = parent.parent
+    if not parent.is_dir():
+        raise UsageError(f"{flag} {out}: {parent} is a file, not a folder; name a path inside a folder")
+    if not missing:
+        return out
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"{flag} {out}: cannot make the folder {out.parent} ({e.strerror or e})") from None
+
+    def remove_if_empty():  # a command that failed leaves none of the folders it made for its outputs
+        for d in missing:
+            try:
+                d.rmdir()
+            except OSError:  # it holds the output (or anything else): it and the folders above it stay
+                return
+
+    import atexit
+
+    atexit.register(remove_if_empty)
     return out
 
 

@@ -220,7 +220,7 @@ def judge(model, prompts: Sequence, answers: Sequence[str], *, max_perplexity: f
     matched = [matcher(a) for a in answers]
     judge_p = None if judge_model is None else judge_model.probabilities(prompts, answers)
     refused = matched if judge_p is None else [p >= judge_model.threshold for p in judge_p]
-    coherent = [bool(a.strip()) and not x > max_perplexity and d >= min_distinct4 for a, x, d in zip(answers, ppl, d4)]
+    coherent = [bool(normalize(a)) and not x > max_perplexity and d >= min_distinct4 for a, x, d in zip(answers, ppl, d4)]
     return Judged(list(answers), refused, coherent, ppl, d4, matched, judge_p, matcher.name)
 
 

@@ -22,6 +22,7 @@ import numpy as np
 
 from . import params
 from .batching import decode_shared, pack_shared, shared_prefix
+from .markers import normalize
 from .runtime import paired_lists
 
 INSTRUCTIONS = (
@@ -117,8 +118,9 @@ class Judge:
 
     @property
     def name(self) -> str:
-        """What gives the verdicts, for reports and study names."""
-        return f"{self._model.path.name} label logits, p >= {self.threshold:g}"
+        """What gives the verdicts, for reports and study names: the model's sha256 too, so that another model
+        under the same file name does not resume a study."""
+        return f"{self._model.path.name} ({self._model.sha256[:12]}) label logits, p >= {self.threshold:g}"
 
     def _label_tokens(self) -> tuple[list[int], list[int]]:
         """The tokens the labels share (appended to every judged chat) and the first token of each after them,
@@ -183,7 +185,7 @@ class Judge:
         bad = next((i for i, x in enumerate(prompts) if not isinstance(x, str)), None)
         if bad is not None:  # the judge's chat quotes the request as text
             raise ValueError(f"prompt {bad} is a {type(prompts[bad]).__name__}, not a str")
-        todo = [i for i, a in enumerate(answers) if a.strip()]
+        todo = [i for i, a in enumerate(answers) if normalize(a)]  # empty as the phrase matchers see it
         tokens = [self.tokens(prompts[i], answers[i]) for i in todo]
         long = next((j for j, t in enumerate(tokens) if len(t) > self._model.n_ctx), None)
         if long is not None:

@@ -28,6 +28,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import pathlib
 import signal
 import threading
 import time
@@ -50,6 +51,11 @@ from .rownorms import WriteGeometry
 
 SCOPES = ("global", "per layer")
 COMPONENTS = ("attn", "ffn")
+
+
+class Unscorable(ValueError):
+    """A point the search cannot score (its global candidate is zero, or its edit breaks the logits): its trial
+    fails alone and the search goes on. Any other error stops the search."""
 
 
 @dataclass(frozen=True)
@@ -121,6 +127,9 @@ class Candidates:
         self.norms = norms  # the model's row norms, for points that keep them
         self.writes = writes  # the train prompts' writes, for points with fitted read-outs
         self._dirs = res.unit_directions()[:, :, -1].astype(np.float64)  # [P, L, E]
+        if not self._dirs.any():  # every trial would fail or edit nothing, and that nothing be chosen
+            raise ValueError("the two classes do not differ: their class means are the same at every layer; give "
+                             "harmful and harmless prompts that differ")
         m = res.means[1][:, :, -1].astype(np.float64)
         self._harmless = m / np.maximum(np.linalg.norm(m, axis=-1, keepdims=True), 1e-30)
 
@@ -139,7 +148,7 @@ class Candidates:
             d = np.broadcast_to((1 - f) * d[lo] + f * d[min(lo + 1, len(d) - 1)], d.shape)
         n = np.linalg.norm(d, axis=-1, keepdims=True)
         if p.scope == "global" and not n[0, 0] > 1e-8:
-            raise ValueError(f"the candidates at {p.point} around layer {p.direction_index:.2f} are zero")
+            raise Unscorable(f"the candidates at {p.point} around layer {p.direction_index:.2f} are zero")
         return np.divide(d, n, out=np.zeros_like(d), where=n > 1e-8)
 
     def block(self, p: Point) -> BlockAblate:
@@ -190,12 +199,20 @@ class Evaluator:
         self.judge_name = None if judge is None else judge.name
         with model.steer():
             self._base_logits = model.logits_batch(self._harmless)[:, -1]
+            if not np.isfinite(self._base_logits).all():
+                raise ValueError("the unsteered model's logits on the harmless validation prompts are not finite: "
+                                 "no KL can be measured against them (a broken model file?)")
             self.base = self._count(model.generate_batch(self._harmful, max_tokens=self.trial_tokens,
                                                          until=self.markers.found))
 
     @property
     def n_harmful(self) -> int:
         return len(self._harmful)
+
+    @property
+    def prompts(self) -> tuple[list, list]:
+        """The validation prompts (harmful, harmless)."""
+        return self._harmful, self._harmless
 
     def _count(self, answers) -> int:
         """Refusals: answers with a marker, and with a judge also those it says refuse (it reads unsteered)."""
@@ -211,6 +228,8 @@ class Evaluator:
             # an answer ends once a marker is found: its verdict is settled (the count is the same)
             answers = m.generate_batch(self._harmful, max_tokens=self.trial_tokens, until=self.markers.found)
             kl = float(kl_divergence(self._base_logits, m.logits_batch(self._harmless)[:, -1]).mean())
+        if not math.isfinite(kl):  # NaN would score best (every comparison with it is False)
+            raise Unscorable(f"the edit makes the logits on the harmless validation prompts non-finite (KL {kl})")
         return Objectives(self._count(answers), kl)
 
 
@@ -296,7 +315,9 @@ def _read_outs(outs, block: BlockAblate) -> np.ndarray:
 
 
 def pareto(trials: list[dict]) -> list[dict]:
-    """Trials no other trial beats in both objectives (ties kept once), by refusals then KL."""
+    """Trials no other trial beats in both objectives (ties kept once), by refusals then KL; a trial whose KL is
+    not finite (kept by an earlier pysteer) is never on it."""
+    trials = [t for t in trials if math.isfinite(t["kl"])]  # a NaN is beaten by nothing: it would stay on
     out = [t for t in trials if not any(
         (u["refusals"] <= t["refusals"] and u["kl"] <= t["kl"]) and (u["refusals"] < t["refusals"] or u["kl"] < t["kl"])
         for u in trials)]
@@ -381,6 +402,33 @@ def modes(name: str, value) -> tuple:
     return (False, True) if value is None else (value,)
 
 
+_OPTUNA_TABLES = {"studies", "version_info", "alembic_version", "trials", "study_directions", "trial_values",
+                  "trial_params"}
+
+
+def check_storage(storage: str) -> None:
+    """Refuse an SQLite file that is not an Optuna study: Optuna would add its tables to any database."""
+    import sqlite3
+    import urllib.parse
+
+    if not storage.startswith("sqlite:///"):
+        return
+    path = pathlib.Path(storage[len("sqlite:///"):].split("?")[0])
+    if not path.is_file() or path.stat().st_size == 0:  # a new study
+        return
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{urllib.parse.quote(str(path))}?mode=ro", uri=True)) as db:
+            tables = {r[0] for r in db.execute("select name from sqlite_master where type='table'")}
+    except sqlite3.DatabaseError as e:
+        if "locked" in str(e):  # another run writes it: Optuna waits for it
+            return
+        raise ValueError(f"{path} is not an SQLite database ({e}): name a new file for the study") from None
+    # any one of Optuna's tables will do: another run may be making them now, one at a time
+    if tables and not tables & _OPTUNA_TABLES:
+        raise ValueError(f"{path} is a database of something else (tables {', '.join(sorted(tables)[:5])}), not an "
+                         "Optuna study: name a new file for the study")
+
+
 def _study_prefix(model) -> str:
     """What every study name of this model file starts with."""
     return f"{model.path.stem}-{model.sha256[:12]}-"
@@ -402,7 +450,8 @@ def optimize(model, candidates: Candidates, evaluator: Evaluator, *, storage: st
     or False fixes one (keeping norms needs ``candidates.norms``); ``projected`` likewise (default: heretic's
     projection always); ``read_out``: plain edits also draw the fitted read-outs' alpha (needs
     ``candidates.writes``). The sampler minimizes :func:`scores` with ``kl_target``; the front and the chosen point
-    are in the measures themselves."""
+    are in the measures themselves. The study is named by the model, the evaluator's prompts, these settings and
+    ``settings`` (what else must match to resume it: :func:`search` names the candidates' train prompts there)."""
     import optuna
 
     _check_arch(model)
@@ -424,18 +473,30 @@ def optimize(model, candidates: Candidates, evaluator: Evaluator, *, storage: st
         if candidates.writes is None:
             raise ValueError("fitted read-outs need Candidates(..., writes=WriteSamples.capture(model, ...))")
         candidates.writes.check(model)
-    named = dict(settings or {}, trial_tokens=evaluator.trial_tokens, kl_target=kl_target,
+    # the validation prompts themselves: a study resumed on others would mix trials measured on both
+    named = dict(settings or {}, val=[len(x) for x in evaluator.prompts],
+                 val_sha=hashlib.sha256(json.dumps(evaluator.prompts).encode()).hexdigest()[:12],
+                 trial_tokens=evaluator.trial_tokens, kl_target=kl_target,
                  preserve_norms=norm_modes, projected=projected_modes, markers=dataclasses.asdict(evaluator.markers))
     if evaluator.judge_name is not None:  # only then: studies made without a judge keep their names and resume
         named["judge"] = evaluator.judge_name
     if read_out:  # likewise
         named["read_out"] = [*READ_OUT_RANGE, RIDGE]
     name = study_name(model, named)
-    try:
-        study = optuna.create_study(directions=["minimize", "minimize"], storage=storage, study_name=name,
-                                    load_if_exists=True)
-    except Exception as e:  # a file that is not an Optuna SQLite study, or one from another Optuna version
-        raise ValueError(f"cannot open the study in {storage}: {type(e).__name__}: {e}") from None
+    check_storage(storage)
+    for attempt in (1, 2):
+        try:
+            study = optuna.create_study(directions=["minimize", "minimize"], storage=storage, study_name=name,
+                                        load_if_exists=True)
+            break
+        except Exception as e:  # e.g. a study from another Optuna version
+            race = type(e).__name__ == "IntegrityError" or "database is locked" in str(e)
+            if race and attempt == 1:  # another run made the tables at the same moment: they are there now
+                time.sleep(1.0)
+                continue
+            hint = "; another run may be using this study: run this again once it ended" if race else ""
+            raise ValueError(f"cannot open the study in {storage}: {type(e).__name__}: "
+                             f"{str(e).splitlines()[0]}{hint}") from None
     others = [n for n in optuna.get_all_study_names(storage) if n != name and n.startswith(_study_prefix(model))]
     if others:  # e.g. made by an earlier pysteer, whose objectives differ: a run does not resume them
         warnings.warn(f"{storage} also holds {len(others)} other studies of this model, made with other search "
@@ -445,6 +506,7 @@ def optimize(model, candidates: Candidates, evaluator: Evaluator, *, storage: st
     study.sampler = optuna.samplers.TPESampler(n_startup_trials=n_startup, seed=seed + len(study.trials),
                                                multivariate=True, n_ei_candidates=128)  # heretic's
     todo = None if n_trials is None else max(0, n_trials - done)
+    ran = []  # this run's trials (another run on the same study adds its own meanwhile)
     t0 = time.perf_counter()
 
     def objective(trial):
@@ -457,16 +519,22 @@ def optimize(model, candidates: Candidates, evaluator: Evaluator, *, storage: st
     with tqdm(total=todo, desc="optimize", unit="trial", disable=not progress) as bar:
         def report(study, trial):
             bar.update(1)
+            ran.append(trial.state == optuna.trial.TrialState.COMPLETE)
             front = pareto(finished(study))
             if front:
                 best = min(front, key=lambda t: (t["refusals"], t["kl"]))
                 bar.set_postfix_str(f"fewest refusals {best['refusals']}/{evaluator.n_harmful} at KL "
                                     f"{best['kl']:.3f}; front {len(front)}")
         if todo != 0:
-            # a point whose direction is zero fails alone (ValueError); anything else stops the search
-            with _stop_on_signals(study):
-                study.optimize(objective, n_trials=todo, timeout=time_budget, callbacks=[report],
-                               catch=(ValueError,), gc_after_trial=False)
+            # an unscorable point fails alone; anything else stops the search (a judge that cannot read the
+            # answers, say: caught, it would fail every trial it touches and leave a biased front)
+            try:
+                with _stop_on_signals(study):
+                    study.optimize(objective, n_trials=todo, timeout=time_budget, callbacks=[report],
+                                   catch=(Unscorable,), gc_after_trial=False)
+            except ValueError as e:
+                raise ValueError(f"the search stopped: {e} (its finished trials are kept in {storage}: run the "
+                                 "same search again to resume it)") from e
     search = time.perf_counter() - t0
     trials = finished(study)
     front = pareto(trials)
@@ -477,10 +545,13 @@ def optimize(model, candidates: Candidates, evaluator: Evaluator, *, storage: st
                              f"{', '.join(str(t['number']) for t in trials)})")
         rule = f"trial {pick_trial}, picked by hand"
     else:
+        if not trials and time_budget is not None:
+            raise ValueError(f"no trial finished within the time budget of {time_budget:g} s (--time-budget): "
+                             "give the search more time")
         chosen, rule = pick(front, max_refusals, evaluator.n_harmful)
     block = candidates.block(Point.from_params(chosen["params"]))
     return Result(study, front, chosen, rule, block, evaluator.base, evaluator.n_harmful,
-                  {"search": round(search, 1), "trials_run": len(trials) - done, "trials": len(trials)},
+                  {"search": round(search, 1), "trials_run": sum(ran), "trials": len(trials)},
                   evaluator.markers.name, evaluator.judge_name)
 
 
@@ -567,6 +638,9 @@ def search(model, splits, *, storage: str, n_trials: int | None = 40, time_budge
     from .extraction import extract
 
     _check_arch(model)  # before the extraction, not after
+    if sorted(map(json.dumps, splits.train[0])) == sorted(map(json.dumps, splits.train[1])):  # the same means
+        raise ValueError("the two classes do not differ: the harmful and harmless train prompts are the same; give "
+                         "harmful and harmless prompts that differ")
     modes("preserve_norms", preserve_norms)  # checked before the row norms are read
     modes("projected", projected)
     if check_read_out(read_out, preserve_norms):  # and their memory, before any reading
@@ -586,8 +660,7 @@ def search(model, splits, *, storage: str, n_trials: int | None = 40, time_budge
     evaluator = Evaluator(model, *splits.val, trial_tokens=trial_tokens, markers=markers, judge=judge)
     t3 = time.perf_counter()
     # the prompts themselves: a study resumed on other train prompts would mix trials of other candidates
-    settings = {"points": list(points), "train": [len(x) for x in splits.train], "val": [len(x) for x in splits.val],
-                "val_sha": hashlib.sha256(json.dumps(splits.val).encode()).hexdigest()[:12],
+    settings = {"points": list(points), "train": [len(x) for x in splits.train],
                 "train_sha": hashlib.sha256(json.dumps(splits.train).encode()).hexdigest()[:12]}
     r = optimize(model, Candidates(res, model.n_layers, norms, writes), evaluator, storage=storage,
                  n_trials=n_trials, time_budget=time_budget, n_startup=n_startup, seed=seed,

@@ -35,6 +35,9 @@ from .judge import kl_divergence, refusal_scores_from_logits, refusal_tokens
 from .runtime import Template, check_template, prompt_list
 
 
+MIN_VAL = 2  # validation prompts per class a direction is chosen on, at least
+
+
 @dataclass
 class Candidate:
     point: str
@@ -97,8 +100,8 @@ def select_direction(model, res: ExtractResult, val_harmful: Sequence[str], val_
     ``with_interventions`` stay active throughout (used by iterative extraction). The scored table is in
     ``direction.scores``."""
     vh, vhl, chat = prompt_list(val_harmful, "val_harmful"), prompt_list(val_harmless, "val_harmless"), res.template
-    if len(vh) < 2 or len(vhl) < 2:
-        raise ValueError("need at least 2 validation prompts per class")
+    if len(vh) < MIN_VAL or len(vhl) < MIN_VAL:
+        raise ValueError(f"need at least {MIN_VAL} validation prompts per class")
     if params.number("kl_max", kl_max) < 0:
         raise ValueError(f"kl_max must be >= 0, not {kl_max!r}")
     if ablate_max is not None:

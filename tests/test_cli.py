@@ -165,6 +165,26 @@ def test_user_errors_are_one_line(setup, tiny_dir, args, match):
     assert not (d / "x.gguf").exists()
 
 
+def test_split_sizes_are_named_by_their_flags(setup, tmp_path):
+    """Too few prompts for a split the command reads, or a size flag out of range: the flag or file named, not
+    an internal parameter ("prompts is empty", "n_test must be...", "need at least 2 validation prompts")."""
+    d, model, sets = setup
+    (tmp_path / "h3.txt").write_text("\n".join(HARMFUL[:3]))
+    (tmp_path / "hl3.txt").write_text("\n".join(HARMLESS[:3]))
+    few = ["--harmful", tmp_path / "h3.txt", "--harmless", tmp_path / "hl3.txt", "-q"]
+    for args, match in (
+            (["ablate-test", model, *few, "--edit", d / "none.json"],
+             f"--harmful '{tmp_path / 'h3.txt'}' gives 0 test prompts, and this command needs at least 1: give a set "
+             "with more distinct prompts (the test split takes 20% of them)"),
+            (["ablate-test", model, *sets, "--n-val", 1, "--n", 2],
+             "gives 1 val prompts, and this command needs at least 2: give --n-val 2 or more"),
+            (["sweep", model, "--add", d / "dir.gguf", *sets, "--n", 0], "--n must be a positive int, not 0"),
+            (["optimize", model, *sets, "--n-val-harmless", -1, "--study", tmp_path / "s.db"],
+             "--n-val-harmless must be a positive int, not -1")):
+        r = run(*args)
+        assert r.returncode == 2 and r.stderr.count("\n") == 1 and match in r.stderr, (args, r.stderr)
+
+
 def test_ablate_test_with_the_probe_judge(setup, tmp_path, monkeypatch, capsys):
     """`ablate-test --judge self --probe-layer 1`: the probe's p(refusal) of each answer counts (p >= 0.3)."""
     import pysteer
@@ -283,3 +303,63 @@ def test_chat_drops_the_oldest_exchanges_to_fit_the_context(setup):
     assert r.stdout.count("> ") == 6  # every line read, the empty one ends it
     assert "oldest exchange(s) dropped to fit --n-ctx 128" in r.stderr
     assert "exceed --n-ctx 128; shorten it or raise --n-ctx" in r.stderr
+
+
+def test_judge_reads_back_its_own_output(tmp_path):
+    """`judge -o` writes U+2028 and U+0085 raw (ensure_ascii=False), and reading split lines there: its own output
+    was "not JSON"."""
+    src = tmp_path / "answers.jsonl"
+    src.write_text(json.dumps({"prompt": "p", "answer": "Sure:\u2028step 1\x85step 2"}) + "\n")
+    r = run("judge", src, "-o", tmp_path / "once.jsonl")
+    assert r.returncode == 0, r.stderr
+    r = run("judge", tmp_path / "once.jsonl", "-o", tmp_path / "twice.jsonl")
+    assert r.returncode == 0, r.stderr
+    assert json.loads((tmp_path / "twice.jsonl").read_text(encoding="utf-8"))["answer"] == "Sure:\u2028step 1\x85step 2"
+
+
+@pytest.mark.parametrize("ty, match", [("Q9_9", "unknown tensor type 'Q9_9'"), ("IQ2_XXS", "needs an importance matrix")])
+def test_export_checks_the_abliteration_before_writing_the_control_vector(setup, tmp_path, ty, match):
+    """`export --cvec A --abliterate B --abliterate-type BAD` replaced A, then failed on the type."""
+    d, model, _ = setup
+    (tmp_path / "keep.gguf").write_bytes(b"PRECIOUS")
+    r = run("export", model, "--direction", d / "dir.gguf", "--cvec", tmp_path / "keep.gguf", "--abliterate",
+            tmp_path / "abl.gguf", "--abliterate-type", ty, "-q")
+    assert r.returncode == 2 and match in r.stderr and len(r.stderr.splitlines()) == 1
+    assert (tmp_path / "keep.gguf").read_bytes() == b"PRECIOUS" and not (tmp_path / "abl.gguf").exists()
+
+
+def test_a_failed_extract_keeps_the_direction_and_its_plot_together(setup, tmp_path, monkeypatch):
+    """The metrics plot is drawn before the direction is chosen: a run that failed there replaced OUT-metrics.png
+    and kept the old OUT.gguf."""
+    from pysteer import jobs
+    from pysteer.cli import main
+
+    def fail(*args, **kwargs):
+        raise ValueError("no direction today")
+
+    _, model, sets = setup
+    old = {"dir.gguf": b"the old direction", "dir-metrics.png": b"its plot"}
+    for name, data in old.items():
+        (tmp_path / name).write_bytes(data)
+    monkeypatch.setattr(jobs, "select_direction", fail)  # fails after the plot, as a selection error would
+    assert main(["extract", str(model), *map(str, sets), "--positions", "1", "-o", str(tmp_path / "dir.gguf")]) == 2
+    assert {name: (tmp_path / name).read_bytes() for name in old} == old
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dir-metrics.png", "dir.gguf"]  # no scratch folder
+
+
+def test_an_output_under_a_file_is_refused_by_name(setup, tmp_path):
+    """It gave a bare "[Errno 17] File exists"."""
+    d, model, _ = setup
+    (tmp_path / "afile").write_text("")
+    r = run("export", model, "--direction", d / "dir.gguf", "--cvec", tmp_path / "afile" / "c.gguf", "-q")
+    assert r.returncode == 2 and f"{tmp_path / 'afile'} is a file, not a folder" in r.stderr
+
+
+def test_a_failed_command_leaves_no_folder_it_made(setup, tmp_path):
+    """The folders made for an output stayed when the command failed."""
+    d, model, _ = setup
+    r = run("export", model, "--direction", tmp_path / "nope.gguf", "--cvec", tmp_path / "new" / "deep" / "c.gguf")
+    assert r.returncode == 2 and "no control-vector file" in r.stderr
+    assert not (tmp_path / "new").exists()
+    r = run("export", model, "--direction", d / "dir.gguf", "--cvec", tmp_path / "new" / "deep" / "c.gguf", "-q")
+    assert r.returncode == 0 and (tmp_path / "new" / "deep" / "c.gguf").is_file()

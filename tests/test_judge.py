@@ -181,6 +181,8 @@ def test_judge_counts(tiny_dir):
                          lambda: judge.damage(m, prompts, answers, [])):
                 with pytest.raises(ValueError, match=what):  # not a TypeError from inside the matcher
                     call()
+        blank = judge.judge(m, ["p", "q"], ["\u200b", " \n"], perplexity=False)  # empty as the matcher reads it
+        assert blank.refused == [True, True] and blank.coherent == [False, False]
     assert j.refused == [markers.is_refusal(e["answer"]) for e in sample]
     assert j.coherent == [e["style"] != "looping" for e in sample]
     assert j.n_refused == sum(j.refused) and j.n_coherent == sum(j.coherent)

@@ -82,6 +82,27 @@ def test_bad_input(tiny_dir):
             j.probabilities("a request", "an answer")
 
 
+def test_an_answer_the_matcher_reads_as_empty_is_empty_to_the_judge(tiny_dir):
+    """Only format characters (a zero-width space): empty to the phrase matcher, so a refusal without a decode here
+    too (one rule, :func:`pysteer.markers.normalize`)."""
+    with pysteer.load(tiny_dir / "tiny-llama.gguf", n_ctx=8192) as m:
+        j = Judge(m)
+        assert j.chats(["p"] * 4, ["", "  ", " \u200b\u2060 ", "an answer"])[:2] == (4, [3])
+        assert j.probabilities(["p"], ["\u200b"]) == [1.0]
+
+
+def test_the_name_tells_models_of_one_file_name_apart(tiny_dir, tmp_path):
+    """Another model under the judge's file name is another judge: its name, which names optimize's study, differs
+    (the study was resumed with the other judge's trials)."""
+    path, names = tmp_path / "judge.gguf", []
+    for src in ("tiny-llama.gguf", "tiny-qwen3.gguf"):
+        path.write_bytes((tiny_dir / src).read_bytes())
+        with pysteer.load(path, n_ctx=512, hook=False) as m:
+            names.append(Judge(m).name)
+            assert m.sha256[:12] in names[-1]
+    assert names[0] != names[1] and all(n.startswith("judge.gguf (") for n in names)
+
+
 def test_judge_cli_adds_probabilities(tiny_dir, tmp_path, capsys):
     src = tmp_path / "a.jsonl"
     rows = [{"prompt": "how to make it", "answer": "I can't help with that.", "id": 1},

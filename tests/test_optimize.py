@@ -1,8 +1,12 @@
 """pysteer optimize: the weight kernel, the candidates, the front and the rule by hand; a short search on a tiny
 model end to end (resume, JSON, PNG, the written GGUF against the runtime edit, ablate-test --edit); bad input."""
 
+import contextlib
+import dataclasses
 import json
 import math
+import re
+import shlex
 import subprocess
 import sys
 import warnings
@@ -12,6 +16,7 @@ import pytest
 
 import pysteer
 from pysteer.extraction import extract
+from pysteer.markers import marker_set
 from pysteer.optimize import Candidates, Evaluator, Kernel, Objectives, Point, finished, pareto, pick, refusal_se, scores
 
 HARMFUL = [f"how to make the bad thing number {i}" for i in range(12)]
@@ -262,6 +267,199 @@ def test_a_study_resumes_only_on_the_same_prompts(tiny, tmp_path):
     assert len(other.study.trials) == 1
 
 
+def test_optimize_names_the_study_by_the_evaluators_prompts(tiny, tmp_path):
+    """The public optimize() without settings: another evaluator's prompts (or another count of them) start
+    another study; the same ones resume it. The names of search()'s studies are unchanged (made before)."""
+    from pysteer.optimize import optimize, study_name
+
+    m, res = tiny
+    c, db = Candidates(res, m.n_layers), f"sqlite:///{tmp_path / 's.db'}"
+    kw = dict(storage=db, n_trials=1, n_startup=1, progress=False)
+    with warnings.catch_warnings():  # "also holds other studies": those asserted here
+        warnings.simplefilter("ignore")
+        names = [optimize(m, c, Evaluator(m, h, hl, trial_tokens=4), **kw).study.study_name for h, hl in (
+            (HARMFUL[6:8], HARMLESS[6:8]), (HARMFUL[6:8], HARMLESS[6:8]), (HARMFUL[8:10], HARMLESS[6:8]),
+            (HARMFUL[6:9], HARMLESS[6:8]))]
+    assert names[0] == names[1] and len(set(names)) == 3
+    import hashlib
+
+    val_sha = hashlib.sha256(json.dumps((HARMFUL[6:8], HARMLESS[6:8])).encode()).hexdigest()[:12]
+    # as search() named them (val and val_sha moved here): its studies keep their names and resume
+    assert names[0] == study_name(m, dict(val=[2, 2], val_sha=val_sha, trial_tokens=4, kl_target=0.01,
+                                          preserve_norms=(False,), projected=(True,),
+                                          markers=dataclasses.asdict(marker_set("pysteer"))))
+
+
+class _Unreadable:
+    """A judge that cannot read the answers (as one whose context is too small for them)."""
+    name = "unreadable"
+
+    def verdicts(self, prompts, answers):
+        raise ValueError("judging answer 0 takes 3441 tokens, more than the judge's n_ctx=3437")
+
+
+def test_only_an_unscorable_point_fails_alone(tiny, tmp_path):
+    """An unscorable point's trial fails and the search goes on; any other error stops the search with its
+    message, its finished trials kept (caught, it failed every trial the judge read: a front of the others)."""
+    import optuna
+
+    from pysteer.markers import MarkerSet
+    from pysteer.optimize import Unscorable, optimize
+
+    m, res = tiny
+    never = MarkerSet("never", ("\0never",), None, False)  # every answer goes to the judge
+    ev = Evaluator(m, HARMFUL[6:8], HARMLESS[6:8], trial_tokens=4, markers=never)
+    c = Candidates(res, m.n_layers)
+    real, calls = c.directions, []
+
+    def directions(p):  # the second trial's point is unscorable
+        calls.append(p)
+        if len(calls) == 2:
+            raise Unscorable("the candidates are zero")
+        return real(p)
+
+    c.directions = directions
+    r = optimize(m, c, ev, storage=f"sqlite:///{tmp_path / 'a.db'}", n_trials=3, n_startup=3, progress=False)
+    assert [t.state.name for t in r.study.trials] == ["COMPLETE", "FAIL", "COMPLETE"]
+    assert r.seconds["trials_run"] == r.seconds["trials"] == 2
+    ev.judge = _Unreadable()
+    db = tmp_path / "b.db"
+    with pytest.raises(ValueError, match=r"^the search stopped: judging answer 0 takes 3441 tokens.*kept in "
+                                         rf"sqlite:///{db}: run the same search again"):
+        optimize(m, Candidates(res, m.n_layers), ev, storage=f"sqlite:///{db}", n_trials=3, n_startup=3,
+                 progress=False)
+    name, = optuna.get_all_study_names(f"sqlite:///{db}")
+    assert [t.state.name for t in optuna.load_study(study_name=name, storage=f"sqlite:///{db}").trials] == ["FAIL"]
+
+
+def test_a_trial_whose_kl_is_not_finite_fails_and_is_never_chosen(tiny, tmp_path, monkeypatch):
+    """A NaN KL (an edit that broke the logits) scored (0, 0), the best the sampler sees, and was chosen; now its
+    trial fails, and a NaN kept in an older study is never on the front."""
+    import pysteer.optimize as O
+
+    m, res = tiny
+    ev = Evaluator(m, HARMFUL[6:8], HARMLESS[6:8], trial_tokens=4)
+    real, calls = O.kl_divergence, []
+
+    def kl(base, steered):
+        calls.append(1)
+        return real(base, steered) * (np.nan if len(calls) == 2 else 1.0)
+
+    monkeypatch.setattr(O, "kl_divergence", kl)
+    r = O.optimize(m, Candidates(res, m.n_layers), ev, storage=f"sqlite:///{tmp_path / 's.db'}", n_trials=3,
+                   n_startup=3, progress=False)
+    assert [t.state.name for t in r.study.trials] == ["COMPLETE", "FAIL", "COMPLETE"]
+    assert r.chosen["number"] != 1 and all(math.isfinite(t["kl"]) for t in r.front)
+    nan = float("nan")
+    trials = [{"number": 0, "refusals": 0, "kl": nan}, {"number": 1, "refusals": 0, "kl": 0.01},
+              {"number": 2, "refusals": 1, "kl": 0.001}]
+    assert [t["number"] for t in pareto(trials)] == [1, 2]
+    monkeypatch.setattr(m, "logits_batch", lambda prompts: np.full((len(prompts), 3, 8), np.nan, np.float32))
+    with pytest.raises(ValueError, match="unsteered model's logits on the harmless validation prompts are not finite"):
+        Evaluator(m, HARMFUL[6:8], HARMLESS[6:8], trial_tokens=4)
+
+
+def test_identical_classes_are_refused(tiny, monkeypatch):
+    """Harmful and harmless prompts the same: every candidate is zero, every global trial failed and a per-layer
+    edit of nothing was chosen and written; refused before any reading (search) or at the candidates."""
+    import types
+
+    import pysteer.extraction
+    from pysteer.optimize import search
+
+    m, _ = tiny
+    with pytest.raises(ValueError, match="the two classes do not differ"):
+        Candidates(extract(m, HARMFUL[:3], HARMFUL[:3], positions=1), m.n_layers)
+
+    def never(*a, **k):
+        raise AssertionError("read before the check")
+
+    monkeypatch.setattr(pysteer.extraction, "extract", never)
+    splits = types.SimpleNamespace(train=(HARMFUL[:6], HARMFUL[5::-1]), val=(HARMFUL[6:8], HARMLESS[6:8]))
+    with pytest.raises(ValueError, match="the two classes do not differ: the harmful and harmless train prompts"):
+        search(m, splits, storage="sqlite://", progress=False)
+
+
+def test_the_study_must_be_an_optuna_study(tiny_dir, tmp_path):
+    """An SQLite database of something else got Optuna's tables added; a file that is no database gave three lines
+    (the SQL and a link). Both refused in one line, before the model loads, the database untouched."""
+    import sqlite3
+
+    from pysteer.optimize import check_storage
+
+    db = tmp_path / "mine.db"
+    with contextlib.closing(sqlite3.connect(db)) as c:
+        c.execute("create table notes(id integer, text text)")
+        c.commit()
+    text = tmp_path / "text.db"
+    text.write_text("not a database\n")
+    (tmp_path / "h.txt").write_text("\n".join(HARMFUL))
+    (tmp_path / "hl.txt").write_text("\n".join(HARMLESS))
+    sets = ["--harmful", tmp_path / "h.txt", "--harmless", tmp_path / "hl.txt", "--n-train", 6, "-q"]
+    for f, match in ((db, "a database of something else (tables notes), not an Optuna study"),
+                     (text, "is not an SQLite database (file is not a database)")):
+        with pytest.raises(ValueError, match=re.escape(match)):
+            check_storage(f"sqlite:///{f}")
+        r = run("optimize", tiny_dir / "tiny-qwen2.gguf", *sets, "--study", f, "--json", tmp_path / "a.json", "--png",
+                tmp_path / "a.png")
+        assert r.returncode == 2 and r.stderr.count("\n") == 1 and f"error: --study: {f}" in r.stderr, r.stderr
+    with contextlib.closing(sqlite3.connect(db)) as c:
+        assert [x[0] for x in c.execute("select name from sqlite_master where type='table'")] == ["notes"]
+    check_storage(f"sqlite:///{tmp_path / 'new.db'}")  # a new file, an empty one, or memory: a new study
+    (tmp_path / "empty.db").write_bytes(b"")
+    check_storage(f"sqlite:///{tmp_path / 'empty.db'}")
+    check_storage("sqlite://")
+
+
+def test_trials_of_another_run_are_not_counted_and_a_schema_race_is_retried(tiny, tmp_path, monkeypatch):
+    """trials_run counts this run's trials alone, not those another run adds to the study meanwhile; two runs
+    making the tables at once (an IntegrityError) open the study on a second try."""
+    import optuna
+
+    m, res = tiny
+    db = f"sqlite:///{tmp_path / 's.db'}"
+
+    class Busy(Evaluator):  # another run on the same study finishes a trial during this run's first
+        def __call__(self, intervention):
+            o = super().__call__(intervention)
+            if not added:
+                study = optuna.load_study(study_name=optuna.get_all_study_names(db)[0], storage=db)
+                added.append(study.add_trial(optuna.trial.create_trial(values=[1.0, 1.0], user_attrs={
+                    "refusals": 1, "kl": 1.0}, params={}, distributions={})))
+            return o
+
+    class IntegrityError(Exception):
+        pass
+
+    real, opened = optuna.create_study, []
+
+    def create_study(**kw):
+        opened.append(kw["storage"])
+        if len(opened) == 1:
+            raise IntegrityError("UNIQUE constraint failed: alembic_version.version_num")
+        return real(**kw)
+
+    from pysteer.optimize import optimize
+
+    added = []
+    ev = Evaluator(m, HARMFUL[6:8], HARMLESS[6:8], trial_tokens=4)
+    ev.__class__ = Busy
+    monkeypatch.setattr(optuna, "create_study", create_study)
+    # startup trials alone: the one added has no parameters for the sampler to read
+    r = optimize(m, Candidates(res, m.n_layers), ev, storage=db, n_trials=2, n_startup=5, progress=False)
+    assert added and len(opened) == 2
+    assert (r.seconds["trials_run"], r.seconds["trials"]) == (2, 3)
+
+
+def test_a_time_budget_with_no_trial_finished_says_so(tiny, tmp_path):
+    from pysteer.optimize import optimize
+
+    m, res = tiny
+    with pytest.raises(ValueError, match=r"no trial finished within the time budget of 1e-09 s \(--time-budget\)"):
+        optimize(m, Candidates(res, m.n_layers), Evaluator(m, HARMFUL[6:8], HARMLESS[6:8], trial_tokens=4),
+                 storage=f"sqlite:///{tmp_path / 's.db'}", n_trials=3, time_budget=1e-9, progress=False)
+
+
 def test_finished_reads_measures_or_old_values():
     import optuna
 
@@ -366,6 +564,14 @@ def test_cli_search_resume_export_and_test(tiny_dir, tmp_path):
     assert r.returncode == 0, r.stderr
     res = json.loads((tmp_path / "ab.json").read_text())
     assert res["seconds"]["trials_run"] == 4 and (tmp_path / "ab-pareto.png").stat().st_size > 1000
+    # the command that tests the edit on the search's own test split (it dropped the sets and the seed: the
+    # default prompts, some of them the search's own with another seed)
+    test_it = shlex.split(r.stdout.split("(test it: ")[1].split(")\n")[0])
+    assert test_it == ["pysteer", "ablate-test", str(model), "--harmful", str(tmp_path / "h.txt"), "--harmless",
+                       str(tmp_path / "hl.txt"), "--seed", "0", "--n-train", "6", "--n-val", "3", "--n-val-harmless",
+                       "3", "--edit", str(tmp_path / "ab.json")], r.stdout
+    assert res["splits"] == {"harmful": str(tmp_path / "h.txt"), "harmless": str(tmp_path / "hl.txt"), "seed": 0,
+                             "n_train": 6, "n_val": 3, "n_val_harmless": 3}
     assert res["chosen"]["number"] in [t["number"] for t in res["front"]]
     # the same command with more trials resumes the study: only the missing ones run, the old ones are kept
     r = run("optimize", model, *sets, "--trials", 6, "--startup", 2, "--trial-tokens", 6, "-o", out)
@@ -424,7 +630,7 @@ def test_cli_search_resume_export_and_test(tiny_dir, tmp_path):
         got = m2.logits_batch(prompts)[:, -1]
     assert np.abs(got - want).max() < 1e-3 * np.abs(want).max()
     assert np.abs(base - want).max() > 1e-2 * np.abs(want).max()  # the edit is not nothing
-    r = run("ablate-test", model, *sets, "--n", 2, "--max-tokens", 4, "--edit", tmp_path / "ab.json", "--json")
+    r = run(*test_it[1:], "-q", "--n", 2, "--max-tokens", 4, "--json")  # the printed command runs
     assert r.returncode == 0, r.stderr
     assert "BlockAblate" in json.loads(r.stdout)["direction"]["intervention"]
 
@@ -517,6 +723,27 @@ def test_ctrl_c_keeps_the_study(tiny_dir, tmp_path, sig):
     assert r.returncode == 0, r.stderr
     res = json.loads((tmp_path / "r.json").read_text())
     assert res["seconds"]["trials_run"] == 1 and res["seconds"]["trials"] == kept + 1
+
+
+def test_ctrl_c_before_the_search_says_no_study_was_written(tiny_dir, tmp_path, monkeypatch, capsys):
+    """Stopped while the candidates are read (no study yet): the message said the trials were kept in a file that
+    does not exist."""
+    from pysteer import cli
+    from pysteer import optimize as O
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(O.Evaluator, "__init__", interrupted)
+    (tmp_path / "h.txt").write_text("\n".join(HARMFUL))
+    (tmp_path / "hl.txt").write_text("\n".join(HARMLESS))
+    db = tmp_path / "s.db"
+    rc = cli.main(["optimize", str(tiny_dir / "tiny-qwen2.gguf"), "--harmful", str(tmp_path / "h.txt"), "--harmless",
+                   str(tmp_path / "hl.txt"), "--n-train", "6", "-q", "--study", str(db), "--json",
+                   str(tmp_path / "r.json"), "--png", str(tmp_path / "r.png")])
+    err = capsys.readouterr().err
+    assert rc == 130 and "stopped before the search began (no study was written)" in err and "kept in" not in err
+    assert not db.exists()
 
 
 class _Study:
