@@ -192,7 +192,7 @@ def _extract(args) -> None:
 def _metrics(args) -> None:
     from .extraction import extract
 
-    out = _output_path(args.output, "-o", inputs=_reads(args))
+    out = _figure_path(args.output, "-o", inputs=_reads(args))
     with _load(args) as m:
         sp = _splits(args)
         res = extract(m, *sp.train, positions=args.positions, progress=not args.quiet)
@@ -345,7 +345,7 @@ def _sweep(args) -> None:
         raise UsageError("sweep needs exactly one of --rotate FILE or --add FILE")
     what = "degrees" if args.rotate else "alpha"
     values = parse_range(args.degrees if args.rotate else args.alpha, f"--{what}")
-    out = _output_path(args.output, "-o", inputs=_reads(args)) if args.output else None
+    out = _figure_path(args.output, "-o", inputs=_reads(args)) if args.output else None
     harmful = _splits(args).test[0][: args.n]  # --n and the prompts checked before the model loads
     with _load(args) as m:
         d = _direction(m, args.rotate or args.add)
@@ -415,7 +415,7 @@ def _optimize(args) -> None:
     if any(c in study.name for c in "?#%"):
         raise UsageError(f"--study {study}: name the file without '?', '#' or '%' (it becomes an SQLite URL)")
     js = _output_path(args.json or str(base.with_name(base.name + ".json")), "--json", inputs=reads)
-    png = _output_path(args.png or str(base.with_name(base.name + "-pareto.png")), "--png", inputs=reads)
+    png = _figure_path(args.png or str(base.with_name(base.name + "-pareto.png")), "--png", inputs=reads)
     study = _output_path(str(study), "--study", inputs=reads)
     named = [("--study", study), ("--json", js), ("--png", png)] + ([("-o", out)] if out is not None else [])
     for i, (f1, p1) in enumerate(named):
@@ -568,6 +568,18 @@ def _judge(args) -> None:
     if judge is not None:
         d = sum(r["refusal"] != r["refusal_markers"] for r in rows)
         print(f"pysteer judge: the phrase matcher disagrees on {d} of {len(rows)}", file=sys.stderr)
+
+
+def _figure_path(path: str, flag: str, *, inputs=()) -> pathlib.Path:
+    """:func:`_output_path` for a figure, its suffix checked now (a format matplotlib cannot write would fail
+    only once the work is done)."""
+    from .figures import figure_format
+
+    try:
+        figure_format(path)
+    except ValueError as e:
+        raise UsageError(f"{flag} {e}") from None
+    return _output_path(path, flag, inputs=inputs)
 
 
 def _output_path(path: str, flag: str, *, inputs=()) -> pathlib.Path:

@@ -544,6 +544,17 @@ def test_bad_sweep_ranges_are_one_line_errors(llama_path, tmp_path):
         assert_one_line_error(r, "--alpha")
 
 
+def test_a_figure_format_matplotlib_cannot_write_is_refused_before_the_work(llama_path, tmp_path):
+    direction = tmp_path / "dir.gguf"
+    pysteer.Direction(np.ones(64), layer=1, point="post", position=-1, arch="llama", n_layers=4).save(direction)
+    for args in (("metrics", llama_path, "-o", tmp_path / "m.txt"),
+                 ("sweep", llama_path, "--add", direction, "--alpha", "0,1", "-o", tmp_path / "s.doc"),
+                 ("optimize", llama_path, "--png", tmp_path / "p.xyz", "--trials", "1")):
+        r = cli(*args, "-q")
+        assert_one_line_error(r, "cannot write")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dir.gguf"]
+
+
 def test_prompt_files_with_bad_bytes_and_long_fields(tmp_path):
     from pysteer import datasets
 
