@@ -23,12 +23,11 @@ import time
 
 import pysteer
 from pysteer.extraction import extract
-from pysteer.jobs import ablation_test
 from pysteer.llm_judge import Judge
 from pysteer.markers import marker_set
-from pysteer.optimize import Evaluator, Point, block_from_json, format_front, optimize
+from pysteer.optimize import Evaluator, block_from_json, format_front, optimize
 from pysteer.probe_judge import ProbeJudge
-from second_direction import Second, Stack, splits
+from second_direction import Second, splits, test_trial
 
 
 def main() -> None:
@@ -97,22 +96,11 @@ def main() -> None:
 
 
 def heldout(m, b1, sp, out, number: int) -> None:
-    import optuna
-
     rows = [json.loads(line) for line in (out / "train-answers.jsonl").read_text().splitlines()]
     with m.steer(b1):
         res = extract(m, [r["prompt"] for r in rows if r["refused"]], [r["prompt"] for r in rows if not r["refused"]],
                       positions=1, points=("post",), progress=False)
-    storage = f"sqlite:///{out / 'study.db'}"
-    (name,) = optuna.get_all_study_names(storage)
-    (t,) = [t for t in optuna.load_study(study_name=name, storage=storage).trials if t.number == number]
-    stack = Second(res, m.n_layers, b1).block(Point.from_params(t.params))
-    t0 = time.perf_counter()
-    report = ablation_test(m, None, *sp.test, intervention=stack, progress=False)
-    s = report.summary(answers=True)
-    s["trial"], s["params"], s["seconds_wall"] = number, t.params, round(time.perf_counter() - t0, 1)
-    (out / f"heldout-trial{number}.json").write_text(json.dumps(s, indent=1, ensure_ascii=False))
-    print(json.dumps({k: v for k, v in s.items() if k != "answers"}, indent=1))
+    test_trial(m, Second(res, m.n_layers, b1), sp, out, number)
 
 
 if __name__ == "__main__":

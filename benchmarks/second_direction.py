@@ -69,6 +69,29 @@ class Second(Candidates):
         return Stack([self.first, super().block(p)])
 
 
+def test_trial(m, cands, sp, out, number: int) -> None:
+    """Trial ``number`` of the study in ``out`` (its edit from ``cands``) on the held-out split, as ``pysteer
+    ablate-test --n 100`` tests it: the report with every answer in ``out``/heldout-trialN.json."""
+    import pathlib
+    import time
+
+    import optuna
+
+    from pysteer.jobs import ablation_test
+    from pysteer.optimize import Point
+
+    out = pathlib.Path(out)
+    storage = f"sqlite:///{out / 'study.db'}"
+    (name,) = optuna.get_all_study_names(storage)
+    (t,) = [t for t in optuna.load_study(study_name=name, storage=storage).trials if t.number == number]
+    t0 = time.perf_counter()
+    report = ablation_test(m, None, *sp.test, intervention=cands.block(Point.from_params(t.params)), progress=False)
+    s = report.summary(answers=True)
+    s["trial"], s["params"], s["seconds_wall"] = number, t.params, round(time.perf_counter() - t0, 1)
+    (out / f"heldout-trial{number}.json").write_text(json.dumps(s, indent=1, ensure_ascii=False))
+    print(json.dumps({k: v for k, v in s.items() if k != "answers"}, indent=1))
+
+
 def splits(model: str, *extra: str):
     """The CLI's prompt splits as `ablate-test MODEL --n 100 --n-val 32` makes them (the held-out runs' own)."""
     return _splits(build_parser().parse_args(["ablate-test", model, "--n", "100", "--n-val", "32", *extra]))
