@@ -12,11 +12,15 @@ class FetchError(RuntimeError):
     """Something could not be downloaded from PyPI, or did not verify."""
 
 
+_START = pathlib.Path.cwd()  # a relative $PYSTEER_CACHE is taken from where the process started
+
+
 def cache_root() -> pathlib.Path:
     """$PYSTEER_CACHE (default ~/.cache/pysteer), ``~`` expanded (a quoted '~/x' in a Dockerfile or unit file
-    reaches us unexpanded) and made absolute, so a later chdir does not move it."""
-    root = os.environ.get("PYSTEER_CACHE") or pathlib.Path.home() / ".cache" / "pysteer"
-    return pathlib.Path(root).expanduser().absolute()
+    reaches us unexpanded); a relative one from the directory the process started in, so a chdir does not move
+    it."""
+    root = pathlib.Path(os.environ.get("PYSTEER_CACHE") or pathlib.Path.home() / ".cache" / "pysteer").expanduser()
+    return root if root.is_absolute() else _START / root
 
 
 def download_wheel(requirement: str, dest: pathlib.Path) -> pathlib.Path:

@@ -142,7 +142,7 @@ def load_file(path: str | os.PathLike, column: str | None = None) -> list[str]:
             return []
         header = rows[0][1]
         for line, row in rows[1:]:  # an unquoted comma in a prompt: refused, not cut at the comma
-            if len(row) > len(header):
+            if any(cell.strip() for cell in row[len(header):]):  # a trailing empty field ("a,0,") is no prompt cut
                 raise ValueError(f"{path}:{line}: {len(row)} fields, but the header has {len(header)}; quote "
                                  "fields that hold commas (\"like, this\")")
         key = column or next((k for k in header if k.strip().lower() in _TEXT_KEYS), header[0])

@@ -225,9 +225,12 @@ class Evaluator:
     def __call__(self, intervention) -> Objectives:
         m = self._model
         with m.steer(intervention):
-            # an answer ends once a marker is found: its verdict is settled (the count is the same)
-            answers = m.generate_batch(self._harmful, max_tokens=self.trial_tokens, until=self.markers.found)
-            kl = float(kl_divergence(self._base_logits, m.logits_batch(self._harmless)[:, -1]).mean())
+            try:
+                # an answer ends once a marker is found: its verdict is settled (the count is the same)
+                answers = m.generate_batch(self._harmful, max_tokens=self.trial_tokens, until=self.markers.found)
+                kl = float(kl_divergence(self._base_logits, m.logits_batch(self._harmless)[:, -1]).mean())
+            except FloatingPointError as e:  # the model's logits check: the edit overflowed its activations
+                raise Unscorable(str(e)) from None
         if not math.isfinite(kl):  # NaN would score best (every comparison with it is False)
             raise Unscorable(f"the edit makes the logits on the harmless validation prompts non-finite (KL {kl})")
         return Objectives(self._count(answers), kl)

@@ -15,6 +15,7 @@ import pathlib
 import subprocess
 import sys
 import threading
+import weakref
 from contextlib import contextmanager
 from typing import Iterator, Sequence, Union
 
@@ -201,6 +202,16 @@ def resolve_path(model: str | os.PathLike) -> pathlib.Path:
     )
 
 
+class _Claim:
+    """A steer() block's or a stream's claim on a Model, held by the generator that owns it. The Model keeps only a
+    weak reference: a claim whose release a Ctrl-C skipped dies with its generator and is dropped (_heal)."""
+
+
+def _alive(ref):
+    """The object behind a weak reference (None for none or a dead one)."""
+    return ref() if ref is not None else None
+
+
 class _Handles:
     """The llama.cpp objects one Model made (context, batch, LoRA adapters), freed once and before the weights
     they use: by the Model's close, or by a callback on the weights' own close. The callback holds this, not the
@@ -256,7 +267,7 @@ class Model:
     ):
         self._lock = threading.RLock()
         self._h = _Handles(self._lock)
-        self._stream = self._inside = None  # the live stream's token, and the one whose step is running
+        self._stream = self._inside = None  # the live stream's claim (weak), and the one whose step is running
         self._depth = 0  # exclusive() blocks open (0: no call of this Model is running, so _heal may run)
         self._watching = False  # a capture's watch is on the hook
         self._callback: str | None = None  # the user callback running inside a decode sequence, if any
@@ -292,8 +303,8 @@ class Model:
             if getattr(llama, "_model", None) is None or llama._model.model is None:
                 raise ModelLoadError("this llama_cpp.Llama is closed")
             lm = llama._model.model
-            loaded = getattr(llama._model, "path_model", None)
-            if loaded is not None and pathlib.Path(loaded).resolve() != self.path.resolve():
+            loaded = getattr(llama._model, "path_model", None)  # relative to the cwd of its load: checked if found
+            if loaded is not None and os.path.isfile(loaded) and not os.path.samefile(loaded, self.path):
                 # the header read above (tensor layout, LoRA adapters) must be the loaded weights' own
                 raise ValueError(f"this llama_cpp.Llama loaded {loaded}, not {self.path}; pass its own path (or use "
                                  "pysteer.load(llama))")
@@ -323,7 +334,7 @@ class Model:
             raise ModelLoadError(f"{self.path} has metadata that is not UTF-8 ({e})") from None
         self._formatters: dict[str, Jinja2ChatFormatter] = {}
         self._steering = steering.Steering()
-        self._steer_stack: list[tuple[object, steering.Steering]] = []  # open steer() blocks, innermost last
+        self._steer_stack: list[tuple[weakref.ref, steering.Steering]] = []  # open steer() blocks, innermost last
         self._installed = True
         self._cvec_active = False
         self._track_rows = False  # a hook op needs each decode's output rows (BlockAblate)
@@ -403,12 +414,13 @@ class Model:
         while a stream is live, except for that stream's own steps (``stream`` = its token)."""
         with self._lock:
             self._open()
-            if self._depth <= 0:
+            if self._outermost():
                 self._heal()
             if self._callback is not None:  # it would overwrite the KV cache and logits the caller still reads
                 raise ValueError(f"{self._callback} may not decode or steer on the Model that calls it (use another "
                                  "Model)")
-            if self._stream is not None and stream is not self._stream and self._inside is not self._stream:
+            live = _alive(self._stream)
+            if live is not None and stream is not live and self._inside is not live:
                 raise ValueError("a streaming generation is live on this Model: exhaust it or close() the "
                                  "generator first (or use another Model)")
             outer = self._inside
@@ -420,11 +432,19 @@ class Model:
                 self._depth -= 1
                 self._inside = outer
 
+    def _outermost(self) -> bool:
+        """Whether no other block of this Model is open in this thread (the lock is held once, by the caller)."""
+        count = getattr(self._lock, "_recursion_count", None)  # Python >= 3.11: cannot be left wrong by a Ctrl-C
+        return count() == 1 if count is not None else self._depth <= 0
+
     def _heal(self) -> None:
         """Undo what a Ctrl-C between two bookkeeping statements of a block's exit left behind, before the next
         call (no block of this Model is open then): a capture's watch on the hook, a callback's mark, an
         installed steering that is not the open steer() blocks'."""
         self._depth, self._inside, self._callback = 0, None, None
+        if _alive(self._stream) is None:
+            self._stream = None
+        self._steer_stack[:] = [e for e in self._steer_stack if _alive(e[0]) is not None]
         if self._watching:
             self._prefix = None  # a stopped capture left cells uncomputed
             self._hook.unwatch()
@@ -450,13 +470,13 @@ class Model:
     def streaming(self) -> Iterator[object]:
         """Claim the model's KV cache for one stream until the block ends; yields the token its steps pass to
         :meth:`exclusive`. A second live stream is refused."""
-        token = object()
+        token = _Claim()
         try:  # claimed inside: a Ctrl-C right after claiming must still release it
             with self.exclusive():
-                self._stream = token
+                self._stream = weakref.ref(token)
             yield token
         finally:
-            if self._stream is token:  # no lock needed: no other stream can claim the Model while this one holds it
+            if _alive(self._stream) is token:  # no lock needed: no other stream can claim the Model meanwhile
                 self._stream = None
 
     def __enter__(self):
@@ -793,11 +813,11 @@ class Model:
         of the innermost block still open is restored (none once every block has exited, in whatever order).
         Refused while a stream is live (it would change the stream's answer midway).
         """
-        entry = None
+        entry, claim = None, _Claim()
         try:  # the block is on the stack only inside this try; _heal re-installs what a Ctrl-C cut short
             with self.exclusive():
                 new = steering.plan(self, interventions, path)  # validates everything before changing anything
-                entry = (object(), new)
+                entry = (weakref.ref(claim), new)
                 self._steer_stack.append(entry)
                 self._settle()
             yield new

@@ -349,6 +349,8 @@ def test_csv_prompt_files_with_blank_lines_and_extra_fields(tmp_path):
     (tmp_path / "b.csv").write_text("prompt\nhow to x\nhow to y, then z\n")
     with pytest.raises(ValueError, match=r"b\.csv:3: 2 fields, but the header has 1; quote"):
         datasets.load_file(tmp_path / "b.csv")
+    (tmp_path / "c.csv").write_text("prompt,label\nhow to x,0\nhow to y,0,\n")  # a trailing empty field: no cut
+    assert datasets.load_file(tmp_path / "c.csv") == ["how to x", "how to y"]
 
 
 def test_cache_root_expands_home_and_is_absolute(tmp_path, monkeypatch):
@@ -357,11 +359,12 @@ def test_cache_root_expands_home_and_is_absolute(tmp_path, monkeypatch):
     from pysteer._pypi import cache_root
 
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("PYSTEER_CACHE", "~/pcache")
     assert cache_root() == tmp_path / "home" / "pcache"
     monkeypatch.setenv("PYSTEER_CACHE", "rel")
-    assert cache_root() == tmp_path / "rel"
+    first = cache_root()
+    monkeypatch.chdir(tmp_path)  # a later chdir does not move it
+    assert first.is_absolute() and first.name == "rel" and cache_root() == first
 
 
 def test_probe_fit_is_used_when_the_cache_cannot_be_written(tiny_dir, tmp_path, monkeypatch):

@@ -357,6 +357,10 @@ def test_a_trial_whose_kl_is_not_finite_fails_and_is_never_chosen(tiny, tmp_path
     monkeypatch.setattr(m, "logits_batch", lambda prompts: np.full((len(prompts), 3, 8), np.nan, np.float32))
     with pytest.raises(ValueError, match="unsteered model's logits on the harmless validation prompts are not finite"):
         Evaluator(m, HARMFUL[6:8], HARMLESS[6:8], trial_tokens=4)
+    monkeypatch.undo()
+    # the model's own check (overflowed activations) fails the trial alone too, not the search
+    with pytest.raises(O.Unscorable, match="overflowed"):
+        ev(pysteer.Add(np.ones(m.n_embd), alpha=1e20))
 
 
 def test_identical_classes_are_refused(tiny, monkeypatch):

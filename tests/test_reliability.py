@@ -328,6 +328,41 @@ def _interrupt_in(func: str, when):
     sys.settrace(calls)
 
 
+def _interrupt_at(func: str, text: str):
+    """Raise KeyboardInterrupt at the first line of runtime.Model.``func`` whose source holds ``text``."""
+    import linecache
+
+    def local(frame, event, arg):
+        if event == "line" and text in linecache.getline(frame.f_code.co_filename, frame.f_lineno):
+            sys.settrace(None)
+            raise KeyboardInterrupt(text)
+        return local
+
+    def calls(frame, event, arg):
+        return local if frame.f_code.co_name == func and frame.f_code.co_filename.endswith("runtime.py") else None
+    sys.settrace(calls)
+
+
+@pytest.mark.parametrize("func, text", [("steer", "if entry in self._steer_stack"),
+                                        ("streaming", "if _alive(self._stream) is token")])
+def test_a_release_a_ctrl_c_skipped_dies_with_its_block(tiny_dir, func, text):
+    """A Ctrl-C on the first statement of the release itself: the steer() block's steering stayed on for good (every
+    later answer steered), or the stream's claim refused every later call. The claim dies with its generator."""
+    import gc
+
+    with pysteer.load(tiny_dir / "tiny-llama.gguf", n_ctx=256) as m:
+        answer = m.generate("hello", max_tokens=4)
+        try:
+            _interrupt_at(func, text)
+            with pytest.raises(KeyboardInterrupt):
+                with m.steer(pysteer.Add(np.ones(m.n_embd) / 8, 4.0)):
+                    assert "".join(m.generate("hi", max_tokens=3, stream=True))
+        finally:
+            sys.settrace(None)
+        gc.collect()
+        assert m.generate("hello", max_tokens=4) == answer and m.steering.interventions == ()
+
+
 @pytest.mark.parametrize("where", ["watch", "steer", "streaming", "callback"])
 def test_a_ctrl_c_in_the_bookkeeping_leaves_nothing_behind(tiny_dir, where, monkeypatch):
     """A Ctrl-C between a block's bookkeeping steps (the capture's watch or steer()'s exit cut short, a stream or
@@ -454,7 +489,7 @@ def test_integers_are_integers(llama_path):
         assert "".join(m.generate("hi", max_tokens=np.uint8(3), stream=True)) == m.generate("hi", max_tokens=3)
 
 
-def test_a_model_over_a_llama_reads_that_llamas_file(tiny_dir):
+def test_a_model_over_a_llama_reads_that_llamas_file(tiny_dir, tmp_path):
     """Model(path, llama=llm) with another file's path: refused (its header would build the LoRA adapters
     from the other file's matrices: a silently wrong ablation)."""
     llm = llama_cpp.Llama(str(tiny_dir / "tiny-qwen3.gguf"), n_ctx=128, n_threads=1, verbose=False)
@@ -462,6 +497,18 @@ def test_a_model_over_a_llama_reads_that_llamas_file(tiny_dir):
         pysteer.Model(tiny_dir / "tiny-qwen2.gguf", llama=llm, n_ctx=128)
     with pysteer.Model(tiny_dir / "." / "tiny-qwen3.gguf", llama=llm, n_ctx=128) as m:  # the same file
         assert m.n_embd == llm.n_embd()
+    os.link(tiny_dir / "tiny-qwen3.gguf", tmp_path / "hard.gguf")  # the same file under another name
+    with pysteer.Model(tmp_path / "hard.gguf", llama=llm, n_ctx=128) as m:
+        assert m.n_embd == llm.n_embd()
+    r = run_py("""
+        import os, sys, llama_cpp, pysteer
+        os.chdir(os.path.dirname(sys.argv[1]))
+        llm = llama_cpp.Llama(os.path.basename(sys.argv[1]), n_ctx=128, n_threads=1, verbose=False)
+        os.chdir("/")  # its path is relative to where it was loaded
+        with pysteer.Model(sys.argv[1], llama=llm, n_ctx=128) as m:
+            print("loaded", m.n_layers)
+    """, tiny_dir / "tiny-qwen3.gguf")
+    assert r.returncode == 0 and "loaded" in r.stdout, r.stderr[-2000:]
 
 
 def test_empty_and_missing_arguments_are_named(llama_path):
