@@ -32,7 +32,10 @@ class Stack(BlockAblate):
     def __init__(self, blocks):
         self.blocks = list(blocks)
         b = self.blocks[0]
-        self.directions, self.attn, self.ffn, self.norms = b.directions, b.attn, b.ffn, None
+        self.directions, self.attn, self.ffn, self.norms, self.read_outs = b.directions, b.attn, b.ffn, None, None
+
+    def __repr__(self):
+        return f"Stack({', '.join(map(repr, self.blocks))})"
 
     def _ops(self, model):
         ops = []
