@@ -575,11 +575,12 @@ def _figure_path(path: str, flag: str, *, inputs=()) -> pathlib.Path:
     only once the work is done)."""
     from .figures import figure_format
 
+    out = _output_path(path, flag, inputs=inputs)  # first: writing over an input is the graver mistake
     try:
-        figure_format(path)
+        figure_format(out)
     except ValueError as e:
         raise UsageError(f"{flag} {e}") from None
-    return _output_path(path, flag, inputs=inputs)
+    return out
 
 
 def _output_path(path: str, flag: str, *, inputs=()) -> pathlib.Path:
